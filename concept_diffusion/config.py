@@ -1,0 +1,172 @@
+"""The one configuration schema shared by every stage, and its validation.
+
+`configs/<stage>.py` files start from `base_config()` and change only what
+differs. `validate(config)` runs before anything compiles and raises
+`ConfigError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+STAGES = ("render", "concepts", "ar", "mdm")
+GRANULARITIES = ("sentence", "sentence_capped", "span")
+CONCEPT_OBJECTIVES = ("flow", "x0", "mse")
+MASK_RATES = ("uniform", "high")
+SCHEDULES = ("cosine", "constant")
+REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("xla", "cudnn")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the framework cannot use."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for every field; presets override what differs."""
+  c = ml_collections.ConfigDict()
+  c.stage = "render"  # One of STAGES.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"  # synthetic | text:GLOB | jsonl:GLOB[:field] | arrayrecord:GLOB | concepts:PATH
+  c.data.seed = 0  # Shuffle order seed (independent of train.seed).
+  c.data.corpus_seed = 0  # Seed of the built-in synthetic corpus.
+  c.data.vocab_size = 1024  # SentencePiece vocabulary, special ids included.
+  c.data.tokenizer_docs = 4000  # Documents read to train the tokenizer.
+  c.data.granularity = "sentence_capped"  # sentence | sentence_capped | span (see GRANULARITIES).
+  c.data.concept_len = 8  # L: tokens per concept chunk (cap for sentence_capped, span size for span).
+  c.data.num_concepts = 16  # N: concepts per training example.
+  c.data.seq_len = 128  # T: tokens per example of the flat (ar / mdm) view.
+  c.data.eval_fraction = 0.02  # Share of documents held out for evaluation (file sources).
+  c.data.eval_docs = 512  # Held-out documents of the synthetic corpus.
+  c.data.num_workers = 0  # Grain worker processes (0 = in the main process).
+  c.data.max_doc_chars = 1_000_000  # Longer documents are truncated to this many characters.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = 128  # E: transformer width.
+  c.model.num_heads = 4  # H: attention heads.
+  c.model.num_kv_heads = 4  # Key/value heads (< num_heads = grouped-query attention).
+  c.model.head_dim = 32  # K: width of one attention head.
+  c.model.mlp_dim = 512  # F: SwiGLU hidden width.
+  c.model.concept_dim = 128  # D: concept vector width.
+  c.model.encoder_layers = 2  # Concept encoder depth.
+  c.model.renderer_layers = 2  # Renderer depth.
+  c.model.concept_layers = 2  # Concept model (causal contextualiser) depth.
+  c.model.diff_head_layers = 2  # Residual blocks of the concept diffusion head.
+  c.model.diff_head_dim = 256  # Width of the concept diffusion head.
+  c.model.baseline_layers = 4  # Depth of the flat ar / mdm baselines.
+  c.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
+  c.model.scan_layers = False  # nn.scan over layers (compile time at depth).
+  c.model.remat = "none"  # Rematerialisation: none | full | dots.
+  c.model.attention = "xla"  # xla (reference, runs everywhere) | cudnn (fused, GPU).
+  c.model.rope_max_wavelength = 10_000.0
+
+  c.render = ml_collections.ConfigDict()
+  c.render.full_mask_prob = 0.5  # Share of examples with every token masked (feeds the z path).
+  c.render.mask_rate = "high"  # t distribution of the other examples: uniform | high (skewed to 1).
+  c.render.z_noise = 0.1  # Std of Gaussian noise added to z in training, relative to its RMS.
+  c.render.prev_concept = False  # Also condition on the previous chunk's concept.
+  c.render.concept_reg = 1e-3  # Weight of the concept-space smoothness regulariser.
+  c.render.sample_steps = 8  # Sampler steps used by round-trip evaluation.
+
+  c.concepts = ml_collections.ConfigDict()
+  c.concepts.render_workdir = ""  # Workdir of the render run whose encoder is used (frozen).
+  c.concepts.objective = "flow"  # flow | x0 | mse (see CONCEPT_OBJECTIVES).
+  c.concepts.cfg_dropout = 0.1  # Probability of dropping the context (classifier-free guidance).
+  c.concepts.sample_steps = 16  # Concept sampler steps.
+  c.concepts.guidance = 1.0  # Classifier-free guidance scale (1 = off).
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.batch_size = 32  # Global batch, in examples.
+  c.train.seed = 0  # Init / noise / dropout keys are split from this.
+  c.train.learning_rate = 3e-3  # Peak learning rate.
+  c.train.warmup_steps = 100
+  c.train.schedule = "cosine"  # cosine | constant (after warmup).
+  c.train.min_lr_ratio = 0.1  # Cosine floor, as a fraction of the peak.
+  c.train.weight_decay = 0.01  # AdamW decay on matrices (not norms, biases, embeddings).
+  c.train.grad_clip = 1.0  # Global-norm clip (0 = off).
+  c.train.grad_accum_steps = 1  # Micro-batches per optimizer step.
+  c.train.ema_decay = 0.0  # EMA of params (0 = off).
+  c.train.log_every = 10  # Steps between metrics lines.
+  c.train.eval_every = 0  # Steps between held-out evaluations (0 = only at the end).
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 200
+  c.checkpoint.max_to_keep = 3
+  c.checkpoint.async_save = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Data-parallel ways (-1 = all remaining devices).
+  c.mesh.fsdp = 1  # Fully-sharded data-parallel ways.
+  c.mesh.tensor = 1  # Tensor-parallel ways.
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False  # Call jax.distributed.initialize (multi-host).
+  c.distributed.coordinator_address = ""  # host:port; empty = discovered by JAX (TPU, SLURM).
+  c.distributed.num_processes = 0  # 0 = discovered by JAX.
+  c.distributed.process_id = -1  # -1 = discovered by JAX.
+  c.distributed.local_device_ids = ""  # Comma-separated, optional.
+  return c
+
+
+def _choice(config, field: str, choices) -> None:
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if value not in choices:
+    raise ConfigError(f"{field}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _positive(config, field: str, allow_zero: bool = False) -> None:
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ConfigError(f"{field}={value!r} must be a number {bound}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks what can be checked without devices; raises ConfigError naming the field."""
+  _choice(config, "stage", STAGES)
+  _choice(config, "data.granularity", GRANULARITIES)
+  _choice(config, "concepts.objective", CONCEPT_OBJECTIVES)
+  _choice(config, "render.mask_rate", MASK_RATES)
+  _choice(config, "train.schedule", SCHEDULES)
+  _choice(config, "model.remat", REMAT_POLICIES)
+  _choice(config, "model.attention", ATTENTION_IMPLS)
+  _choice(config, "model.dtype", DTYPES)
+  for field in ("data.vocab_size", "data.concept_len", "data.num_concepts", "data.seq_len",
+                "model.embed_dim", "model.num_heads", "model.num_kv_heads", "model.head_dim",
+                "model.mlp_dim", "model.concept_dim", "train.num_steps", "train.batch_size",
+                "train.grad_accum_steps", "checkpoint.every_steps", "checkpoint.max_to_keep",
+                "train.log_every"):
+    _positive(config, field)
+  for field in ("train.learning_rate", "train.warmup_steps", "train.weight_decay",
+                "train.grad_clip", "render.z_noise", "render.concept_reg", "train.eval_every"):
+    _positive(config, field, allow_zero=True)
+  for field in ("render.full_mask_prob", "concepts.cfg_dropout", "train.ema_decay",
+                "data.eval_fraction"):
+    value = config[field.split(".")[0]][field.split(".")[1]]
+    if not 0.0 <= value < 1.0 + (field == "render.full_mask_prob"):
+      raise ConfigError(f"{field}={value!r} must lie in [0, 1]")
+  if config.model.num_heads % config.model.num_kv_heads:
+    raise ConfigError(f"model.num_kv_heads={config.model.num_kv_heads} must divide "
+                      f"model.num_heads={config.model.num_heads}")
+  if config.data.vocab_size < 64:
+    raise ConfigError(f"data.vocab_size={config.data.vocab_size} is too small; use >= 64")
+  if config.train.batch_size % config.train.grad_accum_steps:
+    raise ConfigError(f"train.grad_accum_steps={config.train.grad_accum_steps} must divide "
+                      f"train.batch_size={config.train.batch_size}")
+  for axis in ("data", "fsdp", "tensor"):
+    ways = config.mesh[axis]
+    if not isinstance(ways, int) or (ways < 1 and ways != -1):
+      raise ConfigError(f"mesh.{axis}={ways!r} must be a positive integer or -1")
+  if sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
+    raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+  if config.stage == "concepts" and not config.concepts.render_workdir:
+    raise ConfigError("concepts.render_workdir is empty: the concepts stage needs the workdir "
+                      "of a finished render run (--config.concepts.render_workdir=DIR)")
+  return config
