@@ -14,6 +14,7 @@ GRANULARITIES = ("sentence", "sentence_capped", "span")
 CONCEPT_OBJECTIVES = ("flow", "x0", "mse")
 MASK_RATES = ("uniform", "high")
 SCHEDULES = ("cosine", "constant")
+TOKENIZER_MODELS = ("bpe", "unigram")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
@@ -34,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.corpus_seed = 0  # Seed of the built-in synthetic corpus.
   c.data.vocab_size = 1024  # SentencePiece vocabulary, special ids included.
   c.data.tokenizer_docs = 4000  # Documents read to train the tokenizer.
+  c.data.tokenizer_model = "bpe"  # SentencePiece model: bpe | unigram (unigram under-fills small vocabularies).
   c.data.granularity = "sentence_capped"  # sentence | sentence_capped | span (see GRANULARITIES).
   c.data.concept_len = 8  # L: tokens per concept chunk (cap for sentence_capped, span size for span).
   c.data.num_concepts = 16  # N: concepts per training example.
@@ -91,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.0  # EMA of params (0 = off).
   c.train.log_every = 10  # Steps between metrics lines.
   c.train.eval_every = 0  # Steps between held-out evaluations (0 = only at the end).
+  c.train.debug_nan_step = 0  # Test hook: make the loss of this step NaN (0 = off).
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 200
@@ -132,6 +135,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks what can be checked without devices; raises ConfigError naming the field."""
   _choice(config, "stage", STAGES)
   _choice(config, "data.granularity", GRANULARITIES)
+  _choice(config, "data.tokenizer_model", TOKENIZER_MODELS)
   _choice(config, "concepts.objective", CONCEPT_OBJECTIVES)
   _choice(config, "render.mask_rate", MASK_RATES)
   _choice(config, "train.schedule", SCHEDULES)
