@@ -1,0 +1,373 @@
+"""The trainer: one jitted, explicitly sharded step for every stage, on any mesh.
+
+  from concept_diffusion.train import trainer
+  trainer.train(config, workdir)                        # pretrain, or resume
+  config, tokenizer, params = trainer.restore_params(workdir)   # notebooks, sampling
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from concept_diffusion import config as config_lib
+from concept_diffusion.config import ConfigError
+from concept_diffusion.parallel import mesh as mesh_lib
+from concept_diffusion.parallel import multihost, rules
+from concept_diffusion.train import checkpoint as ckpt_lib
+from concept_diffusion.train import metrics as metrics_lib
+from concept_diffusion.train import optimizer as opt_lib
+from concept_diffusion.train import stages as stages_lib
+from concept_diffusion.train import state as state_lib
+
+# Purposes of the PRNG streams split from train.seed (data order uses data.seed).
+INIT_STREAM, STEP_STREAM = 0, 1
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/Inf loss; the run stopped without saving."""
+
+
+# ---------------------------------------------------------------- validation
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """All checks that need the device count; returns the resolved mesh shape."""
+  config_lib.validate(config)
+  shape = mesh_lib.mesh_shape(config, num_devices, allow_subset=jax.process_count() == 1)
+  dp = shape[0] * shape[1]
+  micro = config.train.batch_size // config.train.grad_accum_steps
+  if micro % dp:
+    raise ConfigError(
+        f"train.batch_size={config.train.batch_size} (/ train.grad_accum_steps="
+        f"{config.train.grad_accum_steps} = {micro} per micro-batch) is not divisible by the "
+        f"data-parallel size mesh.data x mesh.fsdp = {shape[0]} x {shape[1]} = {dp}")
+  return shape
+
+
+# ---------------------------------------------------------------- the step
+
+
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+  """The step's PRNG key: a function of (train.seed, step) only, so resume is exact."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), STEP_STREAM), step)
+
+
+def _split_micro(batch: dict, num_micro: int, mesh) -> dict:
+  """[B, ...] -> [A, B/A, ...] taking every A-th example, so each micro-batch stays spread."""
+  def one(x_B):
+    b = x_B.shape[0]
+    x_AxM = x_B.reshape(b // num_micro, num_micro, *x_B.shape[1:]).swapaxes(0, 1)
+    if mesh is None:
+      return x_AxM
+    spec = P(None, rules.BATCH_AXES, *([None] * (x_B.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x_AxM, jax.sharding.NamedSharding(mesh, spec))
+  return jax.tree.map(one, batch)
+
+
+def _loss_and_grads(loss_fn, params, batch, key, num_micro: int, mesh):
+  """Mean loss, metrics and grads over `num_micro` micro-batches (lax.scan)."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_micro == 1:
+    (loss, metrics), grads = grad_fn(params, batch, key)
+    return loss, metrics, grads
+
+  def body(carry, xs):
+    i, micro = xs
+    (loss, metrics), grads = grad_fn(params, micro, jax.random.fold_in(key, i))
+    return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+  micro_batches = _split_micro(batch, num_micro, mesh)
+  zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches),
+                                         key))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1],
+                                                              zeros[1]))
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro_batches))
+  return jax.tree.map(lambda x: x / num_micro, total)
+
+
+def make_train_step(config: ml_collections.ConfigDict, stage, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh | None = None):
+  """(state, batch) -> (state, metrics); pure, to be jitted with shardings and donation."""
+  seed, num_micro = config.train.seed, config.train.grad_accum_steps
+  ema_decay = config.train.ema_decay
+  nan_step = config.train.get("debug_nan_step", 0)
+  schedule = opt_lib.learning_rate_schedule(config)
+
+  def loss_fn(params, batch, key, step):
+    loss, metrics = stage.loss_fn(params, batch, key)
+    if nan_step:  # Test hook: poison one step, as a real divergence would.
+      loss = loss * jnp.where(step + 1 == nan_step, jnp.nan, 1.0)
+    return loss, metrics
+
+  def train_step(state, batch):
+    key = step_key(seed, state.step)
+    loss, metrics, grads = _loss_and_grads(
+        lambda p, b, k: loss_fn(p, b, k, state.step), state.params, batch, key, num_micro,
+        mesh)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state.step)}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema)
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(config, stage, tx, mesh, state_shardings, batch_spec: dict):
+  """The jitted step: explicit in/out shardings, the state donated."""
+  batch_shardings = {k: rules.batch_sharding(mesh, len(shape)) for k, shape in
+                     batch_spec.items()}
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  return jax.jit(make_train_step(config, stage, tx, mesh),
+                 in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def compile_step(jitted, state, batch, mesh):
+  """Lowers and compiles the step under the mesh (activation constraints on).
+
+  If a model's constraints cannot be traced under the mesh (Flax DenseGeneral applies a
+  multi-axis kernel's names to its flat init during apply's shape check), compile without
+  them: GSPMD still propagates the param and batch shardings, the results are the same.
+  """
+  try:
+    with rules.mesh_context(mesh):
+      return jitted.lower(state, batch).compile()
+  except ValueError as e:
+    if "with_sharding_constraint" not in str(e):
+      raise
+    logging.warning("activation sharding constraints disabled: %s", str(e).splitlines()[0])
+    return jitted.lower(state, batch).compile()
+
+
+# ---------------------------------------------------------------- preemption
+
+
+class _Preemption:
+  """SIGTERM sets a flag (one process); several processes agree through Orbax/JAX."""
+
+  def __init__(self):
+    self.signalled = threading.Event()
+    self._previous = None
+
+  def install(self) -> None:
+    # With jax.distributed, JAX's own preemption notifier owns SIGTERM and
+    # mngr.reached_preemption(step) makes every process stop at the same step.
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.signalled.set())
+
+  def uninstall(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def reached(self, mngr, step: int) -> bool:
+    return self.signalled.is_set() or (jax.process_count() > 1 and
+                                       mngr.reached_preemption(step))
+
+
+# ---------------------------------------------------------------- setup
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if multihost.is_main():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+
+
+def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
+  """Process 0 trains or loads WORKDIR/tokenizer first; the others then load it."""
+  from concept_diffusion import data  # Lazy: keeps `restore_params` light.
+  tok = None
+  if multihost.is_main():
+    path = os.path.join(workdir, "tokenizer")
+    if config.stage == "concepts" and not os.path.exists(os.path.join(path, "tokenizer.model")):
+      stages_lib.render_tokenizer(config).save(path)  # Same ids as the frozen encoder.
+    tok = data.make_tokenizer(config, workdir)
+  multihost.sync("tokenizer")
+  return tok if tok is not None else data.make_tokenizer(config, workdir)
+
+
+def _train_iterator(config, tokenizer, stage, mesh):
+  """This process's shard of the shuffled, repeated train split, as a checkpointable iterator."""
+  from concept_diffusion import data
+  shard, count = multihost.local_batch_slice(mesh, config.train.batch_size)
+  ds = data.make_dataset(config, tokenizer, split="train", view=stage.view,
+                         process_index=shard, process_count=count,
+                         batch_size=config.train.batch_size // count)
+  return iter(ds)
+
+
+def _init_or_restore(config, stage, tx, mesh, mngr, data_iter, make_iter):
+  """(state, start step, data iterator): newest good checkpoint, else a fresh sharded init."""
+  use_ema = config.train.ema_decay > 0
+  init_key = jax.random.fold_in(jax.random.key(config.train.seed), INIT_STREAM)
+  abstract, shardings = state_lib.abstract_state(stage.init_params, tx, use_ema, mesh,
+                                                 init_key)
+  restored = ckpt_lib.restore_latest(mngr, abstract, data_iter)
+  if restored is not None:
+    step, state, _, data_restored = restored
+    logging.info("resumed from checkpoint at step %d", step)
+    if multihost.is_main():
+      print(f"resumed from checkpoint at step {step}", flush=True)
+    return state, step, (data_iter if data_restored else make_iter()), shardings
+  state = state_lib.init_state(stage.init_params, tx, use_ema, mesh, init_key)
+  if stage.load_frozen is not None:
+    loaded = stage.load_frozen(abstract.params)
+    params = {**state.params, **loaded}
+    ema = None if state.ema_params is None else {**state.ema_params, **loaded}
+    state = state.replace(params=params, ema_params=ema)
+  return state, 0, data_iter, shardings
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Pretrains `config.stage` in `workdir`, resuming from its newest good checkpoint.
+
+  Returns the last logged metrics. Raises ConfigError before compiling on a bad
+  config, NonFiniteLossError on a NaN/Inf loss (last good checkpoint kept).
+  """
+  config = ml_collections.ConfigDict(config.to_dict())  # Never mutate the caller's.
+  config_lib.validate(config)
+  multihost.maybe_initialize(config)
+  check_config(config, jax.device_count())
+  config = stages_lib.resolve_config(config)
+  mesh = mesh_lib.make_mesh(config)
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(config, workdir)
+  tokenizer = _tokenizer(config, workdir)
+  stage = stages_lib.build_stage(config, tokenizer)
+  tx = opt_lib.make_optimizer(config, stage.frozen)
+  mngr = ckpt_lib.make_manager(workdir, config)
+  make_iter = lambda: _train_iterator(config, tokenizer, stage, mesh)
+  state, start, data_iter, shardings = _init_or_restore(
+      config, stage, tx, mesh, mngr, make_iter(), make_iter)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=multihost.is_main())
+  writer.truncate_after(start)
+  preemption = _Preemption()
+  preemption.install()
+  try:
+    return _loop(config, stage, tx, mesh, mngr, state, start, data_iter, shardings,
+                 tokenizer, writer, preemption)
+  finally:
+    preemption.uninstall()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+
+
+def _loop(config, stage, tx, mesh, mngr, state, start, data_iter, shardings, tokenizer,
+          writer, preemption) -> dict:
+  """Steps until train.num_steps or preemption; saves, logs, checks the loss."""
+  t = config.train
+  num_steps, every = t.num_steps, config.checkpoint.every_steps
+  tokens_per_step = t.batch_size * stage.tokens_per_example
+  peak = metrics_lib.peak_flops_per_device() * jax.device_count()
+  step_fn, last = None, {}
+  clock = {"time": time.perf_counter(), "step": start}
+  pending = None  # (step, device metrics): fetched one step late to keep dispatch async.
+
+  def finish(entry):
+    step, device_metrics = entry
+    host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not math.isfinite(host["loss"]):
+      raise NonFiniteLossError(
+          f"non-finite loss ({host['loss']}) at step {step}; training stopped. The last good "
+          f"checkpoint (step {mngr.latest_step()}) was kept; lower train.learning_rate or "
+          f"raise train.warmup_steps and resume")
+    now = time.perf_counter()
+    if step % t.log_every == 0 or step == num_steps:
+      # The first interval after a (re)start includes compilation.
+      dt, ds = now - clock["time"], step - clock["step"]
+      tps = tokens_per_step * ds / dt if dt > 0 and ds > 0 else 0.0
+      flops = tps / stage.tokens_per_example * stage.flops_per_example
+      host.update(tokens_per_sec=tps, mfu=flops / peak,
+                  steps_per_sec=ds / dt if dt > 0 else 0.0)
+      writer.write(step, host)
+      writer.console(step, num_steps, host, (num_steps - step) * dt / max(ds, 1))
+      last.clear()
+      last.update(host, step=step)
+      clock.update(time=now, step=step)
+    elif step == start + 1:  # Later intervals exclude compilation.
+      clock.update(time=now, step=step)
+
+  step = start
+  while step < num_steps:
+    batch = multihost.global_batch(next(data_iter), mesh)
+    if step_fn is None:
+      step_fn = compile_step(jit_train_step(config, stage, tx, mesh, shardings,
+                                            {k: v.shape for k, v in batch.items()}),
+                             state, batch, mesh)
+    state, device_metrics = step_fn(state, batch)
+    step += 1
+    if pending is not None:
+      finish(pending)
+    pending = (step, device_metrics)
+    stop = preemption.reached(mngr, step)
+    save = stop or step % every == 0 or step == num_steps
+    if save or step % t.log_every == 0 or step == start + 1:
+      finish(pending)  # Never save a state whose loss was not checked.
+      pending = None
+    if save:
+      meta = ckpt_lib.make_meta(config, tokenizer, step, mesh)
+      ckpt_lib.save(mngr, step, state, data_iter, meta)
+    if stop:
+      mngr.wait_until_finished()
+      if multihost.is_main():
+        print(f"preempted: saved checkpoint at step {step}; re-run the same command to "
+              "resume", flush=True)
+      break
+  if pending is not None:
+    finish(pending)
+  return dict(last)
+
+
+# ---------------------------------------------------------------- notebooks
+
+
+def restore_params(workdir: str, mesh: jax.sharding.Mesh | None = None, use_ema: bool = True):
+  """(config, tokenizer, params) from the newest good checkpoint, on any device count.
+
+  `mesh` defaults to all local devices on the data axis (params replicated);
+  EMA params are returned when the run kept them and `use_ema`.
+  """
+  from concept_diffusion.data import tokenizer as tok_lib
+  _, meta = ckpt_lib.latest_meta(workdir)
+  config = ml_collections.ConfigDict(meta["config"])
+  tokenizer = tok_lib.Tokenizer(ckpt_lib.tokenizer_proto(meta), origin=workdir)
+  if mesh is None:
+    mesh = jax.make_mesh((jax.device_count(), 1, 1), rules.MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  stage = stages_lib.build_stage(config, tokenizer, for_training=False)
+  tx = opt_lib.make_optimizer(config, stage.frozen)
+  init_key = jax.random.fold_in(jax.random.key(config.train.seed), INIT_STREAM)
+  abstract, _ = state_lib.abstract_state(stage.init_params, tx, config.train.ema_decay > 0,
+                                         mesh, init_key)
+  mngr = ckpt_lib.make_manager(workdir, read_only=True)
+  restored = ckpt_lib.restore_latest(mngr, abstract, quarantine=False)
+  if restored is None:
+    raise ckpt_lib.CheckpointError(f"no readable checkpoint in {ckpt_lib.checkpoint_dir(workdir)}")
+  state = restored[1]
+  params = state.ema_params if use_ema and state.ema_params is not None else state.params
+  return config, tokenizer, params

@@ -1,0 +1,88 @@
+"""Concepts stage: causal concept model + diffusion head over a frozen render encoder.
+
+  python -m concept_diffusion.train --config=configs/concepts.py:tiny --workdir=/tmp/concepts \
+      --config.concepts.render_workdir=/tmp/render
+
+Chunking (data.concept_len, granularity, vocab, source) and concept_dim come from
+the render run; model.* below sizes the concept model only. Pair each preset with the
+render preset of the same name (plan.py does, to size the frozen encoder).
+
+Presets (examples x N concepts per step; tokens = concepts x the render run's L):
+  tiny   ~1M params     32 x 16  =    512 concepts,     4,096 tokens / step; 2 CPU cores.
+  small  ~100M params  256 x 64  = 16,384 concepts,   131,072 tokens / step; 8 chips.
+  base   ~1.08B params 128 x 256 = 32,768 concepts,   524,288 tokens / step; 64 chips, FSDP:
+    python launch/tpu_pod.py --tpu=my-v5p-128 --zone=ZONE --config=configs/concepts.py:base \
+        --workdir=gs://BUCKET/runs/concepts-base -- \
+        --config.concepts.render_workdir=gs://BUCKET/runs/render-base
+  large  ~8.1B params  256 x 256 = 65,536 concepts, 1,048,576 tokens / step; 256 chips,
+         tensor parallel 8 inside a host, FSDP across hosts:
+    python launch/slurm.py --nodes=32 --gpus_per_node=8 -- --config=configs/concepts.py:large \
+        --workdir=gs://BUCKET/runs/concepts-large \
+        --config.concepts.render_workdir=gs://BUCKET/runs/render-large
+  With a concept cache (encoded once: python -m concept_diffusion.encode, see its docstring)
+  add --config.data.source=concepts:gs://BUCKET/cache/render-base: no encoder runs in training.
+"""
+
+from concept_diffusion import config as base
+
+
+def get_config(preset="tiny"):
+  c = base.base_config()
+  c.stage = "concepts"
+  c.concepts.objective = "flow"
+  if preset == "tiny":
+    c.data.num_concepts = 16
+    c.model.embed_dim = 128
+    c.model.mlp_dim = 512
+    c.model.concept_layers = 2
+    c.model.diff_head_layers = 2
+    c.model.diff_head_dim = 256
+    c.train.batch_size = 32
+    c.train.num_steps = 2000
+    c.train.learning_rate = 1e-3
+    c.train.warmup_steps = 100
+    c.train.log_every = 50
+    c.checkpoint.every_steps = 500
+  elif preset == "small":  # ~100M-param concept model.
+    c.data.num_concepts = 64
+    c.model.embed_dim = 768
+    c.model.num_heads = 12
+    c.model.num_kv_heads = 12
+    c.model.head_dim = 64
+    c.model.mlp_dim = 2048
+    c.model.concept_layers = 12
+    c.model.diff_head_layers = 4
+    c.model.diff_head_dim = 1024
+    c.model.dtype = "bfloat16"
+    c.train.batch_size = 256
+    c.train.num_steps = 50_000
+    c.train.learning_rate = 5e-4
+    c.train.warmup_steps = 2000
+    c.train.log_every = 100
+    c.checkpoint.every_steps = 2000
+  elif preset in ("base", "large"):  # Shared by the two scale-out presets.
+    big = preset == "large"
+    c.data.num_concepts = 256  # Context of 256 concepts (4,096 tokens at L = 16).
+    c.model.embed_dim = 4096 if big else 2048
+    c.model.num_heads = 32 if big else 16
+    c.model.num_kv_heads = 8 if big else 16  # Grouped-query attention at 8B.
+    c.model.head_dim = 128
+    c.model.mlp_dim = 14336 if big else 5632
+    c.model.concept_layers = 32 if big else 18
+    c.model.diff_head_layers = 12 if big else 6
+    c.model.diff_head_dim = 4096 if big else 2048
+    c.model.dtype = "bfloat16"
+    c.model.scan_layers = True  # One compiled block: compile time flat in depth.
+    c.model.remat = "full" if big else "dots"
+    c.train.batch_size = 256 if big else 128  # Examples of N concepts, see the docstring.
+    c.train.num_steps = 100_000
+    c.train.learning_rate = 2e-4 if big else 3e-4
+    c.train.warmup_steps = 2000
+    c.train.log_every = 100
+    c.checkpoint.every_steps = 1000
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # Params, grads and optimizer state sharded over every chip.
+    c.mesh.tensor = 8 if big else 1  # Heads / MLP split inside one host.
+  else:
+    raise ValueError(f"unknown preset {preset!r}; use tiny, small, base or large")
+  return c

@@ -1,0 +1,87 @@
+"""Render stage: concept encoder + masked-diffusion renderer, trained together.
+
+  python -m concept_diffusion.train --config=configs/render.py:tiny --workdir=/tmp/render
+  python -m concept_diffusion.train --config=configs/render.py:small --workdir=runs/render
+
+Presets (examples x N concepts x L tokens per step; plan them on a target with
+`python -m concept_diffusion.plan --config=configs/render.py:PRESET --devices=D --device_kind=K`):
+  tiny   ~1.3M params   32 x 16 x 8  =    512 concepts,     4,096 tokens / step; 2 CPU cores.
+  small  ~100M params  256 x 16 x 8  =  4,096 concepts,    32,768 tokens / step; 8 chips.
+  base   ~1.06B params 2048 x 16 x 16 = 32,768 concepts,   524,288 tokens / step; 64 chips,
+         FSDP over all of them (data centre network between hosts carries only FSDP gathers):
+    python launch/tpu_pod.py --tpu=my-v5p-128 --zone=ZONE --config=configs/render.py:base \
+        --workdir=gs://BUCKET/runs/render-base
+  large  ~7.96B params 4096 x 16 x 16 = 65,536 concepts, 1,048,576 tokens / step; 256 chips,
+         tensor parallel 8 inside a host (NVLink / ICI), FSDP across hosts:
+    python launch/slurm.py --nodes=32 --gpus_per_node=8 -- --config=configs/render.py:large \
+        --workdir=gs://BUCKET/runs/render-large
+"""
+
+from concept_diffusion import config as base
+
+
+def get_config(preset="tiny"):
+  c = base.base_config()
+  c.stage = "render"
+  if preset == "tiny":  # ~1.3M params; a few minutes on 2 CPU cores.
+    c.data.vocab_size = 1024
+    c.data.concept_len = 8
+    c.data.num_concepts = 16
+    c.model.embed_dim = 128
+    c.model.mlp_dim = 512
+    c.model.concept_dim = 128
+    c.model.encoder_layers = 2
+    c.model.renderer_layers = 2
+    c.train.batch_size = 32
+    c.train.num_steps = 2000
+    c.train.learning_rate = 3e-3
+    c.train.warmup_steps = 100
+    c.train.log_every = 50
+    c.checkpoint.every_steps = 500
+  elif preset == "small":  # ~100M params; a TPU/GPU slice.
+    c.data.vocab_size = 8192
+    c.data.tokenizer_docs = 20000
+    c.model.embed_dim = 768
+    c.model.num_heads = 12
+    c.model.num_kv_heads = 12
+    c.model.head_dim = 64
+    c.model.mlp_dim = 2048
+    c.model.concept_dim = 256
+    c.model.encoder_layers = 6
+    c.model.renderer_layers = 6
+    c.model.dtype = "bfloat16"
+    c.train.batch_size = 256
+    c.train.num_steps = 50_000
+    c.train.learning_rate = 1e-3
+    c.train.warmup_steps = 2000
+    c.train.log_every = 100
+    c.checkpoint.every_steps = 2000
+  elif preset in ("base", "large"):  # Shared by the two scale-out presets.
+    big = preset == "large"
+    c.data.vocab_size = 32768
+    c.data.tokenizer_docs = 200_000
+    c.data.concept_len = 16  # Longer chunks: a bigger encoder compresses more per concept.
+    c.data.num_concepts = 16
+    c.model.embed_dim = 4096 if big else 2048
+    c.model.num_heads = 32 if big else 16
+    c.model.num_kv_heads = 8 if big else 16  # Grouped-query attention at 8B.
+    c.model.head_dim = 128
+    c.model.mlp_dim = 14336 if big else 5632
+    c.model.concept_dim = 2048 if big else 1024
+    c.model.encoder_layers = 16 if big else 8
+    c.model.renderer_layers = 18 if big else 8
+    c.model.dtype = "bfloat16"
+    c.model.scan_layers = True  # One compiled block per stack: compile time flat in depth.
+    c.model.remat = "full" if big else "dots"  # Saved activations per layer: E vs matmul outputs.
+    c.train.batch_size = 4096 if big else 2048  # Examples; x N x L tokens, see the docstring.
+    c.train.num_steps = 100_000
+    c.train.learning_rate = 2e-4 if big else 3e-4
+    c.train.warmup_steps = 2000
+    c.train.log_every = 100
+    c.checkpoint.every_steps = 1000
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # Params, grads and optimizer state sharded over every chip.
+    c.mesh.tensor = 8 if big else 1  # Heads / MLP / vocab split inside one host.
+  else:
+    raise ValueError(f"unknown preset {preset!r}; use tiny, small, base or large")
+  return c

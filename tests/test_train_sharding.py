@@ -1,0 +1,56 @@
+"""The same 3 steps on meshes (1,1,1), (2,2,2), (1,8,1) of 8 CPU devices give the same losses."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+from test_train import REPO, TINY, _args, _env, _metrics, _run, _steps, tokenizer_dir, workdir  # noqa: F401
+
+_EQUIVALENCE = r"""
+import json, os, shutil, sys
+import ml_collections
+from concept_diffusion.train import trainer
+sys.path.insert(0, "configs")
+import render, concepts
+tiny = dict(a.split("=", 1) for a in sys.argv[2:])
+def build(module, overrides):
+  c = module.get_config("tiny")
+  for k, v in {**tiny, **overrides}.items():
+    node = c
+    *path, leaf = k.replace("--config.", "").split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = type(node[leaf])(v) if not isinstance(node[leaf], bool) else v == "true"
+  return c
+root = sys.argv[1]
+losses = {}
+for stage, module in (("render", render), ("concepts", concepts)):
+  for mesh in ((1, 1, 1), (2, 2, 2), (1, 8, 1)):
+    workdir = os.path.join(root, stage + "_%d%d%d" % mesh)
+    shutil.copytree(os.path.join(root, "tokenizer"), os.path.join(workdir, "tokenizer"))
+    over = {"train.num_steps": "3", "mesh.data": str(mesh[0]), "mesh.fsdp": str(mesh[1]),
+            "mesh.tensor": str(mesh[2]), "checkpoint.every_steps": "3"}
+    if stage == "concepts":
+      over["concepts.render_workdir"] = os.path.join(root, "render_111")
+    trainer.train(build(module, over), workdir)
+    losses[f"{stage}{mesh}"] = [json.loads(l)["loss"] for l in open(workdir + "/metrics.jsonl")]
+print("LOSSES", json.dumps(losses))
+"""
+
+
+def test_losses_agree_across_meshes(tmp_path, tokenizer_dir):
+  shutil.copytree(tokenizer_dir, str(tmp_path / "tokenizer"))
+  done = subprocess.run([sys.executable, "-c", _EQUIVALENCE, str(tmp_path), *TINY], cwd=REPO,
+                        env=_env(8), capture_output=True, text=True, timeout=400)
+  assert done.returncode == 0, done.stderr[-3000:]
+  losses = json.loads(done.stdout.split("LOSSES", 1)[1])
+  for stage in ("render", "concepts"):
+    ref = losses[f"{stage}(1, 1, 1)"]
+    assert len(ref) == 3
+    for mesh in ("(2, 2, 2)", "(1, 8, 1)"):
+      got = losses[stage + mesh]
+      assert all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(ref, got)), (
+          stage, mesh, ref, got)
