@@ -3,13 +3,14 @@
   python -m concept_diffusion.train --config=configs/ar.py:tiny --workdir=/tmp/ar
 
 Presets (examples x T tokens per step):
-  tiny   ~1M params     32 x 128  =     4,096 tokens / step; 2 CPU cores.
-  small  ~100M params  256 x 1024 =   262,144 tokens / step; 8 chips.
-  base   ~1.06B params 256 x 2048 =   524,288 tokens / step; 64 chips, FSDP:
+  tiny   ~1.3M params   32 x 128  =     4,096 tokens / step; 2 CPU cores.
+  small  ~126M params  256 x 1024 =   262,144 tokens / step; 8 chips.
+  base   ~1.06B params 256 x 2048 =   524,288 tokens / step; 64 chips, FSDP
+         (plan: 13.8 GiB/chip on 64 x tpu-v5p):
     python launch/tpu_pod.py --tpu=my-v5p-128 --zone=ZONE --config=configs/ar.py:base \
         --workdir=gs://BUCKET/runs/ar-base
   large  ~8.1B params  256 x 4096 = 1,048,576 tokens / step; 256 chips, tensor parallel 8
-         inside a host, FSDP across hosts:
+         inside a host, FSDP across hosts (plan: 19.9 GiB/GPU on 256 x h100):
     python launch/slurm.py --nodes=32 --gpus_per_node=8 -- --config=configs/ar.py:large \
         --workdir=gs://BUCKET/runs/ar-large
 """

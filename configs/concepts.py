@@ -8,13 +8,15 @@ the render run; model.* below sizes the concept model only. Pair each preset wit
 render preset of the same name (plan.py does, to size the frozen encoder).
 
 Presets (examples x N concepts per step; tokens = concepts x the render run's L):
-  tiny   ~1M params     32 x 16  =    512 concepts,     4,096 tokens / step; 2 CPU cores.
-  small  ~100M params  256 x 64  = 16,384 concepts,   131,072 tokens / step; 8 chips.
-  base   ~1.08B params 128 x 256 = 32,768 concepts,   524,288 tokens / step; 64 chips, FSDP:
+  tiny   ~1.6M params   32 x 16  =    512 concepts,     4,096 tokens / step; 2 CPU cores.
+  small  ~112M params  256 x 64  = 16,384 concepts,   131,072 tokens / step; 8 chips.
+  base   ~1.08B params 128 x 256 = 32,768 concepts,   524,288 tokens / step; 64 chips, FSDP
+         (plan: 3.7 GiB/chip on 64 x tpu-v5p):
     python launch/tpu_pod.py --tpu=my-v5p-128 --zone=ZONE --config=configs/concepts.py:base \
         --workdir=gs://BUCKET/runs/concepts-base -- \
         --config.concepts.render_workdir=gs://BUCKET/runs/render-base
-  large  ~8.1B params  256 x 256 = 65,536 concepts, 1,048,576 tokens / step; 256 chips,
+  large  ~8.1B params  256 x 256 = 65,536 concepts, 1,048,576 tokens / step; 256 chips
+         (plan: 9.5 GiB/GPU on 256 x h100),
          tensor parallel 8 inside a host, FSDP across hosts:
     python launch/slurm.py --nodes=32 --gpus_per_node=8 -- --config=configs/concepts.py:large \
         --workdir=gs://BUCKET/runs/concepts-large \

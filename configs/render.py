@@ -5,13 +5,15 @@
 
 Presets (examples x N concepts x L tokens per step; plan them on a target with
 `python -m concept_diffusion.plan --config=configs/render.py:PRESET --devices=D --device_kind=K`):
-  tiny   ~1.3M params   32 x 16 x 8  =    512 concepts,     4,096 tokens / step; 2 CPU cores.
-  small  ~100M params  256 x 16 x 8  =  4,096 concepts,    32,768 tokens / step; 8 chips.
-  base   ~1.06B params 2048 x 16 x 16 = 32,768 concepts,   524,288 tokens / step; 64 chips,
+  tiny   ~1.6M params   32 x 16 x 8  =    512 concepts,     4,096 tokens / step; 2 CPU cores.
+  small  ~106M params  256 x 16 x 8  =  4,096 concepts,    32,768 tokens / step; 8 chips.
+  base   ~1.06B params 2048 x 16 x 16 = 32,768 concepts,   524,288 tokens / step; 64 chips
+         (plan: 10.0 GiB/chip on 64 x tpu-v5p),
          FSDP over all of them (data centre network between hosts carries only FSDP gathers):
     python launch/tpu_pod.py --tpu=my-v5p-128 --zone=ZONE --config=configs/render.py:base \
         --workdir=gs://BUCKET/runs/render-base
-  large  ~7.96B params 4096 x 16 x 16 = 65,536 concepts, 1,048,576 tokens / step; 256 chips,
+  large  ~7.96B params 4096 x 16 x 16 = 65,536 concepts, 1,048,576 tokens / step; 256 chips
+         (plan: 13.4 GiB/GPU on 256 x h100),
          tensor parallel 8 inside a host (NVLink / ICI), FSDP across hosts:
     python launch/slurm.py --nodes=32 --gpus_per_node=8 -- --config=configs/render.py:large \
         --workdir=gs://BUCKET/runs/render-large

@@ -293,6 +293,13 @@ def make_dataset(config, tokenizer: Tokenizer, *, split: str, view: str, process
                     f"{segment.GRANULARITIES}")
   check_shard_tokenizer(config, tokenizer)
   local_batch = _local_batch_size(config, process_count, batch_size)
+  if sources.parse_source(config.data.source).kind == "concepts":  # Encoded offline.
+    from concept_diffusion.data import concept_cache  # pylint: disable=g-import-not-at-top
+    if view != "concepts":
+      raise DataError(f"data.source={config.data.source!r} is a concept cache: only the "
+                      "concepts stage (view='concepts') can read it")
+    return concept_cache.cache_dataset(config, split=split, process_index=process_index,
+                                       process_count=process_count, batch_size=local_batch)
   stats = sources.DataStats()
   ds = item_dataset(config, tokenizer, split, view, process_index, process_count, stats)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS))

@@ -74,6 +74,11 @@ def concept_decorrelation(z_BxNxD, concept_mask_BxN):
 # ---------------------------------------------------------------- render
 
 
+def render_mask(concept_mask_BxN, concept_len: int):
+  """Positions the renderer denoises: all L of every real chunk (its PAD tail too)."""
+  return jnp.broadcast_to(concept_mask_BxN[..., None], (*concept_mask_BxN.shape, concept_len))
+
+
 def render_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Stage:
   """Encoder + renderer; masked-diffusion loss of each chunk's tokens given z = E(chunk)."""
   cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
@@ -91,15 +96,18 @@ def render_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Sta
     k_noise, k_diffusion = jax.random.split(key)
     tokens_BxNxL, token_mask_BxNxL = batch["tokens"], batch["token_mask"]
     z_BxNxD = enc.apply({"params": params["encoder"]}, tokens_BxNxL, token_mask_BxNxL)
+    # The renderer fills every position of a real chunk, PAD after its end included: a
+    # generated concept comes with no length, so the renderer must decide where it ends.
+    chunk_mask_BxNxL = render_mask(batch["concept_mask"], tokens_BxNxL.shape[-1])
     # z has unit RMS per dimension (encoder layer-norm), so z_noise is relative to it:
     # the renderer learns to tolerate imperfect (generated) concepts.
     z_in_BxNxD = z_BxNxD + r.z_noise * jax.random.normal(k_noise, z_BxNxD.shape)
     prev_BxNxD = (renderer.previous_concepts(z_in_BxNxD, batch["segment_ids"])
                   if cfg.prev_concept else None)
     logits_fn = lambda inputs_BxNxL: ren.apply(
-        {"params": params["renderer"]}, inputs_BxNxL, z_in_BxNxD, prev_BxNxD, token_mask_BxNxL)
+        {"params": params["renderer"]}, inputs_BxNxL, z_in_BxNxD, prev_BxNxD, chunk_mask_BxNxL)
     diffusion, metrics = masked.masked_diffusion_loss(
-        logits_fn, tokens_BxNxL, token_mask_BxNxL, MASK_ID, k_diffusion,
+        logits_fn, tokens_BxNxL, chunk_mask_BxNxL, MASK_ID, k_diffusion,
         full_mask_prob=r.full_mask_prob, mask_rate_dist=r.mask_rate)
     reg = concept_decorrelation(z_BxNxD, batch["concept_mask"])
     metrics = {**metrics, "diffusion_loss": diffusion, "concept_reg": reg}
