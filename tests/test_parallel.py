@@ -1,5 +1,6 @@
 """Mesh resolution, logical axis rules, per-process batch slices."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -32,7 +33,7 @@ def test_mesh_that_does_not_divide_devices_names_the_field():
 
 
 def test_rules_cover_every_logical_name_once():
-  names = [n for n, _ in rules.LOGICAL_RULES]
+  names = list(rules.LOGICAL_NAMES)
   assert len(names) == len(set(names))
   assert set(names) == {"batch", "concepts", "length", "embed", "mlp", "heads", "kv_heads", "kv",
                         "vocab", "concept_embed", "head_mlp", "layers"}
@@ -78,3 +79,11 @@ def test_every_param_has_logical_axis_names(stage):
   assert rules.unnamed_params(boxed) == []
   for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, __import__("flax").linen.Partitioned)):
     assert all(n in rules.LOGICAL_NAMES or n is None for n in leaf.names), leaf.names
+
+
+def test_head_weights_shard_over_fsdp_and_tensor():
+  # A (head_mlp, mlp) weight must not be replicated across FSDP devices.
+  assert nn.logical_to_mesh_axes(("head_mlp", "mlp"), rules.LOGICAL_RULES) == \
+      jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert nn.logical_to_mesh_axes(("embed", "head_mlp"), rules.LOGICAL_RULES) == \
+      jax.sharding.PartitionSpec("fsdp", "tensor")

@@ -27,13 +27,16 @@ LOGICAL_RULES = (
     ("embed", "fsdp"),
     ("concept_embed", "fsdp"),
     ("mlp", "tensor"),
+    # The diffusion head's width pairs with "mlp" (tensor) on most of its weights: shard it
+    # over fsdp first so those weights are not copied on every FSDP device.
+    ("head_mlp", "fsdp"),
     ("head_mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),
 )
-LOGICAL_NAMES = tuple(name for name, _ in LOGICAL_RULES)
+LOGICAL_NAMES = tuple(dict.fromkeys(name for name, _ in LOGICAL_RULES))
 
 
 @contextlib.contextmanager

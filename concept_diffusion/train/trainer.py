@@ -143,19 +143,8 @@ def jit_train_step(config, stage, tx, mesh, state_shardings, batch_spec: dict):
 
 
 def compile_step(jitted, state, batch, mesh):
-  """Lowers and compiles the step under the mesh (activation constraints on).
-
-  If a model's constraints cannot be traced under the mesh (Flax DenseGeneral applies a
-  multi-axis kernel's names to its flat init during apply's shape check), compile without
-  them: GSPMD still propagates the param and batch shardings, the results are the same.
-  """
-  try:
-    with rules.mesh_context(mesh):
-      return jitted.lower(state, batch).compile()
-  except ValueError as e:
-    if "with_sharding_constraint" not in str(e):
-      raise
-    logging.warning("activation sharding constraints disabled: %s", str(e).splitlines()[0])
+  """Lowers and compiles the step under the mesh, with the models' activation constraints."""
+  with rules.mesh_context(mesh):
     return jitted.lower(state, batch).compile()
 
 

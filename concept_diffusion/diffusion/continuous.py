@@ -1,0 +1,141 @@
+"""Continuous diffusion in concept space: losses and samplers for the concept head.
+
+Pure functions. `pred_fn(zt_BxNxD, t_BxN) -> out_BxNxD` is the head with its
+context already bound. All objectives share one path between noise (t = 0) and
+data (t = 1): z_t = (1 - t) noise + t z1.
+  flow: predict the velocity z1 - noise (rectified flow / flow matching).
+  x0:   predict the clean concept z1.
+  mse:  ignore noise; pred_fn(0, 0) regresses z1 directly (the baseline).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+OBJECTIVES = ("flow", "x0", "mse")
+
+
+def stratified_times(key, shape):
+  """U(0, 1) times for every element of `shape`, one per stratum, in random order."""
+  n = 1
+  for s in shape:
+    n *= s
+  k_offset, k_perm = jax.random.split(key)
+  u_N = (jnp.arange(n) + jax.random.uniform(k_offset, (n,))) / n
+  return jax.random.permutation(k_perm, u_N).reshape(shape)
+
+
+def interpolate(noise_BxNxD, z1_BxNxD, t_BxN):
+  """z_t = (1 - t) noise + t z1."""
+  t = t_BxN[..., None]
+  return (1.0 - t) * noise_BxNxD + t * z1_BxNxD
+
+
+def masked_mean(err_BxN, mask_BxN):
+  """Mean of err over positions where mask is True (0 if none)."""
+  mask = mask_BxN.astype(jnp.float32)
+  return jnp.sum(err_BxN * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def next_concept_targets(z_BxNxD, concept_mask_BxN, segment_ids_BxN):
+  """Targets z_{n+1} for context position n, and where they exist (same document, real)."""
+  target_BxNxD = jnp.pad(z_BxNxD[:, 1:], ((0, 0), (0, 1), (0, 0)))
+  next_real_BxN = jnp.pad(concept_mask_BxN[:, 1:], ((0, 0), (0, 1)))
+  next_seg_BxN = jnp.pad(segment_ids_BxN[:, 1:], ((0, 0), (0, 1)))
+  mask_BxN = concept_mask_BxN & next_real_BxN & (next_seg_BxN == segment_ids_BxN)
+  return target_BxNxD, mask_BxN
+
+
+def concept_loss(objective: str, pred_fn, z1_BxNxD, mask_BxN, key):
+  """Per-dimension squared error of the objective's target -> (loss, metrics)."""
+  if objective not in OBJECTIVES:
+    raise ValueError(f"concepts.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
+  z1_BxNxD = z1_BxNxD.astype(jnp.float32)
+  if objective == "mse":
+    zeros_BxN = jnp.zeros(z1_BxNxD.shape[:-1])
+    out_BxNxD = pred_fn(jnp.zeros_like(z1_BxNxD), zeros_BxN)
+    target_BxNxD = z1_BxNxD
+  else:
+    k_t, k_noise = jax.random.split(key)
+    t_BxN = stratified_times(k_t, z1_BxNxD.shape[:-1])
+    noise_BxNxD = jax.random.normal(k_noise, z1_BxNxD.shape)
+    out_BxNxD = pred_fn(interpolate(noise_BxNxD, z1_BxNxD, t_BxN), t_BxN)
+    target_BxNxD = z1_BxNxD - noise_BxNxD if objective == "flow" else z1_BxNxD
+  err_BxN = jnp.mean(jnp.square(out_BxNxD.astype(jnp.float32) - target_BxNxD), axis=-1)
+  loss = masked_mean(err_BxN, mask_BxN)
+  return loss, {"loss": loss}
+
+
+def flow_matching_loss(pred_fn, z1_BxNxD, mask_BxN, key):
+  """Rectified-flow loss: ||v(z_t, t) - (z1 - noise)||^2."""
+  return concept_loss("flow", pred_fn, z1_BxNxD, mask_BxN, key)
+
+
+def x0_loss(pred_fn, z1_BxNxD, mask_BxN, key):
+  """Clean-concept prediction loss: ||x0(z_t, t) - z1||^2."""
+  return concept_loss("x0", pred_fn, z1_BxNxD, mask_BxN, key)
+
+
+def mse_loss(pred_fn, z1_BxNxD, mask_BxN, key=None):
+  """Plain regression baseline: ||f(0, 0) - z1||^2."""
+  return concept_loss("mse", pred_fn, z1_BxNxD, mask_BxN, key)
+
+
+def guided(cond_fn, uncond_fn, scale: float):
+  """Classifier-free guidance: uncond + scale * (cond - uncond); scale 1 = cond only."""
+  if scale == 1.0:
+    return cond_fn
+  return lambda zt, t: uncond_fn(zt, t) + scale * (cond_fn(zt, t) - uncond_fn(zt, t))
+
+
+def _times(x, value):
+  return jnp.full(x.shape[:-1], value, jnp.float32)
+
+
+def euler_sample(velocity_fn, noise_BxNxD, steps: int):
+  """Euler integration of dz/dt = v(z, t) from t = 0 (noise) to t = 1."""
+  dt = 1.0 / steps
+
+  def step(i, z):
+    return z + dt * velocity_fn(z, _times(z, i * dt))
+
+  return jax.lax.fori_loop(0, steps, step, noise_BxNxD.astype(jnp.float32))
+
+
+def heun_sample(velocity_fn, noise_BxNxD, steps: int):
+  """Heun (2nd-order trapezoid) integration of dz/dt = v(z, t) from 0 to 1."""
+  dt = 1.0 / steps
+
+  def step(i, z):
+    v0 = velocity_fn(z, _times(z, i * dt))
+    v1 = velocity_fn(z + dt * v0, _times(z, (i + 1) * dt))
+    return z + 0.5 * dt * (v0 + v1)
+
+  return jax.lax.fori_loop(0, steps, step, noise_BxNxD.astype(jnp.float32))
+
+
+def ddim_sample(x0_fn, noise_BxNxD, steps: int):
+  """Deterministic DDIM for x0-prediction: re-noise the estimate with the implied noise."""
+  dt = 1.0 / steps
+
+  def step(i, z):
+    t, t_next = i * dt, (i + 1) * dt
+    z1_hat = x0_fn(z, _times(z, t))
+    noise_hat = (z - t * z1_hat) / (1.0 - t)  # t < 1 at every evaluated step.
+    return (1.0 - t_next) * noise_hat + t_next * z1_hat
+
+  return jax.lax.fori_loop(0, steps, step, noise_BxNxD.astype(jnp.float32))
+
+
+def sample(objective: str, pred_fn, noise_BxNxD, steps: int, method: str = "euler"):
+  """Concepts from noise: Euler/Heun for flow, DDIM for x0, one call for mse."""
+  if objective == "flow":
+    if method not in ("euler", "heun"):
+      raise ValueError(f"flow sampling method={method!r} is not one of euler, heun")
+    return (heun_sample if method == "heun" else euler_sample)(pred_fn, noise_BxNxD, steps)
+  if objective == "x0":
+    return ddim_sample(pred_fn, noise_BxNxD, steps)
+  if objective == "mse":
+    return pred_fn(jnp.zeros_like(noise_BxNxD), _times(noise_BxNxD, 0.0))
+  raise ValueError(f"concepts.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")

@@ -1,0 +1,95 @@
+"""Analytic parameter counts and training FLOPs per token, from the config alone.
+
+param_count(config, stage) counts the params a stage trains:
+  render = encoder + renderer; concepts = concept model (+ diffusion head; the
+  encoder is frozen and not counted); ar / mdm = the flat baseline.
+flops_per_token(config, stage) = 6 * M + 12 * sum_layers(H * K * ctx), per
+  position of the stage's sequence (chunk token for render, concept for
+  concepts, flat token for ar / mdm), where
+  - M counts matmul weights applied once per position: embedding lookups cost
+    nothing, per-chunk projections (renderer slots, encoder pooling) are spread
+    over the positions that share them, norms are ignored;
+  - 6 = 2 (multiply-add) x 3 (forward + backward);
+  - 12 * H * K * ctx is attention's q.k and p.v products (2 * 2 * H * K * ctx
+    forward, x 3 with backward), with the full context ctx (no causal halving,
+    as in the PaLM MFU convention).
+The frozen encoder of the concepts stage (run on the fly) is not included.
+"""
+
+from __future__ import annotations
+
+from concept_diffusion.models.layers import ModelConfig
+
+
+def _cfg(config, vocab_size):
+  return config if isinstance(config, ModelConfig) else ModelConfig.from_config(config, vocab_size)
+
+
+def _layer_matmuls(c: ModelConfig) -> int:
+  """Matmul weights of one transformer block."""
+  e, h, g, k, f = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
+  return e * h * k + 2 * e * g * k + h * k * e + 3 * e * f
+
+
+def _stack_params(c: ModelConfig, num_layers: int) -> int:
+  """Blocks (two norm scales each) plus the final norm."""
+  return num_layers * (_layer_matmuls(c) + 2 * c.embed_dim) + c.embed_dim
+
+
+def _head_matmuls(c: ModelConfig) -> int:
+  d, e, w = c.concept_dim, c.embed_dim, c.diff_head_dim
+  return d * w + 2 * w * w + e * w + c.diff_head_layers * 5 * w * w + 2 * w * w + w * d
+
+
+def _head_biases(c: ModelConfig) -> int:
+  w = c.diff_head_dim
+  return 4 * w + c.diff_head_layers * 5 * w + 2 * w + c.concept_dim
+
+
+def component_params(c: ModelConfig) -> dict[str, int]:
+  """Exact parameter count of each model."""
+  v, e, d, l = c.vocab_size, c.embed_dim, c.concept_dim, c.concept_len
+  return {
+      "encoder": v * e + _stack_params(c, c.encoder_layers) + e * d,
+      "renderer": (v * e + d * l * e * (1 + c.prev_concept) + _stack_params(c, c.renderer_layers)
+                   + e * v),
+      "concept_model": (d * e + _stack_params(c, c.concept_layers) + e + _head_matmuls(c)
+                        + _head_biases(c)),
+      "ar": v * e + _stack_params(c, c.baseline_layers) + e * v,
+      "mdm": v * e + _stack_params(c, c.baseline_layers) + e * v,
+  }
+
+
+TRAINED = {"render": ("encoder", "renderer"), "concepts": ("concept_model",), "ar": ("ar",),
+           "mdm": ("mdm",)}
+
+
+def param_count(config, stage: str, vocab_size: int | None = None) -> int:
+  """Parameters trained in `stage` (see module docstring)."""
+  if stage not in TRAINED:
+    raise ValueError(f"stage={stage!r} is not one of {', '.join(TRAINED)}")
+  counts = component_params(_cfg(config, vocab_size))
+  return sum(counts[name] for name in TRAINED[stage])
+
+
+def flops_per_token(config, stage: str, vocab_size: int | None = None,
+                    seq_len: int | None = None, num_concepts: int | None = None) -> float:
+  """Training FLOPs per position of `stage` (see module docstring for the formula)."""
+  c = _cfg(config, vocab_size)
+  if not isinstance(config, ModelConfig):
+    seq_len = seq_len or config.data.seq_len
+    num_concepts = num_concepts or config.data.num_concepts
+  hk, e, d, l = c.num_heads * c.head_dim, c.embed_dim, c.concept_dim, c.concept_len
+  if stage == "render":
+    matmuls = (_layer_matmuls(c) * (c.encoder_layers + c.renderer_layers) + e * d / l
+               + d * e * (1 + c.prev_concept) + e * c.vocab_size)
+    attention = (c.encoder_layers + c.renderer_layers) * hk * l
+  elif stage == "concepts":
+    matmuls = d * e + _layer_matmuls(c) * c.concept_layers + _head_matmuls(c)
+    attention = c.concept_layers * hk * num_concepts
+  elif stage in ("ar", "mdm"):
+    matmuls = _layer_matmuls(c) * c.baseline_layers + e * c.vocab_size
+    attention = c.baseline_layers * hk * seq_len
+  else:
+    raise ValueError(f"stage={stage!r} is not one of {', '.join(TRAINED)}")
+  return 6.0 * matmuls + 12.0 * attention

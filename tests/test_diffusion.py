@@ -1,0 +1,232 @@
+"""Diffusion math against known answers: masked ELBO, unmasking sampler, concept samplers."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from concept_diffusion.diffusion import continuous, masked
+
+MASK, PAD = 4, 0
+
+
+def _joint(seed=0, v=4, l=3):
+  """A random joint distribution over l tokens from {0..v-1} (table + all configs)."""
+  configs_CxL = np.array(list(itertools.product(range(v), repeat=l)), np.int32)
+  p_C = np.random.default_rng(seed).dirichlet(np.ones(len(configs_CxL)) * 0.5)
+  return jnp.asarray(configs_CxL), jnp.asarray(p_C)
+
+
+def _exact_conditional(configs_CxL, p_C, vocab):
+  """logits_fn giving p(x_i | unmasked tokens) of the joint at every position."""
+
+  def logits_fn(tokens_MxL):
+    obs_MxL = tokens_MxL != MASK
+    agree_MxC = jnp.all(~obs_MxL[:, None] | (configs_CxL[None] == tokens_MxL[:, None]), -1)
+    w_MxC = agree_MxC * p_C
+    onehot_CxLxV = jax.nn.one_hot(configs_CxL, vocab)
+    probs_MxLxV = jnp.einsum("mc,clv->mlv", w_MxC, onehot_CxLxV) / w_MxC.sum(-1)[:, None, None]
+    return jnp.log(probs_MxLxV + 1e-30)
+
+  return logits_fn
+
+
+def test_masked_loss_estimates_exact_nll():
+  """With exact conditionals the MDM ELBO equals -log p(x) (MC error only)."""
+  configs_CxL, p_C = _joint()
+  logits_fn = _exact_conditional(configs_CxL, p_C, vocab=MASK + 1)
+  loss_fn = lambda k, x: masked.masked_diffusion_loss(logits_fn, x, None, MASK, k)[0]  # noqa: E731
+  losses_fn = jax.jit(jax.vmap(loss_fn, in_axes=(0, None)))
+  bits_fn = jax.jit(lambda k, x: masked.elbo_bits(logits_fn, x, None, MASK, k, num_samples=16))
+  for c in (3, 17, 40):  # A likely, a middling and an unlikely sequence.
+    x_MxL = jnp.tile(configs_CxL[c], (2048, 1))
+    losses = losses_fn(jax.random.split(jax.random.key(c), 16), x_MxL)
+    exact = -math.log(float(p_C[c])) / 3
+    # The 1/t weight makes single draws heavy-tailed; compare within 4 standard errors.
+    stderr = float(losses.std()) / math.sqrt(len(losses))
+    assert abs(float(losses.mean()) - exact) < 4 * stderr + 1e-3, (c, losses.mean(), exact)
+    bits = bits_fn(jax.random.key(100 + c), x_MxL)
+    assert abs(float(bits) - exact / math.log(2)) < (4 * stderr + 1e-3) / math.log(2)
+
+
+def test_padding_never_counts():
+  tokens_MxL = jnp.array([[7, 8, 9, PAD, PAD], [7, 8, 9, 10, 11]])
+  valid_MxL = tokens_MxL != PAD
+  seen = []
+
+  def logits_fn(x_MxL):
+    seen.append(x_MxL)
+    return jax.nn.one_hot(x_MxL, 16) * 3.0  # Depends only on the visible token.
+
+  other_MxL = tokens_MxL.at[0, 3:].set(12)  # Garbage under the padding.
+  a, _ = masked.masked_diffusion_loss(logits_fn, tokens_MxL, valid_MxL, MASK, jax.random.key(0))
+  b, _ = masked.masked_diffusion_loss(logits_fn, other_MxL, valid_MxL, MASK, jax.random.key(0))
+  assert float(a) == pytest.approx(float(b))
+  assert not bool(jnp.any((seen[0] == MASK) & ~valid_MxL))
+
+
+def test_full_mask_prob_masks_every_real_token():
+  tokens = jnp.full((3, 5, 8), 9)
+  valid = jnp.arange(8) < jnp.array([8, 5, 1])[:, None, None]
+  seen = []
+
+  def logits_fn(x):
+    seen.append(x)
+    return jnp.zeros((*x.shape, 16))
+
+  loss, m = masked.masked_diffusion_loss(logits_fn, tokens, valid, MASK, jax.random.key(0),
+                                         full_mask_prob=1.0)
+  assert bool(jnp.all((seen[0] == MASK) == valid))
+  assert float(loss) == pytest.approx(math.log(16), rel=1e-5)  # Weight 1 at t = 1.
+  assert float(m["mask_fraction"]) == pytest.approx(1.0)
+
+
+def test_mask_rate_distributions():
+  t_uni = masked.mask_rate(jax.random.key(0), 1000, "uniform")
+  t_high = masked.mask_rate(jax.random.key(0), 1000, "high")
+  assert float(t_uni.min()) >= 1e-3 and float(t_uni.max()) <= 1.0
+  # Stratified: exactly one draw per 1/n-wide bin.
+  bins = np.sort(np.floor((np.asarray(t_uni) - 1e-3) / (1 - 1e-3) * 1000))
+  np.testing.assert_array_equal(bins, np.arange(1000))
+  assert abs(float(t_uni.mean()) - 0.5) < 0.01
+  assert abs(float(t_high.mean()) - 2 / 3) < 0.01  # E[1 - u^2] = 2/3.
+  assert float(jnp.mean(t_high > 0.75)) == pytest.approx(0.5, abs=0.02)  # P(t > s) = sqrt(1-s).
+  with pytest.raises(ValueError, match="mask_rate"):
+    masked.mask_rate(jax.random.key(0), 4, "low")
+
+
+def _oracle(target_MxL, vocab=32):
+  """A denoiser that knows the answer, more confident at later positions."""
+  conf_L = 1.0 + jnp.arange(target_MxL.shape[-1])
+
+  def logits_fn(tokens):
+    onehot = jax.nn.one_hot(target_MxL.reshape(tokens.shape), vocab)
+    return onehot * conf_L[:, None]
+
+  return logits_fn
+
+
+@pytest.mark.parametrize("remasking", ["confidence", "random"])
+def test_sampler_reproduces_oracle_for_every_step_count(remasking):
+  l = 6
+  key = jax.random.key(0)
+  target_MxL = jax.random.randint(key, (5, l), 6, 32)
+  valid_MxL = jnp.arange(l) < jnp.array([6, 6, 3, 1, 0])[:, None]
+  target_MxL = jnp.where(valid_MxL, target_MxL, PAD)
+  for steps in range(1, l + 1):
+    out, states = masked.sample(_oracle(target_MxL), key, valid_MxL, mask_id=MASK, pad_id=PAD,
+                                steps=steps, remasking=remasking, return_steps=True)
+    np.testing.assert_array_equal(out, target_MxL)
+    assert states.shape == (steps, 5, l)
+    # Linear schedule: after step s, floor(n (s+1) / S) positions are committed.
+    committed_SxM = jnp.sum((states != MASK) & valid_MxL, -1)
+    expect_SxM = (valid_MxL.sum(-1) * jnp.arange(1, steps + 1)[:, None]) // steps
+    np.testing.assert_array_equal(committed_SxM, expect_SxM)
+    assert bool(jnp.all(jnp.where(valid_MxL, True, states == PAD)))
+
+
+def test_confidence_remasking_commits_most_confident_first():
+  target_MxL = jnp.arange(10, 16)[None]
+  _, states = masked.sample(_oracle(target_MxL), jax.random.key(0), jnp.ones((1, 6), bool),
+                            mask_id=MASK, pad_id=PAD, steps=3, return_steps=True)
+  np.testing.assert_array_equal(states[0, 0], [MASK] * 4 + [14, 15])
+
+
+def test_semi_autoregressive_blocks_fill_left_to_right():
+  target_BxNxL = jax.random.randint(jax.random.key(1), (2, 3, 8), 6, 32)
+  valid = jnp.ones((2, 3, 8), bool)
+  out, states = masked.sample(_oracle(target_BxNxL), jax.random.key(0), valid, mask_id=MASK,
+                              pad_id=PAD, steps=4, block_size=4, return_steps=True)
+  np.testing.assert_array_equal(out, target_BxNxL)
+  assert bool(jnp.all(states[1, ..., :4] != MASK)) and bool(jnp.all(states[1, ..., 4:] == MASK))
+  with pytest.raises(ValueError, match="multiple"):
+    masked.sample(_oracle(target_BxNxL), jax.random.key(0), valid, mask_id=MASK, pad_id=PAD,
+                  steps=3, block_size=4)
+
+
+def test_temperature_sampling_follows_the_distribution():
+  def logits_fn(tokens):  # p(7) = 0.75, p(9) = 0.25 at every position; mask/pad never.
+    logits = jnp.full((*tokens.shape, 12), -1e9)
+    return logits.at[..., 7].set(math.log(3.0)).at[..., 9].set(0.0).at[..., MASK].set(50.0)
+
+  out = masked.sample(logits_fn, jax.random.key(0), jnp.ones((4000, 2), bool), mask_id=MASK,
+                      pad_id=PAD, steps=2, remasking="random", temperature=1.0)
+  assert set(np.unique(out).tolist()) == {7, 9}
+  assert float(jnp.mean(out == 7)) == pytest.approx(0.75, abs=0.03)
+
+
+def _gaussian_velocity(mu, sigma):
+  """Exact rectified-flow velocity from N(0, 1) noise to N(mu, sigma^2) data."""
+
+  def v(z, t):
+    t = t[..., None]
+    var = (1 - t) ** 2 + t ** 2 * sigma ** 2
+    centred = z - t * mu
+    return mu + (t * sigma ** 2 - (1 - t)) / var * centred
+
+  return v
+
+
+def _gaussian_x0(mu, sigma):
+  def x0(z, t):
+    t = t[..., None]
+    var = (1 - t) ** 2 + t ** 2 * sigma ** 2
+    return mu + t * sigma ** 2 / var * (z - t * mu)
+
+  return x0
+
+
+@pytest.mark.parametrize("method,steps,tol", [("euler", 200, 0.03), ("heun", 20, 0.01)])
+def test_flow_sampler_hits_gaussian_target(method, steps, tol):
+  mu, sigma = 2.0, 0.5
+  noise = jax.random.normal(jax.random.key(0), (20000, 1, 2))
+  z = continuous.sample("flow", _gaussian_velocity(mu, sigma), noise, steps, method)
+  assert float(z.mean()) == pytest.approx(mu, abs=tol + 0.02)
+  assert float(z.std()) == pytest.approx(sigma, abs=tol + 0.02)
+
+
+def test_ddim_sampler_hits_gaussian_and_point_mass():
+  noise = jax.random.normal(jax.random.key(0), (20000, 1, 2))
+  z = continuous.sample("x0", _gaussian_x0(2.0, 0.5), noise, 50)
+  assert float(z.mean()) == pytest.approx(2.0, abs=0.03)
+  assert float(z.std()) == pytest.approx(0.5, abs=0.03)
+  target = jnp.array([1.5, -3.0])
+  for steps in (1, 2, 7):
+    z = continuous.sample("x0", lambda zt, t: jnp.broadcast_to(target, zt.shape), noise[:8], steps)
+    np.testing.assert_allclose(z, jnp.broadcast_to(target, z.shape), atol=1e-5)
+
+
+def test_guidance_extrapolates_point_masses_exactly():
+  a, b = jnp.array([1.0, 2.0]), jnp.array([-1.0, 0.0])
+  vel = lambda c: (lambda zt, t: (c - zt) / (1.0 - t[..., None]))  # noqa: E731
+  noise = jax.random.normal(jax.random.key(0), (8, 3, 2))
+  for scale in (1.0, 3.0):
+    z = continuous.sample("flow", continuous.guided(vel(a), vel(b), scale), noise, 10)
+    np.testing.assert_allclose(z, jnp.broadcast_to(b + scale * (a - b), z.shape), atol=1e-4)
+
+
+def test_concept_losses_vanish_for_exact_predictors():
+  z1 = jax.random.normal(jax.random.key(0), (4, 5, 3))
+  mask = jnp.ones((4, 5), bool)
+  key = jax.random.key(1)
+  k_t, k_noise = jax.random.split(key)
+  noise = jax.random.normal(k_noise, z1.shape)
+  # Exact velocity for this batch: recover the noise from z_t via the known z1.
+  t = continuous.stratified_times(k_t, (4, 5))
+  assert float(continuous.flow_matching_loss(
+      lambda zt, tt: z1 - noise, z1, mask, key)[0]) < 1e-10
+  assert float(continuous.x0_loss(lambda zt, tt: z1, z1, mask, key)[0]) < 1e-10
+  assert float(continuous.mse_loss(lambda zt, tt: z1, z1, mask)[0]) < 1e-10
+  assert float(continuous.mse_loss(lambda zt, tt: z1 + 1.0, z1, mask)[0]) == pytest.approx(1.0)
+  assert t.shape == (4, 5) and float(t.min()) >= 0.0
+
+
+def test_next_concept_targets_stay_inside_documents():
+  z = jnp.arange(6.0).reshape(1, 6, 1)
+  seg = jnp.array([[1, 1, 1, 2, 2, 0]])
+  target, mask = continuous.next_concept_targets(z, seg > 0, seg)
+  np.testing.assert_array_equal(mask[0], [True, True, False, True, False, False])
+  np.testing.assert_array_equal(target[0, :5, 0], [1, 2, 3, 4, 5])

@@ -1,0 +1,237 @@
+"""Model structure: axis names, exact sizes, scan/remat/bf16 paths, KV cache, masking."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from concept_diffusion import config as config_lib
+from concept_diffusion.models import baselines, build, concept_model, layers, sizes
+from concept_diffusion.models.concept_model import ConceptModel
+from concept_diffusion.models.encoder import ConceptEncoder
+from concept_diffusion.models.renderer import Renderer
+
+AXES = {"batch", "concepts", "length", "embed", "mlp", "heads", "kv_heads", "kv", "vocab",
+        "concept_embed", "head_mlp", "layers", None}
+
+
+def tiny_config(**model):
+  c = config_lib.base_config()
+  c.data.vocab_size, c.data.concept_len, c.data.num_concepts, c.data.seq_len = 96, 8, 4, 16
+  c.model.update(embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                 concept_dim=16, diff_head_dim=32, encoder_layers=2, renderer_layers=2,
+                 concept_layers=2, diff_head_layers=2, baseline_layers=3)
+  c.model.update(model)
+  return c
+
+
+def _is_box(x):
+  return isinstance(x, nn.Partitioned)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_param_has_logical_axis_names(scan):
+  c = tiny_config(scan_layers=scan)
+  c.render.prev_concept = True
+  for stage in build.STAGE_MODULES:
+    params = build.param_shapes(c, stage=stage)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_box):
+      where = f"{stage}: {jax.tree_util.keystr(path)}"
+      assert _is_box(leaf), f"unannotated param {where}"
+      assert len(leaf.names) == leaf.value.ndim, where
+      assert set(leaf.names) <= AXES, where
+      assert any(n is not None for n in leaf.names), where
+      assert ("layers" in leaf.names) == (scan and "layer" in where), where
+    specs = nn.get_partition_spec(params)
+    assert len(jax.tree.leaves(specs)) == len(jax.tree.leaves(nn.unbox(params)))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_kv_heads": 1, "scan_layers": True},
+                                       {"prev_concept": True}])
+def test_param_count_matches_real_tree(overrides):
+  c = tiny_config(**{k: v for k, v in overrides.items() if k != "prev_concept"})
+  c.render.prev_concept = overrides.get("prev_concept", False)
+  for stage, trained in sizes.TRAINED.items():
+    params = nn.unbox(build.param_shapes(c, stage=stage))
+    real = sum(x.size for name in trained for x in jax.tree.leaves(params[name]))
+    assert sizes.param_count(c, stage) == real, stage
+
+
+def test_flops_per_token_formula():
+  c = tiny_config()
+  m = c.model
+  v, e, hk = c.data.vocab_size, m.embed_dim, m.num_heads * m.head_dim
+  # ar: every non-embedding, non-norm weight is one matmul per token.
+  norms = m.baseline_layers * 2 * e + e
+  matmuls = sizes.param_count(c, "ar") - v * e - norms
+  expect = 6 * matmuls + 12 * m.baseline_layers * hk * c.data.seq_len
+  assert sizes.flops_per_token(c, "ar") == expect
+  assert sizes.flops_per_token(c, "mdm") == expect
+  for stage in ("render", "concepts"):
+    assert 6 * 0.5 * sizes.param_count(c, stage) < sizes.flops_per_token(c, stage)
+
+
+def _ar(c, **changes):
+  cfg = dataclasses.replace(layers.ModelConfig.from_config(c), **changes)
+  return baselines.TokenAR(cfg)
+
+
+def test_scanned_layers_match_unscanned_and_remat():
+  c = tiny_config()
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 96)
+  seg = jnp.array([[1] * 10 + [2] * 6, [1] * 16])
+  model = _ar(c)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens, seg)["params"])
+  stacked = layers.unscanned_to_scanned(params, 3)
+
+  def loss_and_grad(m, p):
+    return jax.jit(jax.value_and_grad(lambda q: m.apply({"params": q}, tokens, seg).std()))(p)
+
+  ref_loss, ref_grad = loss_and_grad(model, params)
+  for scan, remat in ((True, "none"), (True, "dots"), (False, "full")):
+    loss, grad = loss_and_grad(_ar(c, scan_layers=scan, remat=remat), stacked if scan else params)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    expect = layers.unscanned_to_scanned(ref_grad, 3) if scan else ref_grad
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grad, expect)
+
+
+def test_bf16_compute_keeps_fp32_params():
+  c = tiny_config(dtype="bfloat16")
+  for stage in build.STAGE_MODULES:
+    params = nn.unbox(build.param_shapes(c, stage=stage))
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  model = _ar(c)
+  ref_model = _ar(c, dtype="float32")
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 96)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
+  out = jax.jit(model.apply)({"params": params}, tokens)
+  ref = jax.jit(ref_model.apply)({"params": params}, tokens)
+  assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+  assert float(jnp.mean(jnp.abs(out - ref))) < 0.05 * float(jnp.mean(jnp.abs(ref)))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_kv_cache_decoding_equals_full_forward(scan):
+  model = _ar(tiny_config(), scan_layers=scan)
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 96)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
+  full = jax.jit(model.apply)({"params": params}, tokens)
+  cache = baselines.init_cache(model, 2, 12)
+  step = jax.jit(lambda c, t: baselines.decode_step(model, params, c, t))
+  prefill, cache = step(cache, tokens[:, :5])
+  outs = [prefill]
+  for i in range(5, 12):
+    logits, cache = step(cache, tokens[:, i:i + 1])
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_stays_inside_segments():
+  c = tiny_config()
+  cfg = layers.ModelConfig.from_config(c)
+  tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, 96)
+  other = tokens.at[:, 10:].set(7)
+  seg = jnp.array([[1] * 10 + [2] * 6])
+  for model, causal in ((baselines.TokenMDM(cfg), False), (baselines.TokenAR(cfg), True)):
+    params = jax.jit(model.init)(jax.random.key(0), tokens, seg)
+    fwd = jax.jit(model.apply)
+    a, b = fwd(params, tokens, seg), fwd(params, other, seg)
+    np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-5)  # Segment 1 never sees 2.
+    later = tokens.at[:, 5].set(8)
+    changed = jnp.any(jnp.abs(fwd(params, later, seg) - a) > 1e-6, -1)[0]
+    assert bool(changed[4]) != causal and bool(changed[6])
+  # Positions restart per document, so a document gets the same logits wherever it sits.
+  shifted = jnp.concatenate([tokens[:, 10:], tokens[:, :10]], 1)
+  out = fwd(params, shifted, jnp.array([[1] * 6 + [2] * 10]))
+  np.testing.assert_allclose(out[:, 6:], a[:, :10], atol=1e-4)
+
+
+def test_encoder_scale_and_padding():
+  cfg = layers.ModelConfig.from_config(tiny_config())
+  enc = ConceptEncoder(cfg)
+  tokens = jax.random.randint(jax.random.key(1), (2, 3, 8), 6, 96)
+  mask = jnp.arange(8) < jnp.array([8, 5, 1])[:, None]
+  mask = jnp.broadcast_to(mask[None], (2, 3, 8))
+  params = jax.jit(enc.init)(jax.random.key(0), tokens, mask)
+  fwd = jax.jit(enc.apply)
+  z = fwd(params, tokens, mask)
+  np.testing.assert_allclose(jnp.linalg.norm(z, axis=-1), np.sqrt(16), rtol=1e-3)
+  z2 = fwd(params, jnp.where(mask, tokens, 0), mask)
+  np.testing.assert_allclose(z, z2, atol=1e-5)
+
+
+def test_renderer_reads_z_and_previous_concept():
+  c = tiny_config()
+  c.render.prev_concept = True
+  cfg = layers.ModelConfig.from_config(c)
+  r = Renderer(cfg)
+  tokens = jnp.full((1, 2, 8), 4)
+  z = jax.random.normal(jax.random.key(1), (1, 2, 16))
+  params = jax.jit(r.init)(jax.random.key(0), tokens, z, z)
+  fwd = jax.jit(r.apply)
+  a = fwd(params, tokens, z, z)
+  assert float(jnp.abs(a - fwd(params, tokens, -z, z)).max()) > 1e-3
+  assert float(jnp.abs(a - fwd(params, tokens, z, -z)).max()) > 1e-3
+  assert float(jnp.abs(a[0, 0, 0] - a[0, 0, 1]).max()) > 1e-3  # Slots differ per position.
+
+
+def test_concept_model_is_causal_and_drops_context():
+  cfg = layers.ModelConfig.from_config(tiny_config())
+  cm = ConceptModel(cfg)
+  z = jax.random.normal(jax.random.key(1), (1, 5, 16))
+  seg = jnp.array([[1, 1, 1, 2, 2]])
+  params = jax.jit(cm.init)(jax.random.key(0), z, seg, z, jnp.zeros((1, 5)))
+  context = jax.jit(lambda p, z, drop=None: cm.apply(p, z, seg, drop, method=cm.context))
+  h = context(params, z)
+  h2 = context(params, z.at[:, 2].set(0.0))
+  np.testing.assert_allclose(h[:, :2], h2[:, :2], atol=1e-5)  # Causal.
+  np.testing.assert_allclose(h[:, 3:], h2[:, 3:], atol=1e-5)  # Other document.
+  drop = jnp.array([[False, True, False, False, True]])
+  hd = context(params, z, drop)
+  null = params["params"]["null_context"].value
+  np.testing.assert_allclose(hd[0, 1], null)
+  np.testing.assert_allclose(hd[0, 0], h[0, 0])
+  out = cm.apply(params, z, jnp.full((1, 5), 0.3), hd, method=cm.head)
+  assert out.shape == (1, 5, 16)
+
+
+def test_cudnn_attention_is_refused_off_gpu():
+  c = tiny_config(attention="cudnn", dtype="bfloat16")
+  if jax.default_backend() == "gpu":
+    pytest.skip("has a GPU")
+  with pytest.raises(ValueError, match="model.attention='cudnn'"):
+    build.build_models(c, stage="ar")
+
+
+def test_build_models_per_stage():
+  c = tiny_config()
+  assert set(build.build_models(c, stage="render")) == {"encoder", "renderer"}
+  assert set(build.build_models(c, stage="concepts")) == {"encoder", "concept_model"}
+  assert isinstance(build.build_models(c, 100, stage="ar")["ar"], baselines.TokenAR)
+  assert build.build_models(c, 100, stage="mdm")["mdm"].cfg.vocab_size == 100
+  with pytest.raises(ValueError, match="stage"):
+    build.build_models(c, stage="nope")
+
+
+def test_concept_objectives_and_guided_sampling_run():
+  cfg = layers.ModelConfig.from_config(tiny_config())
+  cm = ConceptModel(cfg)
+  z = jax.random.normal(jax.random.key(1), (2, 4, 16))
+  seg = jnp.array([[1, 1, 2, 2], [1, 1, 1, 0]])
+  params = jax.jit(cm.init)(jax.random.key(0), z, seg, z, jnp.zeros((2, 4)))
+
+  @jax.jit
+  def run(p, key):
+    losses = [concept_model.concept_objective(cm, p, z, seg > 0, seg, key, obj, 0.5)[0]
+              for obj in ("flow", "x0", "mse")]
+    samples = [concept_model.sample_next_concepts(cm, p, z, seg, key, objective=obj, steps=3,
+                                                  guidance=2.0, method=method)
+               for obj, method in (("flow", "heun"), ("x0", "euler"), ("mse", "euler"))]
+    return losses, samples
+
+  losses, samples = run(params, jax.random.key(2))
+  assert all(bool(jnp.isfinite(x)) for x in losses)
+  assert all(s.shape == z.shape and bool(jnp.all(jnp.isfinite(s))) for s in samples)
