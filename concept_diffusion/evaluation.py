@@ -1,0 +1,434 @@
+"""Held-out evaluation of render / concepts / ar / mdm runs, and side-by-side comparison.
+
+  metrics = evaluation.evaluate("runs/concepts", judge_workdir="runs/ar")  # writes eval.json
+  print(evaluation.format_table({"concepts": metrics}))
+
+Metrics (every number is on held-out data: make_dataset(split="eval") batches and
+the first `num_prompts` documents of iterate_documents(config, "eval")):
+
+| metric | runs | definition |
+|---|---|---|
+| `roundtrip_token_accuracy` | render | share of real tokens of real held-out chunks that `R(E(chunk))` reproduces at their position; the renderer starts from all-MASK and runs `render.sample_steps` confidence-ordered unmasking steps, argmax |
+| `roundtrip_exact_match` | render | share of real chunks rendered exactly, all `concept_len` positions (so the chunk's length too) |
+| `elbo_bits_per_token` | render | masked-diffusion ELBO (Monte-Carlo, `diffusion.masked.elbo_bits`) of a chunk's real tokens given its true concept, bits per real token (padding positions are given, so the chunk's length is known); an upper bound on -log2 p(chunk given z) per token |
+| `next_concept_l2` | concepts | RMS error per dimension of the sampled next concept, mean over positions: ‖ẑ − z‖₂ / √D (concepts have unit RMS, so 0 is exact and ≈1.41 an unrelated concept) |
+| `next_concept_cosine` | concepts | mean cosine between the sampled and the true next concept |
+| `contrastive_accuracy` | concepts | share of positions whose sampled next concept is closer (L2) to the true next concept than to every concept of the other documents in the batch (copies of the true concept excluded) |
+| `bits_per_token` | ar, mdm | ar: exact next-token cross-entropy in bits over held-out tokens (EOD included, BOS given); mdm: the masked-diffusion ELBO in bits over the same tokens (an upper bound) |
+| `gen_ppl` | all but render | perplexity, under the judge AR run (`--judge_workdir`, its tokenizer), of the generated continuations given their prompts: exp(total NLL / total continuation tokens) |
+| `unigram_entropy` | all but render | entropy in bits of each continuation's token frequencies, averaged over non-empty continuations (low = repetition) |
+| `coherence_well_formed` | all but render, synthetic data | share of continuation sentences that are exactly a corpus template (`data.synthetic.check_continuation`), averaged over prompts; an empty continuation scores 0 |
+| `coherence_consistent` | all but render, synthetic data | share of continuation sentences that are well formed and agree with the facts of the prompt and of the earlier continuation |
+| `gen_ended` | all but render | share of continuations that ended the document (END concept / EOD) within budget |
+| `gen_tokens_per_sec` | all but render | generated tokens (after the cut at end-of-document) per wall-clock second of one batched, already compiled generation call |
+| `gen_latency_s` | all but render | wall-clock seconds of that call divided by the number of prompts (amortised seconds per sample) |
+
+Prompts are the first half (rounded down, at least one) of each held-out document's
+sentences; concepts runs generate `max_tokens // concept_len` concepts (a chunk holds
+at most concept_len tokens), the baselines at most `max_tokens` tokens. The same seed
+and prompts are used for every run, so `--compare` tables are like for like.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from concept_diffusion import generate as gen_lib
+from concept_diffusion.data import segment, synthetic
+from concept_diffusion.data.tokenizer import BOS_ID, MASK_ID, PAD_ID
+from concept_diffusion.diffusion import continuous, masked
+from concept_diffusion.models.concept_model import ConceptModel
+from concept_diffusion.models.renderer import previous_concepts
+
+EVAL_FILE = "eval.json"
+ORDER = ("roundtrip_token_accuracy", "roundtrip_exact_match", "elbo_bits_per_token",
+         "next_concept_l2", "next_concept_cosine", "contrastive_accuracy", "bits_per_token",
+         "gen_ppl", "unigram_entropy", "coherence_well_formed", "coherence_consistent",
+         "gen_ended", "gen_tokens_per_sec", "gen_latency_s")
+
+
+# ---------------------------------------------------------------- metrics (pure)
+
+
+def unigram_entropy(ids: Sequence[int]) -> float:
+  """Entropy in bits of the token frequencies of one sequence (0 for an empty one)."""
+  if not len(ids):
+    return 0.0
+  _, counts = np.unique(np.asarray(ids), return_counts=True)
+  p = counts / counts.sum()
+  return float(-(p * np.log2(p)).sum())
+
+
+def mean_unigram_entropy(sequences: Iterable[Sequence[int]]) -> float:
+  """unigram_entropy averaged over the non-empty sequences (nan if all are empty)."""
+  values = [unigram_entropy(s) for s in sequences if len(s)]
+  return float(np.mean(values)) if values else float("nan")
+
+
+def roundtrip_counts(rendered_BxNxL, tokens_BxNxL, token_mask_BxNxL, concept_mask_BxN) -> dict:
+  """Sums for round-trip accuracy: correct / real tokens, exact / real chunks."""
+  same_BxNxL = np.asarray(rendered_BxNxL) == np.asarray(tokens_BxNxL)
+  token_mask_BxNxL, concept_mask_BxN = np.asarray(token_mask_BxNxL), np.asarray(concept_mask_BxN)
+  return {"correct": int((same_BxNxL & token_mask_BxNxL).sum()),
+          "tokens": int(token_mask_BxNxL.sum()),
+          "exact": int((same_BxNxL.all(-1) & concept_mask_BxN).sum()),
+          "chunks": int(concept_mask_BxN.sum())}
+
+
+def next_concept_sums(pred_BxNxD, target_BxNxD, valid_BxN) -> dict:
+  """Sums of per-dimension RMS error and cosine over valid positions, and their count."""
+  pred, target, valid = (np.asarray(x, np.float64) for x in (pred_BxNxD, target_BxNxD, valid_BxN))
+  rms_BxN = np.sqrt(np.mean((pred - target) ** 2, -1))
+  cos_BxN = (pred * target).sum(-1) / (np.linalg.norm(pred, axis=-1) *
+                                       np.linalg.norm(target, axis=-1) + 1e-9)
+  return {"l2": float((rms_BxN * valid).sum()), "cosine": float((cos_BxN * valid).sum()),
+          "count": int(valid.sum())}
+
+
+def contrastive_counts(pred_BxNxD, target_BxNxD, valid_BxN, z_BxNxD, concept_mask_BxN,
+                       segment_ids_BxN) -> dict:
+  """Hits: the prediction is nearer its target than every other document's concept.
+
+  Negatives are the real concepts z of other documents in the batch (another
+  example, or another segment of the same example), minus exact copies of the
+  target (END chunks, repeated sentences). Positions with no negative are skipped.
+  """
+  pred, target, z = (np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
+                     for x in (pred_BxNxD, target_BxNxD, z_BxNxD))
+  b, n = np.shape(valid_BxN)
+  doc_M = (np.arange(b)[:, None] * (np.max(segment_ids_BxN, initial=0) + 1) +
+           np.asarray(segment_ids_BxN)).reshape(-1)
+  valid_M, real_M = np.asarray(valid_BxN).reshape(-1), np.asarray(concept_mask_BxN).reshape(-1)
+  dist_MxM = ((pred[:, None] - z[None]) ** 2).sum(-1)
+  copy_MxM = ((target[:, None] - z[None]) ** 2).sum(-1) < 1e-9
+  negative_MxM = real_M[None] & (doc_M[:, None] != doc_M[None]) & ~copy_MxM
+  nearest_neg_M = np.where(negative_MxM, dist_MxM, np.inf).min(-1)
+  pos_M = ((pred - target) ** 2).sum(-1)
+  counted_M = valid_M & negative_MxM.any(-1)
+  return {"hits": int((counted_M & (pos_M < nearest_neg_M)).sum()), "count": int(counted_M.sum())}
+
+
+def contrastive_accuracy(pred_BxNxD, target_BxNxD, valid_BxN, z_BxNxD, concept_mask_BxN,
+                         segment_ids_BxN) -> float:
+  """Share of contrastive hits (see contrastive_counts)."""
+  c = contrastive_counts(pred_BxNxD, target_BxNxD, valid_BxN, z_BxNxD, concept_mask_BxN,
+                         segment_ids_BxN)
+  return c["hits"] / c["count"] if c["count"] else float("nan")
+
+
+def coherence_scores(prompts: Sequence[str], continuations: Sequence[str]) -> dict:
+  """Mean synthetic-corpus coherence (well_formed, consistent) of continuations."""
+  scores = [synthetic.check_continuation(p, c) for p, c in zip(prompts, continuations)]
+  return {"coherence_well_formed": float(np.mean([s["well_formed"] for s in scores])),
+          "coherence_consistent": float(np.mean([s["consistent"] for s in scores]))}
+
+
+def _ratio(num: float, den: float) -> float:
+  return num / den if den else float("nan")
+
+
+# ---------------------------------------------------------------- held-out data
+
+
+def eval_config(gen: gen_lib.Generator, overrides: dict | None = None):
+  """The run's config with `overrides` ({"data.source": ...}) applied; a concept cache
+  source is replaced by its render run's text source (prompts need text)."""
+  config = ml_collections.ConfigDict(gen.config.to_dict())
+  if config.data.source.startswith("concepts:") and gen.render_config is not None:
+    config.data.source = gen.render_config.data.source
+  for field, value in (overrides or {}).items():
+    parent = config
+    *path, last = field.split(".")
+    for part in path:
+      parent = parent[part]
+    parent[last] = value
+  return config
+
+
+def eval_batches(config, tokenizer, view: str, batch_size: int, max_batches: int):
+  """Up to `max_batches` held-out batches of `view` (deterministic)."""
+  from concept_diffusion import data  # Lazy: grain is only needed here.
+  ds = data.make_dataset(config, tokenizer, split="eval", view=view, batch_size=batch_size)
+  for i, batch in enumerate(ds):
+    if i >= max_batches:
+      break
+    yield batch
+
+
+def eval_prompts(config, num_prompts: int) -> list[tuple[str, str]]:
+  """(prompt, true continuation): first half of a held-out document's sentences, and the rest."""
+  from concept_diffusion import data
+  pairs = []
+  for doc in data.iterate_documents(config, "eval"):
+    sentences = segment.split_sentences(doc)
+    if not sentences:
+      continue
+    half = max(1, len(sentences) // 2)
+    pairs.append((" ".join(sentences[:half]), " ".join(sentences[half:])))
+    if len(pairs) == num_prompts:
+      break
+  return pairs
+
+
+# ---------------------------------------------------------------- per-kind likelihood metrics
+
+
+def render_metrics(gen: gen_lib.Generator, batches, key, elbo_samples: int = 4) -> dict:
+  """Round-trip accuracy / exact match and the ELBO given the true concept."""
+  mods = gen_lib.build_modules(gen)
+  enc, ren = mods["encoder"], mods["renderer"]
+  steps = gen.chunk_config.render.sample_steps
+
+  def program(params, batch, key):
+    z_BxNxD = enc.apply({"params": params["encoder"]}, batch["tokens"], batch["token_mask"])
+    prev_BxNxD = previous_concepts(z_BxNxD, batch["segment_ids"])
+    k_render, k_elbo = jax.random.split(key)
+    rendered_BxNxL = gen_lib.render_chunks(ren, params["renderer"], z_BxNxD, prev_BxNxD,
+                                           k_render, steps=steps)
+    logits_fn = lambda x: ren.apply({"params": params["renderer"]}, x, z_BxNxD,
+                                    prev_BxNxD if ren.cfg.prev_concept else None)
+    bits = masked.elbo_bits(logits_fn, batch["tokens"], batch["token_mask"], MASK_ID, k_elbo,
+                            num_samples=elbo_samples)
+    return rendered_BxNxL, bits
+
+  fn = gen.jitted("eval_render", (elbo_samples,), lambda: program)
+  sums = {"correct": 0, "tokens": 0, "exact": 0, "chunks": 0}
+  bits_sum = 0.0
+  for i, batch in enumerate(batches):
+    rendered, bits = jax.device_get(fn(gen.params, _device_batch(gen, batch),
+                                       jax.random.fold_in(key, i)))
+    counts = roundtrip_counts(rendered, batch["tokens"], batch["token_mask"],
+                              batch["concept_mask"])
+    sums = {k: sums[k] + counts[k] for k in sums}
+    bits_sum += float(bits) * counts["tokens"]
+  return {"roundtrip_token_accuracy": _ratio(sums["correct"], sums["tokens"]),
+          "roundtrip_exact_match": _ratio(sums["exact"], sums["chunks"]),
+          "elbo_bits_per_token": _ratio(bits_sum, sums["tokens"])}
+
+
+def concept_metrics(gen: gen_lib.Generator, batches, key, *, steps: int | None = None,
+                    guidance: float | None = None) -> dict:
+  """Next-concept L2 / cosine and contrastive accuracy of sampled next concepts."""
+  mods = gen_lib.build_modules(gen)
+  enc, cm = mods["encoder"], mods["concept_model"]
+  c = gen.config.concepts
+  steps = steps or c.sample_steps
+  guidance = c.guidance if guidance is None else guidance
+
+  def program(params, batch, key):
+    if "concepts" in batch:  # A concept-cache source: encoded offline.
+      z_BxNxD = batch["concepts"]
+    else:
+      z_BxNxD = enc.apply({"params": params["encoder"]}, batch["tokens"], batch["token_mask"])
+    seg_BxN = batch["segment_ids"]
+    h_BxNxE = cm.apply({"params": params["concept_model"]}, z_BxNxD, seg_BxN,
+                       method=ConceptModel.context)
+    pred_BxNxD = gen_lib.sample_next_concepts(cm, params["concept_model"], h_BxNxE, key,
+                                              objective=c.objective, steps=steps,
+                                              guidance=guidance)
+    target_BxNxD, valid_BxN = continuous.next_concept_targets(z_BxNxD, batch["concept_mask"],
+                                                              seg_BxN)
+    return pred_BxNxD, target_BxNxD, valid_BxN, z_BxNxD
+
+  fn = gen.jitted("eval_concepts", (steps, guidance), lambda: program)
+  sums = {"l2": 0.0, "cosine": 0.0, "count": 0, "hits": 0, "contrastive": 0}
+  for i, batch in enumerate(batches):
+    pred, target, valid, z = jax.device_get(fn(gen.params, _device_batch(gen, batch),
+                                               jax.random.fold_in(key, i)))
+    near = next_concept_sums(pred, target, valid)
+    con = contrastive_counts(pred, target, valid, z, batch["concept_mask"], batch["segment_ids"])
+    for k in ("l2", "cosine", "count"):
+      sums[k] += near[k]
+    sums["hits"] += con["hits"]
+    sums["contrastive"] += con["count"]
+  return {"next_concept_l2": _ratio(sums["l2"], sums["count"]),
+          "next_concept_cosine": _ratio(sums["cosine"], sums["count"]),
+          "contrastive_accuracy": _ratio(sums["hits"], sums["contrastive"])}
+
+
+def token_nll_sums(model, params, tokens_BxT, segment_ids_BxT, target_BxT):
+  """(sum of next-token NLL in nats, count) over positions where target_BxT is True."""
+  logits_BxTxV = model.apply({"params": params}, tokens_BxT, segment_ids_BxT)
+  logp_BxSxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), -1)
+  nll_BxS = -jnp.take_along_axis(logp_BxSxV, tokens_BxT[:, 1:, None], -1)[..., 0]
+  target_BxS = target_BxT[:, 1:]
+  return jnp.sum(jnp.where(target_BxS, nll_BxS, 0.0)), jnp.sum(target_BxS)
+
+
+def flat_bits(gen: gen_lib.Generator, batches, key, elbo_samples: int = 4) -> dict:
+  """bits_per_token: exact for ar, the ELBO for mdm; BOS is given, EOD is predicted."""
+  model = gen_lib.build_modules(gen)["model"]
+
+  def program(params, batch, key):
+    tokens_BxT, seg_BxT = batch["tokens"], batch["segment_ids"]
+    real_BxT = batch["token_mask"] & (tokens_BxT != BOS_ID)
+    if gen.kind == "ar":
+      nll, count = token_nll_sums(model, params["model"], tokens_BxT, seg_BxT, real_BxT)
+      return nll / math.log(2.0), count
+    logits_fn = lambda x: model.apply({"params": params["model"]}, x, seg_BxT)
+    bits = masked.elbo_bits(logits_fn, tokens_BxT, real_BxT, MASK_ID, key,
+                            num_samples=elbo_samples)
+    count = jnp.sum(real_BxT)
+    return bits * count, count
+
+  fn = gen.jitted("eval_bits", (elbo_samples,), lambda: program)
+  bits_sum, count = 0.0, 0
+  for i, batch in enumerate(batches):
+    bits, n = jax.device_get(fn(gen.params, _device_batch(gen, batch),
+                                jax.random.fold_in(key, i)))
+    bits_sum, count = bits_sum + float(bits), count + int(n)
+  return {"bits_per_token": _ratio(bits_sum, count)}
+
+
+def _device_batch(gen: gen_lib.Generator, batch: dict) -> dict:
+  return {k: gen_lib.shard_batch(gen, np.asarray(v)) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- generation metrics
+
+
+def judge_nll(judge: gen_lib.Generator, prompt_ids: Sequence[Sequence[int]],
+              continuation_ids: Sequence[Sequence[int]], batch_size: int = 16):
+  """(total NLL in nats, token count) of each continuation given its prompt, under the judge.
+
+  prompt_ids start with BOS; ids are in the judge's tokenizer.
+  """
+  if judge.kind != "ar":
+    raise gen_lib.GenerateError(f"the judge must be an ar run; {judge.workdir} is "
+                                f"{judge.kind!r}")
+  model = gen_lib.build_modules(judge)["model"]
+  fn = judge.jitted("judge", (), lambda: lambda p, t, s, m: token_nll_sums(model, p["model"],
+                                                                           t, s, m))
+  rows = [(list(p), list(c)) for p, c in zip(prompt_ids, continuation_ids)]
+  t = max(32, -(-max(len(p) + len(c) for p, c in rows) // 32) * 32)
+  total, count = 0.0, 0
+  for start in range(0, len(rows), batch_size):
+    tokens_BxT = np.full((batch_size, t), PAD_ID, np.int32)
+    target_BxT = np.zeros((batch_size, t), bool)
+    for i, (p, c) in enumerate(rows[start:start + batch_size]):
+      tokens_BxT[i, :len(p) + len(c)] = p + c
+      target_BxT[i, len(p):len(p) + len(c)] = True
+    seg_BxT = (tokens_BxT != PAD_ID).astype(np.int32)
+    nll, n = jax.device_get(fn(judge.params, tokens_BxT, seg_BxT, target_BxT))
+    total, count = total + float(nll), count + int(n)
+  return total, count
+
+
+def judge_perplexity(judge: gen_lib.Generator, prompts: Sequence[str],
+                     continuations: Sequence[str]) -> float:
+  """exp(total NLL / tokens) of text continuations given text prompts, in the judge's tokenizer."""
+  tok = judge.tokenizer
+  prompt_ids = [segment.flat_document(segment.tokenize_document(tok, p))[:-1].tolist()
+                for p in prompts]
+  cont_ids = [segment.tokenize_document(tok, c).tokens_T.tolist() for c in continuations]
+  nll, count = judge_nll(judge, prompt_ids, cont_ids)
+  return math.exp(nll / count) if count else float("nan")
+
+
+def generation_metrics(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]], *,
+                       judge: gen_lib.Generator | None = None, synthetic_data: bool = False,
+                       max_tokens: int = 64, seed: int = 0, **gen_kwargs) -> tuple[dict, list]:
+  """Generation quality and speed on (prompt, true continuation) pairs -> (metrics, samples)."""
+  prompts = [p for p, _ in pairs]
+  if gen.kind == "concepts":
+    gen_kwargs.setdefault("num_concepts", max(1, max_tokens // gen.chunk_config.data.concept_len))
+  run = lambda: gen_lib.generate(gen, prompts, max_tokens=max_tokens, seed=seed, **gen_kwargs)
+  run()  # Compiles.
+  start = time.perf_counter()
+  samples = run()  # Same seed: the same samples, timed after compilation.
+  wall = time.perf_counter() - start
+  made = sum(len(s.token_ids) for s in samples)
+  out = {"unigram_entropy": mean_unigram_entropy(s.token_ids for s in samples),
+         "gen_ended": float(np.mean([s.ended for s in samples])),
+         "gen_tokens_per_sec": made / wall, "gen_latency_s": wall / len(samples)}
+  if synthetic_data:
+    out.update(coherence_scores(prompts, [s.text for s in samples]))
+  if judge is not None:
+    out["gen_ppl"] = judge_perplexity(judge, prompts, [s.text for s in samples])
+  return out, samples
+
+
+# ---------------------------------------------------------------- the entry
+
+
+def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str | None = None,
+             num_prompts: int = 64, max_batches: int = 8, batch_size: int = 32,
+             max_tokens: int = 64, seed: int = 0, write: bool = True, gen=None,
+             judge=None, **gen_kwargs) -> dict:
+  """All metrics of one run (see the module docstring); writes WORKDIR/eval.json."""
+  gen = gen or gen_lib.load(workdir)
+  if judge is None and judge_workdir:
+    judge = gen_lib.load(judge_workdir, mesh=gen.mesh)
+  config = eval_config(gen, overrides)
+  key = jax.random.key(seed)
+  b = gen_lib.padded_batch_size(gen, batch_size)
+  view = "concepts" if gen.kind in ("render", "concepts") else "flat"
+  batches = eval_batches(config, gen.tokenizer, view, b, max_batches)
+  if gen.kind == "render":
+    metrics = render_metrics(gen, batches, key)
+  elif gen.kind == "concepts":
+    metrics = concept_metrics(gen, batches, key)
+  else:
+    metrics = flat_bits(gen, batches, key)
+  if gen.kind != "render" and num_prompts > 0:
+    pairs = eval_prompts(config, num_prompts)
+    gen_out, _ = generation_metrics(gen, pairs, judge=judge,
+                                    synthetic_data=config.data.source == "synthetic",
+                                    max_tokens=max_tokens, seed=seed, **gen_kwargs)
+    metrics.update(gen_out)
+  metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+  if write:
+    with open(os.path.join(workdir, EVAL_FILE), "w") as f:
+      json.dump(metrics, f, indent=2, sort_keys=True)
+  return metrics
+
+
+def load_metrics(workdir: str) -> list[dict]:
+  """The training log WORKDIR/metrics.jsonl as a list of {"step": ..., name: value} records."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist: is {workdir} a training workdir?")
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        continue  # A line cut by a kill mid-write.
+  return records
+
+
+def read_or_evaluate(workdir: str, *, recompute: bool = False, **kwargs) -> dict:
+  """WORKDIR/eval.json if present (and not `recompute`), else evaluate(workdir)."""
+  path = os.path.join(workdir, EVAL_FILE)
+  if os.path.isfile(path) and not recompute:
+    with open(path) as f:
+      return json.load(f)
+  return evaluate(workdir, **kwargs)
+
+
+def format_table(results: dict[str, dict]) -> str:
+  """Markdown table: one row per metric, one column per run; '-' where a run has no value."""
+  names = [m for m in ORDER if any(m in r for r in results.values())]
+  names += sorted({m for r in results.values() for m in r} - set(names))
+  header = ["metric", *results]
+  rows = [[m, *(_fmt(r.get(m)) for r in results.values())] for m in names]
+  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+  line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+  sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+  return "\n".join([line(header), sep, *map(line, rows)])
+
+
+def _fmt(value) -> str:
+  if value is None:
+    return "-"
+  return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"

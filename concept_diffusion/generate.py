@@ -1,0 +1,624 @@
+"""Generation from trained runs: concepts (+ their render run), and the ar / mdm baselines.
+
+  gen = generate.load("runs/concepts")            # any mesh wrote it; local devices read it
+  samples = generate.generate(gen, ["Mara lives in Oslo."], num_concepts=8)
+  print(samples[0].text)
+
+Concepts runs: prompt -> chunks (exactly as in training) -> encoder -> concept model
+samples the next concept N times (one jitted while-loop over a fixed-size buffer) ->
+the renderer fills all N chunks in parallel (masked diffusion) -> text, cut at the
+first END concept. AR runs decode with a KV cache; MDM runs unmask a block of MASK
+tokens after the prompt. Every path is one jitted call over the whole batch.
+
+Infilling between sentences is not supported: the concept model is causal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from concept_diffusion.data import segment
+from concept_diffusion.data.tokenizer import BOS_ID, EOD_ID, EOS_ID, MASK_ID, PAD_ID, Tokenizer
+from concept_diffusion.diffusion import continuous, masked
+from concept_diffusion.models import baselines
+from concept_diffusion.models.concept_model import ConceptModel
+from concept_diffusion.models.encoder import ConceptEncoder
+from concept_diffusion.models.layers import ModelConfig
+from concept_diffusion.models.renderer import Renderer
+
+KINDS = ("concepts", "render", "ar", "mdm")
+# masked.sample never commits PAD, but the renderer predicts PAD past a chunk's end; it
+# commits this alias (never a renderer target) instead, mapped back to PAD around the model.
+PAD_ALIAS = EOS_ID
+# Token ids a baseline may never emit (EOD stays allowed: it ends the document).
+_FORBIDDEN_IDS = (PAD_ID, BOS_ID, EOS_ID, MASK_ID)
+_PROMPT_BUCKET = 8  # Prompt lengths are rounded up to this, so few shapes compile.
+
+
+class GenerateError(ValueError):
+  """A run or a prompt that generation cannot use."""
+
+
+@dataclasses.dataclass
+class Sample:
+  """One generated continuation."""
+  prompt: str
+  text: str  # The continuation alone.
+  token_ids: list[int]  # Continuation tokens (generating run's tokenizer), EOD excluded.
+  ended: bool  # The model ended the document (END concept / EOD token) within budget.
+  steps: list[str] | None = None  # Intermediate renders, masks shown as "_" (show_steps).
+  num_chunks: int = 0  # Concepts / roundtrip: chunks kept before the END chunk.
+
+
+@dataclasses.dataclass
+class Generator:
+  """A restored run, ready to generate; `load` builds it."""
+  kind: str  # One of KINDS.
+  config: Any  # The run's config (for concepts runs, the concepts config).
+  tokenizer: Tokenizer
+  params: dict  # {"encoder", "concept_model"} | {"encoder", "renderer"} | {"model"}.
+  mesh: jax.sharding.Mesh
+  render_config: Any = None  # Concepts runs: the render run's config.
+  render_params: dict | None = None  # Concepts runs: the render run's params.
+  workdir: str = ""
+  _jitted: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def chunk_config(self):
+    """The config that says how text is cut into chunks and rendered."""
+    return self.render_config if self.kind == "concepts" else self.config
+
+  def jitted(self, name: str, options: tuple, build: Callable[[], Callable]):
+    """One jitted function per (name, static options), built on first use (jit caches shapes)."""
+    key = (name, options)
+    if key not in self._jitted:
+      self._jitted[key] = jax.jit(build())
+    return self._jitted[key]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def local_mesh(devices=None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) = (n, 1, 1) mesh over this process's devices (default: all)."""
+  from concept_diffusion.parallel import rules  # Lazy: keeps the import light.
+  devices = list(jax.local_devices() if devices is None else devices)
+  return jax.make_mesh((len(devices), 1, 1), rules.MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _find_render_workdir(workdir: str, recorded: str) -> str:
+  """The render run a concepts run names; relative paths also tried next to the run."""
+  for candidate in (recorded, os.path.join(os.path.dirname(os.path.abspath(workdir)),
+                                           os.path.basename(recorded.rstrip("/")))):
+    if candidate and os.path.isdir(candidate):
+      return candidate
+  raise GenerateError(f"{workdir}: its concepts.render_workdir={recorded!r} is not a directory; "
+                      "pass render_workdir= (--render_workdir) to say where the render run is")
+
+
+def load(workdir: str, *, mesh=None, render_workdir: str | None = None,
+         use_ema: bool = True) -> Generator:
+  """Restores a render / concepts / ar / mdm run onto `mesh` (default: all local devices)."""
+  from concept_diffusion import train as train_lib  # Lazy: the trainer pulls in Orbax.
+  mesh = mesh or local_mesh()
+  config, tokenizer, params = train_lib.restore_params(workdir, mesh=mesh, use_ema=use_ema)
+  if config.stage not in KINDS:
+    raise GenerateError(f"{workdir} is a {config.stage!r} run; generation needs one of {KINDS}")
+  gen = Generator(config.stage, config, tokenizer, params, mesh, workdir=workdir)
+  if config.stage == "concepts":
+    where = render_workdir or _find_render_workdir(workdir, config.concepts.render_workdir)
+    render_config, render_tok, render_params = train_lib.restore_params(where, mesh=mesh,
+                                                                        use_ema=use_ema)
+    if render_tok.fingerprint != tokenizer.fingerprint:
+      raise GenerateError(f"{where} was trained with another tokenizer than {workdir}")
+    gen.render_config, gen.render_params = render_config, render_params
+  return gen
+
+
+def build_modules(gen: Generator) -> dict:
+  """The Linen modules of the run (the renderer from the render run for concepts runs)."""
+  v = gen.tokenizer.vocab_size
+  if gen.kind in ("ar", "mdm"):
+    cls = baselines.TokenAR if gen.kind == "ar" else baselines.TokenMDM
+    return {"model": cls(ModelConfig.from_config(gen.config, v))}
+  # Concepts runs: encoder (frozen) and renderer are the render run's.
+  render_cfg = ModelConfig.from_config(gen.chunk_config, v)
+  out = {"encoder": ConceptEncoder(render_cfg), "renderer": Renderer(render_cfg)}
+  if gen.kind == "concepts":
+    out["concept_model"] = ConceptModel(ModelConfig.from_config(gen.config, v))
+  return out
+
+
+# ---------------------------------------------------------------- batching helpers
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def padded_batch_size(gen: Generator, n: int) -> int:
+  """Prompts padded to a multiple of the data-parallel devices."""
+  return _round_up(n, gen.mesh.shape["data"] * gen.mesh.shape["fsdp"])
+
+
+def shard_batch(gen: Generator, x: np.ndarray) -> jax.Array:
+  """Places a batch-major array with its examples split over the devices."""
+  from concept_diffusion.parallel import rules
+  return jax.device_put(x, rules.batch_sharding(gen.mesh, x.ndim))
+
+
+def prompt_chunks(gen: Generator, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """chunks_BxNxL of each prompt (cut exactly as in training, END chunk dropped), counts_B."""
+  c = gen.chunk_config.data
+  per_prompt = []
+  for prompt in prompts:
+    doc = segment.tokenize_document(gen.tokenizer, prompt)
+    if not len(doc.tokens_T):
+      raise GenerateError(f"prompt {prompt[:60]!r} has no text the tokenizer keeps; the concept "
+                          "model needs at least one sentence to continue")
+    chunks_CxL, _ = segment.chunk_document(doc, c.granularity, c.concept_len)
+    per_prompt.append(chunks_CxL[:-1])
+  b = padded_batch_size(gen, len(prompts))
+  p = _round_up(max(len(x) for x in per_prompt), _PROMPT_BUCKET)
+  chunks_BxNxL = np.full((b, p, c.concept_len), PAD_ID, np.int32)
+  counts_B = np.ones((b,), np.int32)  # Padding examples: one empty chunk, never shown.
+  for i, x in enumerate(per_prompt):
+    chunks_BxNxL[i, :len(x)] = x
+    counts_B[i] = len(x)
+  return chunks_BxNxL, counts_B
+
+
+def prompt_tokens(gen: Generator, prompts: Sequence[str],
+                  extra: int) -> tuple[np.ndarray, np.ndarray]:
+  """Flat rows BOS + prompt tokens (left-aligned, room for `extra` more), lengths_B."""
+  rows = [segment.flat_document(segment.tokenize_document(gen.tokenizer, p))[:-1]
+          for p in prompts]  # flat_document ends with EOD: the prompt goes on.
+  b = padded_batch_size(gen, len(prompts))
+  t = _round_up(max(len(r) for r in rows), _PROMPT_BUCKET) + extra
+  tokens_BxT = np.full((b, t), PAD_ID, np.int32)
+  lengths_B = np.ones((b,), np.int32)
+  tokens_BxT[:, 0] = BOS_ID
+  for i, r in enumerate(rows):
+    tokens_BxT[i, :len(r)] = r
+    lengths_B[i] = len(r)
+  return tokens_BxT, lengths_B
+
+
+# ---------------------------------------------------------------- showing tokens
+
+
+def show_tokens(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
+  """Text of ids with every MASK shown as "_" (PAD hidden), to watch a render fill in."""
+  pieces = []
+  for i in ids:
+    i = int(i)
+    if i == MASK_ID:
+      pieces.append(" _")
+    elif i == EOD_ID:
+      pieces.append(" <eod>")
+    elif i not in (PAD_ID, PAD_ALIAS, BOS_ID):
+      pieces.append(tokenizer.id_to_piece(i).replace("\u2581", " "))
+  return "".join(pieces).strip()
+
+
+# ---------------------------------------------------------------- concepts: the pieces
+
+
+def render_chunks(renderer: Renderer, params, z_BxNxD, prev_BxNxD, key, *, steps: int,
+                  temperature: float = 0.0, return_steps: bool = False):
+  """Renders every chunk in parallel from all-MASK -> tokens_BxNxL (+ states_SxBxNxL)."""
+  prev = prev_BxNxD if renderer.cfg.prev_concept else None
+
+  def logits_fn(tokens_BxNxL):
+    inputs_BxNxL = jnp.where(tokens_BxNxL == PAD_ALIAS, PAD_ID, tokens_BxNxL)
+    logits_BxNxLxV = renderer.apply({"params": params}, inputs_BxNxL, z_BxNxD, prev)
+    return logits_BxNxLxV.at[..., PAD_ALIAS].set(logits_BxNxLxV[..., PAD_ID])
+
+  b, n = z_BxNxD.shape[:2]
+  mask_BxNxL = jnp.ones((b, n, renderer.cfg.concept_len), bool)
+  out = masked.sample(logits_fn, key, mask_BxNxL, mask_id=MASK_ID, pad_id=PAD_ID, steps=steps,
+                      temperature=temperature, return_steps=return_steps)
+  unalias = lambda t: jnp.where(t == PAD_ALIAS, PAD_ID, t)
+  return jax.tree.map(unalias, out)
+
+
+def guided_head(model: ConceptModel, params, h_BxNxE, guidance: float):
+  """pred_fn(zt, t) of the diffusion head given contexts h, with classifier-free guidance."""
+  def head(zt, t, h):
+    return model.apply({"params": params}, zt, t, h, method=ConceptModel.head)
+
+  if guidance == 1.0:
+    return lambda zt, t: head(zt, t, h_BxNxE)
+  null_BxNxE = model.apply({"params": params}, h_BxNxE.shape[:-1], method=ConceptModel.null)
+
+  def pred_fn(zt_BxNxD, t_BxN):
+    # Conditional and unconditional branches in one call (batch doubled).
+    both = head(jnp.concatenate([zt_BxNxD, zt_BxNxD]), jnp.concatenate([t_BxN, t_BxN]),
+                jnp.concatenate([h_BxNxE, null_BxNxE]))
+    cond, uncond = jnp.split(both, 2)
+    return uncond + guidance * (cond - uncond)
+
+  return pred_fn
+
+
+def sample_next_concepts(model: ConceptModel, params, h_BxNxE, key, *, objective: str,
+                         steps: int, guidance: float, noise_scale: float = 1.0):
+  """Next concept after every context position: z_BxNxD from the concept sampler."""
+  d = model.cfg.concept_dim
+  noise_BxNxD = noise_scale * jax.random.normal(key, (*h_BxNxE.shape[:-1], d))
+  return continuous.sample(objective, guided_head(model, params, h_BxNxE, guidance),
+                           noise_BxNxD, steps)
+
+
+def cosine(a_XxD, b_XxD):
+  """Cosine similarity along the last axis."""
+  dot = jnp.sum(a_XxD * b_XxD, -1)
+  return dot / (jnp.linalg.norm(a_XxD, axis=-1) * jnp.linalg.norm(b_XxD, axis=-1) + 1e-6)
+
+
+def end_concept(encoder: ConceptEncoder, params, concept_len: int):
+  """z_D of the END chunk [EOD_ID] (the concept that closes every training document)."""
+  tokens_1x1xL = jnp.full((1, 1, concept_len), PAD_ID, jnp.int32).at[..., 0].set(EOD_ID)
+  return encoder.apply({"params": params}, tokens_1x1xL, tokens_1x1xL != PAD_ID)[0, 0]
+
+
+def is_end(tokens_BxNxL, z_BxNxD, z_end_D, end_cosine: float):
+  """end_BxN: a chunk rendered as the END chunk (EOD first), or a concept near END's.
+
+  An EOD later in a chunk is a rendering slip, not an END chunk: it is dropped.
+  """
+  return (tokens_BxNxL[..., 0] == EOD_ID) | (cosine(z_BxNxD, z_end_D) >= end_cosine)
+
+
+def num_kept(end_BxN):
+  """Chunks before the first END chunk (all of them if none)."""
+  n = end_BxN.shape[-1]
+  return jnp.where(jnp.any(end_BxN, -1), jnp.argmax(end_BxN, -1), n)
+
+
+def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, key, *,
+                 num_new: int, objective: str, steps: int, guidance: float,
+                 noise_scale: float, end_cosine: float):
+  """Samples `num_new` concepts after each prompt -> (z_BxNxD new, prev_BxNxD).
+
+  A while-loop over a fixed buffer of M = N + num_new concepts; position counts_B + i
+  is written at iteration i; stops early once every example has produced an END
+  concept. Context positions past the written ones are padding (segment 0), which
+  the causal, segment-masked attention never reads.
+  """
+  b, p, _ = prompt_BxNxD.shape
+  m = p + num_new
+  buf_BxMxD = jnp.pad(prompt_BxNxD, ((0, 0), (0, num_new), (0, 0)))
+  pos_M = jnp.arange(m)
+
+  def body(carry):
+    i, buf_BxMxD, done_B = carry
+    seg_BxM = (pos_M < (counts_B + i)[:, None]).astype(jnp.int32)
+    h_BxMxE = model.apply({"params": params}, buf_BxMxD, seg_BxM, method=ConceptModel.context)
+    last_Bx1 = (counts_B + i - 1)[:, None]
+    h_Bx1xE = jnp.take_along_axis(h_BxMxE, last_Bx1[..., None], axis=1)
+    z_Bx1xD = sample_next_concepts(model, params, h_Bx1xE, jax.random.fold_in(key, i),
+                                   objective=objective, steps=steps, guidance=guidance,
+                                   noise_scale=noise_scale)
+    write_BxM = pos_M == (counts_B + i)[:, None]
+    buf_BxMxD = jnp.where(write_BxM[..., None], z_Bx1xD, buf_BxMxD)
+    done_B |= cosine(z_Bx1xD[:, 0], z_end_D) >= end_cosine
+    return i + 1, buf_BxMxD, done_B
+
+  cond = lambda c: (c[0] < num_new) & ~jnp.all(c[2])
+  _, buf_BxMxD, _ = jax.lax.while_loop(cond, body, (0, buf_BxMxD, jnp.zeros((b,), bool)))
+  new_BxN = counts_B[:, None] + jnp.arange(num_new)
+  z_BxNxD = jnp.take_along_axis(buf_BxMxD, new_BxN[..., None], axis=1)
+  prev_BxNxD = jnp.take_along_axis(buf_BxMxD, (new_BxN - 1)[..., None], axis=1)
+  return z_BxNxD, prev_BxNxD
+
+
+# ---------------------------------------------------------------- concepts: generation
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptOptions:
+  """Static options of a concepts generation (one compiled program per value)."""
+  num_new: int = 8
+  concept_steps: int = 16
+  render_steps: int = 8
+  guidance: float = 1.0
+  noise_scale: float = 1.0
+  render_temperature: float = 0.0
+  end_cosine: float = 0.9
+  show_steps: bool = False
+
+
+def _concepts_program(gen: Generator, opts: ConceptOptions):
+  """params, render_params, chunks_BxNxL, counts_B, key -> (z, tokens, end, states)."""
+  mods = build_modules(gen)
+  objective = gen.config.concepts.objective
+  concept_len = gen.chunk_config.data.concept_len
+
+  def program(params, render_params, chunks_BxNxL, counts_B, key):
+    k_concepts, k_render = jax.random.split(key)
+    enc_params = params["encoder"]
+    prompt_BxNxD = mods["encoder"].apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
+    z_end_D = end_concept(mods["encoder"], enc_params, concept_len)
+    z_BxNxD, prev_BxNxD = concept_loop(
+        mods["concept_model"], params["concept_model"], prompt_BxNxD, counts_B, z_end_D, k_concepts,
+        num_new=opts.num_new, objective=objective, steps=opts.concept_steps,
+        guidance=opts.guidance, noise_scale=opts.noise_scale, end_cosine=opts.end_cosine)
+    return _render_program(mods["renderer"], render_params["renderer"], z_BxNxD, prev_BxNxD,
+                           z_end_D, k_render, opts)
+
+  return program
+
+
+def _render_program(renderer, params, z_BxNxD, prev_BxNxD, z_end_D, key, opts: ConceptOptions):
+  """Renders all chunks at once and marks the END chunks."""
+  out = render_chunks(renderer, params, z_BxNxD, prev_BxNxD, key, steps=opts.render_steps,
+                      temperature=opts.render_temperature, return_steps=opts.show_steps)
+  tokens_BxNxL, states_SxBxNxL = out if opts.show_steps else (out, None)
+  end_BxN = is_end(tokens_BxNxL, z_BxNxD, z_end_D, opts.end_cosine)
+  return tokens_BxNxL, end_BxN, states_SxBxNxL
+
+
+def _chunk_samples(gen: Generator, prompts, tokens_BxNxL, end_BxN, states_SxBxNxL) -> list[Sample]:
+  """Host-side: cut each example at its first END chunk and detokenize."""
+  tokens_BxNxL, end_BxN = np.asarray(tokens_BxNxL), np.asarray(end_BxN)
+  kept_B = np.asarray(num_kept(end_BxN))
+  samples = []
+  for i, prompt in enumerate(prompts):
+    chunks = tokens_BxNxL[i, :kept_B[i]]
+    ids = [int(t) for t in chunks.reshape(-1) if t not in (PAD_ID, EOD_ID)]
+    steps = None
+    if states_SxBxNxL is not None:
+      steps = [show_tokens(gen.tokenizer, np.asarray(s[i, :kept_B[i]]).reshape(-1))
+               for s in states_SxBxNxL]
+    samples.append(Sample(prompt, gen.tokenizer.decode(ids), ids,
+                          bool(end_BxN[i].any()), steps, int(kept_B[i])))
+  return samples
+
+
+def _generate_concepts(gen: Generator, prompts, opts: ConceptOptions, key) -> list[Sample]:
+  chunks_BxNxL, counts_B = prompt_chunks(gen, prompts)
+  program = gen.jitted("concepts", (opts,), lambda: _concepts_program(gen, opts))
+  out = program(gen.params, gen.render_params, shard_batch(gen, chunks_BxNxL),
+                shard_batch(gen, counts_B), key)
+  return _chunk_samples(gen, prompts, *jax.device_get(out))
+
+
+def decode_concepts(gen: Generator, z_BxNxD, prev_z_BxD=None, *,
+                    render_steps: int | None = None, end_cosine: float = 0.9, seed: int = 0,
+                    show_steps: bool = False) -> list[Sample]:
+  """Renders given concept sequences (e.g. from an oracle) with the generation's cut at END."""
+  renderer_params = gen.render_params if gen.kind == "concepts" else gen.params
+  mods = build_modules(gen)
+  z_BxNxD = jnp.asarray(z_BxNxD, jnp.float32)
+  if prev_z_BxD is None:
+    prev_z_BxD = jnp.zeros_like(z_BxNxD[:, 0])
+  prev_BxNxD = jnp.concatenate([prev_z_BxD[:, None], z_BxNxD[:, :-1]], axis=1)
+  opts = ConceptOptions(render_steps=render_steps or gen.chunk_config.render.sample_steps,
+                        end_cosine=end_cosine, show_steps=show_steps)
+  concept_len = gen.chunk_config.data.concept_len
+
+  def program(enc_params, ren_params, z_BxNxD, prev_BxNxD, key):
+    z_end_D = end_concept(mods["encoder"], enc_params, concept_len)
+    return _render_program(mods["renderer"], ren_params, z_BxNxD, prev_BxNxD, z_end_D, key, opts)
+
+  fn = gen.jitted("decode", (opts,), lambda: program)
+  out = fn(gen.params["encoder"], renderer_params["renderer"], z_BxNxD, prev_BxNxD,
+           jax.random.key(seed))
+  return _chunk_samples(gen, [""] * z_BxNxD.shape[0], *jax.device_get(out))
+
+
+def encode_chunks(gen: Generator, chunks_BxNxL) -> jax.Array:
+  """Concepts z_BxNxD of token chunks with the run's (frozen) encoder."""
+  encoder = build_modules(gen)["encoder"]
+  fn = gen.jitted("encode", (), lambda: lambda p, c: encoder.apply({"params": p}, c, c != PAD_ID))
+  return fn(gen.params["encoder"], jnp.asarray(chunks_BxNxL, jnp.int32))
+
+
+def roundtrip(gen: Generator, texts: Sequence[str], *, render_steps: int | None = None,
+              seed: int = 0, show_steps: bool = False) -> list[Sample]:
+  """Encodes each text's chunks and renders them back (render or concepts runs), one jit."""
+  if gen.kind not in ("render", "concepts"):
+    raise GenerateError(f"roundtrip needs a render or concepts run, not {gen.kind!r}")
+  chunks_BxNxL, counts_B = prompt_chunks(gen, texts)
+  mods = build_modules(gen)
+  concept_len = gen.chunk_config.data.concept_len
+  opts = ConceptOptions(render_steps=render_steps or gen.chunk_config.render.sample_steps,
+                        end_cosine=0.999, show_steps=show_steps)
+
+  def program(enc_params, ren_params, chunks_BxNxL, counts_B, key):
+    prompt_BxNxD = mods["encoder"].apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
+    z_end_D = end_concept(mods["encoder"], enc_params, concept_len)
+    # Padding chunks become END concepts, so the cut drops them.
+    real_BxN = jnp.arange(prompt_BxNxD.shape[1]) < counts_B[:, None]
+    prompt_BxNxD = jnp.where(real_BxN[..., None], prompt_BxNxD, z_end_D)
+    prev_BxNxD = jnp.pad(prompt_BxNxD[:, :-1], ((0, 0), (1, 0), (0, 0)))
+    return _render_program(mods["renderer"], ren_params, prompt_BxNxD, prev_BxNxD, z_end_D, key, opts)
+
+  renderer_params = gen.render_params if gen.kind == "concepts" else gen.params
+  fn = gen.jitted("roundtrip", (opts,), lambda: program)
+  out = fn(gen.params["encoder"], renderer_params["renderer"], shard_batch(gen, chunks_BxNxL),
+           shard_batch(gen, counts_B), jax.random.key(seed))
+  samples = _chunk_samples(gen, texts, *jax.device_get(out))
+  for s, count in zip(samples, counts_B):
+    s.ended = s.num_chunks < count  # A real chunk came back as END (padding always does).
+  return samples
+
+
+# ---------------------------------------------------------------- ar
+
+
+def pick_tokens(logits_BxV, key, temperature: float):
+  """Next token per row: argmax (temperature 0) or a sample; never a forbidden id."""
+  logits_BxV = logits_BxV.astype(jnp.float32).at[:, jnp.array(_FORBIDDEN_IDS)].set(-jnp.inf)
+  if temperature > 0:
+    return jax.random.categorical(key, logits_BxV / temperature).astype(jnp.int32)
+  return jnp.argmax(logits_BxV, -1).astype(jnp.int32)
+
+
+def ar_loop(step_fn, cache, tokens_BxT, lengths_B, key, *, max_new: int, temperature: float):
+  """KV-cached decoding -> tokens_BxT with up to `max_new` tokens after each prompt.
+
+  step_fn(cache, tokens_Bx1) -> (logits_Bx1xV, cache). Prompts of different lengths
+  decode in lockstep: step i feeds token i of every row; rows still inside their
+  prompt keep their next prompt token, the others take the sampled one. The loop
+  ends when every row has emitted EOD or `max_new` tokens; after that a row holds PAD.
+  """
+  b, t = tokens_BxT.shape
+
+  def body(carry):
+    i, cache, tokens_BxT, done_B = carry
+    fed_Bx1 = jax.lax.dynamic_slice_in_dim(tokens_BxT, i, 1, axis=1)
+    logits_Bx1xV, cache = step_fn(cache, fed_Bx1)
+    new_B = pick_tokens(logits_Bx1xV[:, 0], jax.random.fold_in(key, i), temperature)
+    in_prompt_B = i + 1 < lengths_B
+    prompt_B = jax.lax.dynamic_slice_in_dim(tokens_BxT, i + 1, 1, axis=1)[:, 0]
+    new_B = jnp.where(in_prompt_B, prompt_B, jnp.where(done_B, PAD_ID, new_B))
+    tokens_BxT = jax.lax.dynamic_update_slice_in_dim(tokens_BxT, new_B[:, None], i + 1, axis=1)
+    made_B = i + 2 - lengths_B  # Tokens generated so far (after this step).
+    done_B |= ~in_prompt_B & ((new_B == EOD_ID) | (made_B >= max_new))
+    return i + 1, cache, tokens_BxT, done_B
+
+  cond = lambda c: (c[0] < t - 1) & ~jnp.all(c[3])
+  _, _, tokens_BxT, _ = jax.lax.while_loop(cond, body, (0, cache, tokens_BxT,
+                                                          jnp.zeros((b,), bool)))
+  return tokens_BxT
+
+
+def _ar_program(gen: Generator, max_new: int, temperature: float):
+  model = build_modules(gen)["model"]
+
+  def program(params, tokens_BxT, lengths_B, key):
+    cache = baselines.init_cache(model, tokens_BxT.shape[0], tokens_BxT.shape[1])
+    step_fn = lambda c, x: baselines.decode_step(model, params["model"], c, x)
+    return ar_loop(step_fn, cache, tokens_BxT, lengths_B, key, max_new=max_new,
+                   temperature=temperature)
+
+  return program
+
+
+def _flat_samples(gen: Generator, prompts, tokens_BxT, lengths_B, max_new: int,
+                  states_SxBxT=None) -> list[Sample]:
+  """Host-side: the tokens after each prompt, cut at the first EOD."""
+  tokens_BxT = np.asarray(tokens_BxT)
+  samples = []
+  for i, prompt in enumerate(prompts):
+    row = tokens_BxT[i, lengths_B[i]:lengths_B[i] + max_new]
+    eod = np.flatnonzero(row == EOD_ID)
+    cut = int(eod[0]) if len(eod) else len(row)
+    ids = [int(x) for x in row[:cut] if x != PAD_ID]
+    steps = None
+    if states_SxBxT is not None:
+      steps = [show_tokens(gen.tokenizer, np.asarray(s[i, lengths_B[i]:lengths_B[i] + cut]))
+               for s in states_SxBxT]
+    samples.append(Sample(prompt, gen.tokenizer.decode(ids), ids, bool(len(eod)), steps))
+  return samples
+
+
+def _generate_ar(gen: Generator, prompts, max_new: int, temperature: float, key) -> list[Sample]:
+  tokens_BxT, lengths_B = prompt_tokens(gen, prompts, max_new)
+  program = gen.jitted("ar", (max_new, temperature),
+                       lambda: _ar_program(gen, max_new, temperature))
+  out = program(gen.params, shard_batch(gen, tokens_BxT), shard_batch(gen, lengths_B), key)
+  return _flat_samples(gen, prompts, jax.device_get(out), lengths_B, max_new)
+
+
+# ---------------------------------------------------------------- mdm
+
+
+def _mdm_program(gen: Generator, steps: int, temperature: float, block_size, show_steps: bool):
+  model = build_modules(gen)["model"]
+
+  def program(params, tokens_BxT, fill_BxT, seg_BxT, key):
+    # The sampler only fills `fill`; the prompt is put back before every model call.
+    def logits_fn(x_BxT):
+      x_BxT = jnp.where(fill_BxT, x_BxT, tokens_BxT)
+      return model.apply({"params": params["model"]}, x_BxT, seg_BxT)
+
+    return masked.sample(logits_fn, key, fill_BxT, mask_id=MASK_ID, pad_id=PAD_ID, steps=steps,
+                         temperature=temperature, block_size=block_size,
+                         return_steps=show_steps)
+
+  return program
+
+
+def _generate_mdm(gen: Generator, prompts, max_new: int, steps: int, temperature: float,
+                  block_size, show_steps: bool, key) -> list[Sample]:
+  tokens_BxT, lengths_B = prompt_tokens(gen, prompts, max_new)
+  pos_T = np.arange(tokens_BxT.shape[1])
+  fill_BxT = (pos_T >= lengths_B[:, None]) & (pos_T < (lengths_B + max_new)[:, None])
+  seg_BxT = (pos_T < (lengths_B + max_new)[:, None]).astype(np.int32)
+  options = (max_new, steps, temperature, block_size, show_steps)
+  program = gen.jitted("mdm", options,
+                       lambda: _mdm_program(gen, steps, temperature, block_size, show_steps))
+  inputs = (shard_batch(gen, x) for x in (tokens_BxT, fill_BxT, seg_BxT))
+  out = program(gen.params, *inputs, key)
+  out = jax.device_get(out)
+  tokens_BxT, states = out if show_steps else (out, None)
+  return _flat_samples(gen, prompts, tokens_BxT, lengths_B, max_new, states)
+
+
+# ---------------------------------------------------------------- the entry
+
+
+def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
+             max_tokens: int = 64, concept_steps: int | None = None,
+             render_steps: int | None = None, guidance: float | None = None,
+             temperature: float = 1.0, render_temperature: float = 0.0, seed: int = 0,
+             show_steps: bool = False, end_cosine: float = 0.9,
+             block_size: int | None = None) -> list[Sample]:
+  """Continuations of `prompts` (one jitted call for the whole batch).
+
+  concepts runs: `num_concepts` new concepts, `concept_steps` sampler steps each
+  (default concepts.sample_steps), classifier-free `guidance` (default
+  concepts.guidance), `temperature` scales the concept sampler's starting noise,
+  and all chunks are rendered at once in `render_steps` (default
+  render.sample_steps) at `render_temperature`. ar / mdm runs: up to `max_tokens`
+  tokens at `temperature` (mdm: `render_steps` unmasking steps, default
+  max_tokens, optional semi-autoregressive `block_size`). A continuation stops at
+  end-of-document: an END concept (renders to EOD, or cosine >= end_cosine to
+  encoder([EOD])) or an EOD token.
+  """
+  if not prompts:
+    return []
+  key = jax.random.key(seed)
+  if gen.kind == "concepts":
+    c = gen.config.concepts
+    opts = ConceptOptions(
+        num_new=int(num_concepts), concept_steps=int(concept_steps or c.sample_steps),
+        render_steps=int(render_steps or gen.render_config.render.sample_steps),
+        guidance=float(c.guidance if guidance is None else guidance),
+        noise_scale=float(temperature), render_temperature=float(render_temperature),
+        end_cosine=float(end_cosine), show_steps=bool(show_steps))
+    return _generate_concepts(gen, list(prompts), opts, key)
+  if gen.kind == "ar":
+    if show_steps:
+      logging.info("ar runs have no denoising steps to show")
+    return _generate_ar(gen, list(prompts), int(max_tokens), float(temperature), key)
+  if gen.kind == "mdm":
+    return _generate_mdm(gen, list(prompts), int(max_tokens), int(render_steps or max_tokens),
+                         float(temperature), block_size, bool(show_steps), key)
+  raise GenerateError(f"{gen.workdir} is a render run: it can only round-trip text "
+                      "(roundtrip / --roundtrip); generate from a concepts run")
+
+
+def format_samples(samples: Sequence[Sample], show_steps: bool = False) -> str:
+  """Human-readable report of samples (prompt, steps if any, continuation)."""
+  lines = []
+  for i, s in enumerate(samples):
+    if len(samples) > 1:
+      lines.append(f"[{i}]")
+    lines.append(f"prompt: {s.prompt}")
+    if show_steps and s.steps:
+      lines.extend(f"  step {j + 1:>3}: {text}" for j, text in enumerate(s.steps))
+    end = "  [end of document]" if s.ended else ""
+    lines.append(f"output: {s.text}{end}")
+  return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""Shared fixtures: tiny trained runs (render, concepts, ar, mdm), trained once per session.
+
+The render run is trained in a subprocess with 4 simulated devices on an fsdp=4 mesh,
+so every test that restores it (or the concepts run built on it) in this 1-device
+process also checks restore-onto-another-device-count. Under pytest-xdist the runs
+are trained once, by whichever worker gets there first (a file lock), and shared.
+Set CD_TINY_RUNS=DIR to keep them between sessions while developing.
+"""
+
+import contextlib
+import fcntl
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Small enough to train in a few seconds on 2 CPU cores (compile time dominates).
+TINY = {
+    "data.vocab_size": 256, "data.tokenizer_docs": 200, "data.eval_docs": 16,
+    "data.num_concepts": 8, "data.seq_len": 64,
+    "model.embed_dim": 64, "model.mlp_dim": 128, "model.num_heads": 2, "model.num_kv_heads": 2,
+    "model.head_dim": 32, "model.concept_dim": 32, "model.diff_head_dim": 64,
+    "model.encoder_layers": 2, "model.renderer_layers": 2, "model.concept_layers": 2,
+    "model.diff_head_layers": 2, "model.baseline_layers": 2,
+    "train.batch_size": 8, "train.num_steps": 30, "train.warmup_steps": 5, "train.log_every": 10,
+    "checkpoint.every_steps": 30, "checkpoint.async_save": False,
+}
+STEPS = {"render": 40, "concepts": 30, "ar": 60, "mdm": 30}  # The judge AR needs a little more.
+
+
+def tiny_overrides(stage: str, **extra) -> dict:
+  """Flat {field: value} overrides of configs/<stage>.py:tiny for a seconds-long run."""
+  return {**TINY, "train.num_steps": STEPS[stage], **extra}
+
+
+def tiny_config(stage: str, **extra):
+  """configs/<stage>.py:tiny with tiny_overrides applied."""
+  import importlib.util
+  path = ROOT / "configs" / f"{stage}.py"
+  spec = importlib.util.spec_from_file_location(f"configs_{stage}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  for field, value in tiny_overrides(stage, **extra).items():
+    section, name = field.split(".")
+    config[section][name] = value
+  return config
+
+
+def subprocess_env(num_devices: int = 1) -> dict:
+  """Environment for a child python that imports this checkout on `num_devices` CPU devices."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  return env
+
+
+def _shared_root(tmp_path_factory) -> pathlib.Path:
+  """A directory every xdist worker of this session sees ($CD_TINY_RUNS: kept across sessions)."""
+  if os.environ.get("CD_TINY_RUNS"):
+    return pathlib.Path(os.environ["CD_TINY_RUNS"])
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(f"{path}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _trained(tmp_path_factory, name: str, train_fn) -> str:
+  """WORKDIR of run `name`, trained by train_fn(workdir) unless already done this session."""
+  workdir = _shared_root(tmp_path_factory) / "tiny_runs" / name
+  with _locked(workdir):
+    done = workdir / "DONE"
+    if not done.exists():
+      train_fn(str(workdir))
+      done.write_text("ok")
+  return str(workdir)
+
+
+def _train_in_process(stage: str, **extra):
+  def train_fn(workdir):
+    from concept_diffusion import train
+    train.train(tiny_config(stage, **extra), workdir)
+  return train_fn
+
+
+def _train_on_four_devices(stage: str):
+  """Trains in a child process with 4 CPU devices on a (data 1, fsdp 4) mesh, via the CLI."""
+  def train_fn(workdir):
+    overrides = tiny_overrides(stage, **{"mesh.data": 1, "mesh.fsdp": 4})
+    cmd = [sys.executable, "-m", "concept_diffusion.train",
+           f"--config={ROOT / 'configs' / stage}.py:tiny", f"--workdir={workdir}"]
+    cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(4), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return train_fn
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """JAX's persistent compilation cache for this module and its child processes.
+
+  The sample CLI and the notebook kernel compile the same programs as the tests in
+  this process; they read them from here instead of compiling again.
+  """
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  path = str(_shared_root(tmp_path_factory) / "jax_cache")
+  previous_env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  previous_dir = jax.config.jax_compilation_cache_dir
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  jax.config.update("jax_compilation_cache_dir", path)
+  compilation_cache.reset_cache()
+  yield path
+  jax.config.update("jax_compilation_cache_dir", previous_dir)
+  compilation_cache.reset_cache()
+  if previous_env is None:
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+  else:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = previous_env
+
+
+@pytest.fixture(scope="session")
+def tiny_render_run(tmp_path_factory):
+  """A render run written by 4 devices (fsdp=4); restored here on 1."""
+  return _trained(tmp_path_factory, "render", _train_on_four_devices("render"))
+
+
+@pytest.fixture(scope="session")
+def tiny_concepts_run(tmp_path_factory, tiny_render_run):
+  """A concepts run (flow head) over tiny_render_run's frozen encoder."""
+  return _trained(tmp_path_factory, "concepts", _train_in_process(
+      "concepts", **{"concepts.render_workdir": tiny_render_run}))
+
+
+@pytest.fixture(scope="session")
+def tiny_ar_run(tmp_path_factory):
+  """A flat AR baseline (also the generation judge)."""
+  return _trained(tmp_path_factory, "ar", _train_in_process("ar"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mdm_run(tmp_path_factory):
+  """A flat masked-diffusion baseline."""
+  return _trained(tmp_path_factory, "mdm", _train_in_process("mdm"))

@@ -1,0 +1,167 @@
+"""Evaluation metrics on cases with known answers, and the evaluate / compare entry points."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from concept_diffusion import evaluation, generate
+from concept_diffusion.data import segment, synthetic
+
+from conftest import ROOT, subprocess_env
+
+pytestmark = pytest.mark.usefixtures("compile_cache")
+
+
+# ---------------------------------------------------------------- known answers
+
+
+def test_unigram_entropy_of_constant_and_uniform_sequences():
+  assert evaluation.unigram_entropy([7] * 50) == 0.0
+  v = 64
+  assert evaluation.unigram_entropy(list(range(v)) * 3) == pytest.approx(math.log2(v))
+  assert evaluation.mean_unigram_entropy([[7] * 5, [], [1, 2]]) == pytest.approx(0.5)
+
+
+def test_oracle_renderer_scores_one_and_one_error_costs_its_share():
+  rng = np.random.default_rng(0)
+  tokens_BxNxL = rng.integers(6, 50, (2, 3, 4)).astype(np.int32)
+  token_mask_BxNxL = np.ones((2, 3, 4), bool)
+  token_mask_BxNxL[:, :, 3] = False
+  tokens_BxNxL[~token_mask_BxNxL] = 0
+  concept_mask_BxN = np.ones((2, 3), bool)
+  oracle = evaluation.roundtrip_counts(tokens_BxNxL, tokens_BxNxL, token_mask_BxNxL,
+                                       concept_mask_BxN)
+  assert oracle["correct"] == oracle["tokens"] == 18 and oracle["exact"] == oracle["chunks"] == 6
+  wrong = tokens_BxNxL.copy()
+  wrong[0, 0, 0] += 1
+  one_off = evaluation.roundtrip_counts(wrong, tokens_BxNxL, token_mask_BxNxL, concept_mask_BxN)
+  assert (one_off["correct"], one_off["exact"]) == (17, 5)
+
+
+def test_identical_predictions_are_contrastively_perfect_and_swapped_ones_fail():
+  rng = np.random.default_rng(0)
+  z_BxNxD = rng.normal(size=(3, 4, 16))
+  seg_BxN = np.ones((3, 4), np.int32)
+  concept_mask_BxN = np.ones((3, 4), bool)
+  target_BxNxD = np.concatenate([z_BxNxD[:, 1:], np.zeros((3, 1, 16))], 1)
+  valid_BxN = np.arange(4)[None] < 3
+  valid_BxN = np.broadcast_to(valid_BxN, (3, 4))
+  args = (valid_BxN, z_BxNxD, concept_mask_BxN, seg_BxN)
+  assert evaluation.contrastive_accuracy(target_BxNxD, target_BxNxD, *args) == 1.0
+  swapped_BxNxD = np.roll(target_BxNxD, 1, axis=0)  # Another document's next concept.
+  assert evaluation.contrastive_accuracy(swapped_BxNxD, target_BxNxD, *args) == 0.0
+  near = evaluation.next_concept_sums(target_BxNxD, target_BxNxD, valid_BxN)
+  assert near["l2"] == 0.0 and near["cosine"] / near["count"] == pytest.approx(1.0)
+
+
+def test_copies_of_the_target_are_not_negatives():
+  z_BxNxD = np.zeros((2, 2, 4))
+  z_BxNxD[:, 0] = [1.0, 0, 0, 0]
+  z_BxNxD[:, 1] = [0, 1.0, 0, 0]  # Both documents end with the same (END) concept.
+  valid_BxN = np.array([[True, False], [True, False]])
+  target_BxNxD = np.concatenate([z_BxNxD[:, 1:], np.zeros((2, 1, 4))], 1)
+  acc = evaluation.contrastive_accuracy(target_BxNxD, target_BxNxD, valid_BxN, z_BxNxD,
+                                        np.ones((2, 2), bool), np.ones((2, 2), np.int32))
+  assert acc == 1.0
+
+
+def test_checker_scores_a_true_continuation_one():
+  pairs = []
+  for i in range(5):
+    sentences = synthetic.split_sentences(synthetic.generate_document(0, i))
+    half = len(sentences) // 2
+    pairs.append((" ".join(sentences[:half]), " ".join(sentences[half:])))
+  scores = evaluation.coherence_scores(*zip(*pairs))
+  assert scores == {"coherence_well_formed": 1.0, "coherence_consistent": 1.0}
+  garbled = evaluation.coherence_scores([pairs[0][0]], ["Lives Oslo in the."])
+  assert garbled["coherence_well_formed"] == 0.0
+
+
+def test_judge_prefers_its_own_training_text_to_shuffled_tokens(tiny_ar_run):
+  judge = generate.load(tiny_ar_run)
+  tok, rng = judge.tokenizer, np.random.default_rng(0)
+  prompts, true, shuffled = [], [], []
+  for i in range(8):  # Training documents of the synthetic corpus (eval holds the first ones).
+    sentences = segment.split_sentences(synthetic.generate_document(0, 10_000 + i))
+    half = len(sentences) // 2
+    prompts.append(segment.flat_document(segment.tokenize_document(
+        tok, " ".join(sentences[:half])))[:-1].tolist())
+    ids = segment.tokenize_document(tok, " ".join(sentences[half:])).tokens_T.tolist()
+    true.append(ids)
+    shuffled.append(rng.permutation(ids).tolist())
+  nll_true, n_true = evaluation.judge_nll(judge, prompts, true)
+  nll_shuffled, n_shuffled = evaluation.judge_nll(judge, prompts, shuffled)
+  assert n_true == n_shuffled > 0
+  ppl_true, ppl_shuffled = math.exp(nll_true / n_true), math.exp(nll_shuffled / n_shuffled)
+  assert ppl_true < 0.5 * ppl_shuffled
+  assert ppl_true < judge.tokenizer.vocab_size / 2  # Far below a uniform guess.
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def _check_ranges(metrics):
+  for name in ("roundtrip_token_accuracy", "roundtrip_exact_match", "contrastive_accuracy",
+               "coherence_well_formed", "coherence_consistent", "gen_ended"):
+    if name in metrics:
+      assert 0.0 <= metrics[name] <= 1.0, name
+  assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_evaluate_render_run_writes_eval_json(tiny_render_run):
+  metrics = evaluation.evaluate(tiny_render_run, max_batches=1, batch_size=8)
+  assert set(metrics) == {"roundtrip_token_accuracy", "roundtrip_exact_match",
+                          "elbo_bits_per_token"}
+  _check_ranges(metrics)
+  assert 0 < metrics["elbo_bits_per_token"] < 20
+  with open(os.path.join(tiny_render_run, evaluation.EVAL_FILE)) as f:
+    assert json.load(f) == metrics
+
+
+def test_evaluate_concepts_run_with_judge(tiny_concepts_run, tiny_ar_run):
+  metrics = evaluation.evaluate(tiny_concepts_run, judge_workdir=tiny_ar_run, num_prompts=4,
+                                max_batches=1, batch_size=8, max_tokens=16)
+  for name in ("next_concept_l2", "next_concept_cosine", "contrastive_accuracy", "gen_ppl",
+               "unigram_entropy", "coherence_well_formed", "coherence_consistent",
+               "gen_tokens_per_sec", "gen_latency_s"):
+    assert name in metrics, name
+  _check_ranges(metrics)
+  assert metrics["gen_ppl"] > 1 and metrics["gen_tokens_per_sec"] > 0
+
+
+@pytest.mark.parametrize("run", ["tiny_ar_run", "tiny_mdm_run"])
+def test_evaluate_baselines(run, request):
+  workdir = request.getfixturevalue(run)
+  metrics = evaluation.evaluate(workdir, num_prompts=4, max_batches=1, batch_size=8,
+                                max_tokens=16)
+  assert 0 < metrics["bits_per_token"] < 20 and "unigram_entropy" in metrics
+  _check_ranges(metrics)
+
+
+def test_compare_cli_prints_one_table_of_every_run(tiny_render_run, tiny_ar_run, tmp_path):
+  other = tmp_path / "other_run"
+  other.mkdir()
+  (other / evaluation.EVAL_FILE).write_text(json.dumps({"bits_per_token": 3.25}))
+  ours = tmp_path / "ours"
+  ours.mkdir()
+  (ours / evaluation.EVAL_FILE).write_text(json.dumps({"roundtrip_token_accuracy": 0.5}))
+  cmd = [sys.executable, "-m", "concept_diffusion.evaluate", "--compare", str(ours), str(other)]
+  proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert str(ours) in lines[0] and str(other) in lines[0]
+  assert any(l.startswith("| bits_per_token") and "3.25" in l and "| -" in l for l in lines)
+
+
+def test_format_table_orders_known_metrics_first():
+  table = evaluation.format_table({"a": {"zeta": 1.0, "gen_ppl": 12.0}, "b": {"gen_ppl": 9.5}})
+  rows = table.splitlines()
+  assert rows[0].split("|")[1].strip() == "metric"
+  assert rows[2].startswith("| gen_ppl") and rows[3].startswith("| zeta")
+  assert [c.strip() for c in rows[3].split("|")[1:-1]] == ["zeta", "1", "-"]

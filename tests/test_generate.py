@@ -1,0 +1,164 @@
+"""Generation: the sample CLI, stopping at end-of-document, restore onto another device count."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from concept_diffusion import generate
+from concept_diffusion.data import segment
+from concept_diffusion.data.tokenizer import BOS_ID, EOD_ID, MASK_ID, PAD_ID
+from concept_diffusion.train import checkpoint
+
+from conftest import ROOT, subprocess_env
+
+PROMPTS = ["Mara lives in Oslo. Mara works as a baker.", "Tovin has a cat."]
+pytestmark = pytest.mark.usefixtures("compile_cache")
+
+
+@pytest.fixture(scope="module")
+def concepts_gen(tiny_concepts_run):
+  return generate.load(tiny_concepts_run)
+
+
+def test_sample_cli_prints_continuations_in_a_one_device_process(tiny_concepts_run, tmp_path):
+  prompt_file = tmp_path / "prompts.txt"
+  prompt_file.write_text("\n".join(PROMPTS) + "\n")
+  cmd = [sys.executable, "-m", "concept_diffusion.sample", f"--workdir={tiny_concepts_run}",
+         f"--prompt_file={prompt_file}", "--num_concepts=3", "--seed=1", "--show_steps"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert [l for l in lines if l.startswith("prompt: ")] == [f"prompt: {p}" for p in PROMPTS]
+  steps = [l for l in lines if l.lstrip().startswith("step")]
+  assert len(steps) == 2 * 8 and "_" in steps[0]  # render.sample_steps of the render run.
+  outputs = [l[len("output: "):] for l in lines if l.startswith("output: ")]
+  assert len(outputs) == 2 and all(o.strip() for o in outputs)
+
+
+def test_checkpoint_written_on_four_devices_restores_on_one(tiny_render_run):
+  _, meta = checkpoint.latest_meta(tiny_render_run)
+  assert meta["mesh"]["fsdp"] == 4
+  mesh = generate.local_mesh(jax.devices()[:1])
+  gen = generate.load(tiny_render_run, mesh=mesh)
+  assert {len(x.sharding.device_set) for x in jax.tree.leaves(gen.params)} == {1}
+  samples = generate.roundtrip(gen, PROMPTS)
+  assert [s.prompt for s in samples] == PROMPTS
+  assert all(s.token_ids for s in samples)
+
+
+def test_concepts_generation_is_batched_bounded_and_reproducible(concepts_gen):
+  a = generate.generate(concepts_gen, PROMPTS, num_concepts=3, seed=1, show_steps=True)
+  b = generate.generate(concepts_gen, PROMPTS, num_concepts=3, seed=1, show_steps=True)
+  assert [s.token_ids for s in a] == [s.token_ids for s in b]
+  l = concepts_gen.chunk_config.data.concept_len
+  for s in a:
+    assert 0 < len(s.token_ids) <= 3 * l and EOD_ID not in s.token_ids
+    assert len(s.steps) == concepts_gen.render_config.render.sample_steps
+    assert s.steps[0].count("_") > s.steps[-1].count("_") == 0
+
+
+def test_oracle_end_concept_truncates_the_output(concepts_gen):
+  l = concepts_gen.chunk_config.data.concept_len
+  tok = concepts_gen.tokenizer
+  chunk_a = np.full((l,), PAD_ID, np.int32)
+  ids = tok.encode("Mara lives in Oslo.")[:l]
+  chunk_a[:len(ids)] = ids
+  chunk_b = np.roll(chunk_a, 1)
+  z_1x2xD = generate.encode_chunks(concepts_gen, np.stack([chunk_a, chunk_b])[None])
+  mods = generate.build_modules(concepts_gen)
+  z_end_D = generate.end_concept(mods["encoder"], concepts_gen.params["encoder"], l)
+  z_a, z_b = z_1x2xD[0, 0], z_1x2xD[0, 1]
+  # Oracle concept sequences: END 2nd (one chunk survives) and END 3rd (two survive).
+  z_2x3xD = jnp.stack([jnp.stack([z_a, z_end_D, z_b]), jnp.stack([z_a, z_b, z_end_D])])
+  first, second = generate.decode_concepts(concepts_gen, z_2x3xD)
+  assert first.ended and second.ended
+  assert 0 < len(first.token_ids) <= l
+  assert len(first.token_ids) <= len(second.token_ids) <= 2 * l
+  # Rendering is per chunk: the kept chunk is the same in both.
+  assert second.token_ids[:len(first.token_ids)] == first.token_ids
+
+
+def test_end_detection_and_cut():
+  end_2x3 = jnp.array([[False, True, False], [False, False, False]])
+  assert generate.num_kept(end_2x3).tolist() == [1, 3]
+  tokens_1x3x3 = jnp.array([[[7, 8, 0], [EOD_ID, 0, 0], [7, EOD_ID, 0]]])
+  z_1x3xD = jnp.array([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])
+  near_first = generate.is_end(tokens_1x3x3, z_1x3xD, jnp.array([1.0, 0.0]), 0.9)
+  far = generate.is_end(tokens_1x3x3, z_1x3xD, jnp.array([-1.0, 0.0]), 0.9)
+  assert near_first.tolist() == [[True, True, False]]
+  assert far.tolist() == [[False, True, False]]  # A stray EOD mid-chunk is no END.
+
+
+def _fake_step(eod_at: int | None, vocab: int = 32):
+  """A 'model' whose cache counts steps: emits token 7 + i, or EOD from step eod_at on."""
+  def step_fn(i, tokens_Bx1):
+    tok = 7 + i if eod_at is None else jnp.where(i >= eod_at, EOD_ID, 7 + i)
+    logits_V = jax.nn.one_hot(tok, vocab) * 10.0
+    logits_Bx1xV = jnp.broadcast_to(logits_V, (tokens_Bx1.shape[0], 1, vocab))
+    return logits_Bx1xV, i + 1
+  return step_fn
+
+
+def test_ar_loop_stops_each_row_at_eod():
+  tokens_2x10 = np.zeros((2, 10), np.int32)
+  tokens_2x10[0, :2] = [BOS_ID, 10]
+  tokens_2x10[1, :4] = [BOS_ID, 10, 11, 12]
+  out = generate.ar_loop(_fake_step(eod_at=3), 0, jnp.asarray(tokens_2x10), jnp.array([2, 4]),
+                         jax.random.key(0), max_new=8, temperature=0.0)
+  # Row 0 generates at steps 1, 2, then EOD at step 3; row 1's first token is already EOD.
+  assert out[0].tolist() == [BOS_ID, 10, 8, 9, EOD_ID, 0, 0, 0, 0, 0]
+  assert out[1].tolist() == [BOS_ID, 10, 11, 12, EOD_ID, 0, 0, 0, 0, 0]
+
+
+def test_ar_loop_stops_at_max_new():
+  tokens_1x10 = np.zeros((1, 10), np.int32)
+  tokens_1x10[0, :2] = [BOS_ID, 10]
+  out = generate.ar_loop(_fake_step(eod_at=None), 0, jnp.asarray(tokens_1x10), jnp.array([2]),
+                         jax.random.key(0), max_new=3, temperature=0.0)
+  assert out[0].tolist() == [BOS_ID, 10, 8, 9, 10, 0, 0, 0, 0, 0]
+
+
+def test_ar_run_generates_and_stops(tiny_ar_run):
+  gen = generate.load(tiny_ar_run)
+  samples = generate.generate(gen, PROMPTS, max_tokens=12, temperature=0.0)
+  for s in samples:
+    assert len(s.token_ids) <= 12 and EOD_ID not in s.token_ids and PAD_ID not in s.token_ids
+    assert s.ended or len(s.token_ids) == 12
+
+
+def test_mdm_run_generates_with_steps(tiny_mdm_run):
+  gen = generate.load(tiny_mdm_run)
+  samples = generate.generate(gen, PROMPTS[:1], max_tokens=8, render_steps=4, show_steps=True)
+  s = samples[0]
+  assert len(s.token_ids) <= 8 and MASK_ID not in s.token_ids
+  assert len(s.steps) == 4 and "_" in s.steps[0]
+
+
+def test_show_tokens_marks_masks(concepts_gen):
+  tok = concepts_gen.tokenizer
+  ids = tok.encode("Mara lives in Oslo.")
+  shown = generate.show_tokens(tok, [ids[0], MASK_ID, *ids[2:], PAD_ID])
+  assert "_" in shown and shown.startswith(tok.decode(ids[:1]))
+
+
+def test_bad_inputs_say_what_is_wrong(concepts_gen, tiny_render_run, tmp_path):
+  with pytest.raises(generate.GenerateError, match="at least one sentence"):
+    generate.generate(concepts_gen, ["   "])
+  with pytest.raises(generate.GenerateError, match="render run"):
+    generate.generate(generate.load(tiny_render_run), PROMPTS)
+  with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+    generate.load(str(tmp_path))
+
+
+def test_prompt_chunks_match_training_segmentation(concepts_gen):
+  chunks_BxPxL, counts_B = generate.prompt_chunks(concepts_gen, PROMPTS)
+  c = concepts_gen.chunk_config.data
+  doc = segment.tokenize_document(concepts_gen.tokenizer, PROMPTS[0])
+  expected_CxL, _ = segment.chunk_document(doc, c.granularity, c.concept_len)
+  assert counts_B[0] == len(expected_CxL) - 1  # The END chunk is not part of a prompt.
+  np.testing.assert_array_equal(chunks_BxPxL[0, :counts_B[0]], expected_CxL[:-1])
