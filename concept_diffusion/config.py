@@ -92,7 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_accum_steps = 1  # Micro-batches per optimizer step.
   c.train.ema_decay = 0.0  # EMA of params (0 = off).
   c.train.log_every = 10  # Steps between metrics lines.
-  c.train.eval_every = 0  # Steps between held-out evaluations (0 = only at the end).
+  c.train.eval_every = 0  # Steps between held-out loss evaluations, and at the end (0 = off).
+  c.train.eval_batches = 4  # Held-out batches per evaluation (the split is cycled if shorter).
   c.train.debug_nan_step = 0  # Test hook: make the loss of this step NaN (0 = off).
 
   c.checkpoint = ml_collections.ConfigDict()
@@ -146,7 +147,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "model.embed_dim", "model.num_heads", "model.num_kv_heads", "model.head_dim",
                 "model.mlp_dim", "model.concept_dim", "train.num_steps", "train.batch_size",
                 "train.grad_accum_steps", "checkpoint.every_steps", "checkpoint.max_to_keep",
-                "train.log_every"):
+                "train.log_every", "train.eval_batches"):
     _positive(config, field)
   for field in ("train.learning_rate", "train.warmup_steps", "train.weight_decay",
                 "train.grad_clip", "render.z_noise", "render.concept_reg", "train.eval_every"):

@@ -90,7 +90,9 @@ def _wait_for_step(workdir, step, proc, timeout=180):
 
 
 def test_sigkill_then_resume_reproduces_the_loss_sequence(workdir, tmp_path):
-  flags = ["--config.train.num_steps=24", "--config.checkpoint.every_steps=4"]
+  # Held-out evaluation every 6 steps must not disturb the train data order or keys.
+  flags = ["--config.train.num_steps=24", "--config.checkpoint.every_steps=4",
+           "--config.train.eval_every=6", "--config.train.eval_batches=2"]
   reference = str(tmp_path / "reference")
   shutil.copytree(os.path.join(workdir, "tokenizer"), os.path.join(reference, "tokenizer"))
   done = _run(reference, *flags)
@@ -107,6 +109,9 @@ def test_sigkill_then_resume_reproduces_the_loss_sequence(workdir, tmp_path):
   got = [(m["step"], m["loss"]) for m in _metrics(workdir)]
   assert [s for s, _ in want] == list(range(1, 25))
   assert got == want  # Bitwise: same floats, same data order.
+  evals = [(m["step"], m["eval_loss"]) for m in _metrics(reference) if "eval_loss" in m]
+  assert [s for s, _ in evals] == [6, 12, 18, 24]
+  assert evals == [(m["step"], m["eval_loss"]) for m in _metrics(workdir) if "eval_loss" in m]
 
 
 def test_sigterm_saves_current_step_and_exits_cleanly(workdir):

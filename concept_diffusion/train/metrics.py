@@ -100,7 +100,8 @@ class MetricsWriter:
   def console(self, step: int, num_steps: int, scalars: dict, eta_s: float) -> None:
     if not self.enabled:
       return
-    print(f"step {step}/{num_steps}  loss {scalars['loss']:.4f}  "
+    held_out = f"eval_loss {scalars['eval_loss']:.4f}  " if "eval_loss" in scalars else ""
+    print(f"step {step}/{num_steps}  loss {scalars['loss']:.4f}  {held_out}"
           f"{scalars['tokens_per_sec']:.0f} tok/s  mfu {100 * scalars['mfu']:.2f}%  "
           f"eta {format_duration(eta_s)}", flush=True)
 

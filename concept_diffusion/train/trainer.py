@@ -34,7 +34,7 @@ from concept_diffusion.train import stages as stages_lib
 from concept_diffusion.train import state as state_lib
 
 # Purposes of the PRNG streams split from train.seed (data order uses data.seed).
-INIT_STREAM, STEP_STREAM = 0, 1
+INIT_STREAM, STEP_STREAM, EVAL_STREAM = 0, 1, 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -142,6 +142,21 @@ def jit_train_step(config, stage, tx, mesh, state_shardings, batch_spec: dict):
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
+def jit_eval_step(config, stage, mesh, state_shardings, batch_spec: dict):
+  """(params, batch) -> metrics of the held-out loss, one fixed key: the same each time."""
+  batch_shardings = {k: rules.batch_sharding(mesh, len(shape)) for k, shape in
+                     batch_spec.items()}
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  key = jax.random.fold_in(jax.random.key(config.train.seed), EVAL_STREAM)
+
+  def eval_step(params, batch):
+    loss, metrics = stage.loss_fn(params, batch, key)
+    return {**metrics, "loss": loss}
+
+  return jax.jit(eval_step, in_shardings=(state_shardings.params, batch_shardings),
+                 out_shardings=replicated)
+
+
 def compile_step(jitted, state, batch, mesh):
   """Lowers and compiles the step under the mesh, with the models' activation constraints."""
   with rules.mesh_context(mesh):
@@ -206,6 +221,42 @@ def _train_iterator(config, tokenizer, stage, mesh):
   return iter(ds)
 
 
+class _Evaluator:
+  """Mean held-out loss and metrics over train.eval_batches batches of the eval split."""
+
+  def __init__(self, config, tokenizer, stage, mesh, shardings):
+    from concept_diffusion import data
+    shard, count = multihost.local_batch_slice(mesh, config.train.batch_size)
+    self._ds = data.make_dataset(config, tokenizer, split="eval", view=stage.view,
+                                 process_index=shard, process_count=count,
+                                 batch_size=config.train.batch_size // count)
+    self._config, self._stage, self._mesh, self._shardings = config, stage, mesh, shardings
+    self._step_fn = None
+
+  def _batches(self):
+    """The first eval_batches batches, cycling a short split so every process takes as many."""
+    it, n = iter(self._ds), self._config.train.eval_batches
+    for _ in range(n):
+      try:
+        yield next(it)
+      except StopIteration:
+        it = iter(self._ds)
+        yield next(it)
+
+  def __call__(self, params) -> dict:
+    totals = {}
+    for local in self._batches():
+      batch = multihost.global_batch(local, self._mesh)
+      if self._step_fn is None:
+        self._step_fn = jit_eval_step(self._config, self._stage, self._mesh, self._shardings,
+                                      {k: v.shape for k, v in batch.items()})
+      with rules.mesh_context(self._mesh):
+        metrics = jax.device_get(self._step_fn(params, batch))
+      for k, v in metrics.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    return {f"eval_{k}": v / self._config.train.eval_batches for k, v in totals.items()}
+
+
 def _init_or_restore(config, stage, tx, mesh, mngr, data_iter, make_iter):
   """(state, start step, data iterator): newest good checkpoint, else a fresh sharded init."""
   use_ema = config.train.ema_decay > 0
@@ -257,8 +308,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   preemption = _Preemption()
   preemption.install()
   try:
+    evaluator = (_Evaluator(config, tokenizer, stage, mesh, shardings)
+                 if config.train.eval_every else None)
     return _loop(config, stage, tx, mesh, mngr, state, start, data_iter, shardings,
-                 tokenizer, writer, preemption)
+                 tokenizer, writer, preemption, evaluator)
   finally:
     preemption.uninstall()
     mngr.wait_until_finished()
@@ -267,7 +320,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _loop(config, stage, tx, mesh, mngr, state, start, data_iter, shardings, tokenizer,
-          writer, preemption) -> dict:
+          writer, preemption, evaluator=None) -> dict:
   """Steps until train.num_steps or preemption; saves, logs, checks the loss."""
   t = config.train
   num_steps, every = t.num_steps, config.checkpoint.every_steps
@@ -277,7 +330,7 @@ def _loop(config, stage, tx, mesh, mngr, state, start, data_iter, shardings, tok
   clock = {"time": time.perf_counter(), "step": start}
   pending = None  # (step, device metrics): fetched one step late to keep dispatch async.
 
-  def finish(entry):
+  def finish(entry, params=None):
     step, device_metrics = entry
     host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     if not math.isfinite(host["loss"]):
@@ -285,8 +338,13 @@ def _loop(config, stage, tx, mesh, mngr, state, start, data_iter, shardings, tok
           f"non-finite loss ({host['loss']}) at step {step}; training stopped. The last good "
           f"checkpoint (step {mngr.latest_step()}) was kept; lower train.learning_rate or "
           f"raise train.warmup_steps and resume")
+    evaluate = params is not None
+    if evaluate:  # Held-out metrics join this step's line; their time is not training time.
+      eval_start = time.perf_counter()
+      host.update(evaluator(params))
+      clock["time"] += time.perf_counter() - eval_start
     now = time.perf_counter()
-    if step % t.log_every == 0 or step == num_steps:
+    if step % t.log_every == 0 or step == num_steps or evaluate:
       # The first interval after a (re)start includes compilation.
       dt, ds = now - clock["time"], step - clock["step"]
       tps = tokens_per_step * ds / dt if dt > 0 and ds > 0 else 0.0
@@ -315,8 +373,10 @@ def _loop(config, stage, tx, mesh, mngr, state, start, data_iter, shardings, tok
     pending = (step, device_metrics)
     stop = preemption.reached(mngr, step)
     save = stop or step % every == 0 or step == num_steps
-    if save or step % t.log_every == 0 or step == start + 1:
-      finish(pending)  # Never save a state whose loss was not checked.
+    evaluate = evaluator is not None and (step % t.eval_every == 0 or step == num_steps)
+    if save or evaluate or step % t.log_every == 0 or step == start + 1:
+      # Never save a state whose loss was not checked.
+      finish(pending, state.params if evaluate else None)
       pending = None
     if save:
       meta = ckpt_lib.make_meta(config, tokenizer, step, mesh)
