@@ -34,9 +34,6 @@ from concept_diffusion.models.layers import ModelConfig
 from concept_diffusion.models.renderer import Renderer
 
 KINDS = ("concepts", "render", "ar", "mdm")
-# masked.sample never commits PAD, but the renderer predicts PAD past a chunk's end; it
-# commits this alias (never a renderer target) instead, mapped back to PAD around the model.
-PAD_ALIAS = EOS_ID
 # Token ids a baseline may never emit (EOD stays allowed: it ends the document).
 _FORBIDDEN_IDS = (PAD_ID, BOS_ID, EOS_ID, MASK_ID)
 _PROMPT_BUCKET = 8  # Prompt lengths are rounded up to this, so few shapes compile.
@@ -204,7 +201,7 @@ def show_tokens(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
       pieces.append(" _")
     elif i == EOD_ID:
       pieces.append(" <eod>")
-    elif i not in (PAD_ID, PAD_ALIAS, BOS_ID):
+    elif i not in (PAD_ID, BOS_ID):
       pieces.append(tokenizer.id_to_piece(i).replace("\u2581", " "))
   return "".join(pieces).strip()
 
@@ -218,16 +215,13 @@ def render_chunks(renderer: Renderer, params, z_BxNxD, prev_BxNxD, key, *, steps
   prev = prev_BxNxD if renderer.cfg.prev_concept else None
 
   def logits_fn(tokens_BxNxL):
-    inputs_BxNxL = jnp.where(tokens_BxNxL == PAD_ALIAS, PAD_ID, tokens_BxNxL)
-    logits_BxNxLxV = renderer.apply({"params": params}, inputs_BxNxL, z_BxNxD, prev)
-    return logits_BxNxLxV.at[..., PAD_ALIAS].set(logits_BxNxLxV[..., PAD_ID])
+    return renderer.apply({"params": params}, tokens_BxNxL, z_BxNxD, prev)
 
   b, n = z_BxNxD.shape[:2]
+  # Every position is denoised and PAD may be committed: the renderer decides the length.
   mask_BxNxL = jnp.ones((b, n, renderer.cfg.concept_len), bool)
-  out = masked.sample(logits_fn, key, mask_BxNxL, mask_id=MASK_ID, pad_id=PAD_ID, steps=steps,
-                      temperature=temperature, return_steps=return_steps)
-  unalias = lambda t: jnp.where(t == PAD_ALIAS, PAD_ID, t)
-  return jax.tree.map(unalias, out)
+  return masked.sample(logits_fn, key, mask_BxNxL, mask_id=MASK_ID, pad_id=PAD_ID, steps=steps,
+                       temperature=temperature, return_steps=return_steps, sample_pad=True)
 
 
 def guided_head(model: ConceptModel, params, h_BxNxE, guidance: float):

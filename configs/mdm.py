@@ -15,63 +15,16 @@ Presets (examples x T tokens per step):
         --workdir=gs://BUCKET/runs/mdm-large
 """
 
-from concept_diffusion import config as base
+import importlib.util
+import pathlib
 
 
 def get_config(preset="tiny"):
-  c = base.base_config()
+  """The AR baseline's preset with the masked-diffusion objective: one field apart."""
+  spec = importlib.util.spec_from_file_location("configs_ar",
+                                                pathlib.Path(__file__).with_name("ar.py"))
+  ar = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ar)
+  c = ar.get_config(preset)
   c.stage = "mdm"
-  if preset == "tiny":
-    c.data.seq_len = 128
-    c.model.embed_dim = 128
-    c.model.mlp_dim = 512
-    c.model.baseline_layers = 4
-    c.train.batch_size = 32
-    c.train.num_steps = 2000
-    c.train.learning_rate = 3e-3
-    c.train.warmup_steps = 100
-    c.train.log_every = 50
-    c.checkpoint.every_steps = 500
-  elif preset == "small":  # ~100M params.
-    c.data.vocab_size = 8192
-    c.data.tokenizer_docs = 20000
-    c.data.seq_len = 1024
-    c.model.embed_dim = 768
-    c.model.num_heads = 12
-    c.model.num_kv_heads = 12
-    c.model.head_dim = 64
-    c.model.mlp_dim = 3072
-    c.model.baseline_layers = 12
-    c.model.dtype = "bfloat16"
-    c.train.batch_size = 256
-    c.train.num_steps = 50_000
-    c.train.learning_rate = 6e-4
-    c.train.warmup_steps = 2000
-    c.train.log_every = 100
-    c.checkpoint.every_steps = 2000
-  elif preset in ("base", "large"):  # Shared by the two scale-out presets.
-    big = preset == "large"
-    c.data.vocab_size = 32768
-    c.data.tokenizer_docs = 200_000
-    c.data.seq_len = 4096 if big else 2048
-    c.model.embed_dim = 4096 if big else 2048
-    c.model.num_heads = 32 if big else 16
-    c.model.num_kv_heads = 8 if big else 16  # Grouped-query attention at 8B.
-    c.model.head_dim = 128
-    c.model.mlp_dim = 14336 if big else 5632
-    c.model.baseline_layers = 36 if big else 18
-    c.model.dtype = "bfloat16"
-    c.model.scan_layers = True  # One compiled block: compile time flat in depth.
-    c.model.remat = "full" if big else "dots"
-    c.train.batch_size = 256  # Examples of T tokens, see the docstring.
-    c.train.num_steps = 100_000
-    c.train.learning_rate = 2e-4 if big else 3e-4
-    c.train.warmup_steps = 2000
-    c.train.log_every = 100
-    c.checkpoint.every_steps = 1000
-    c.mesh.data = 1
-    c.mesh.fsdp = -1  # Params, grads and optimizer state sharded over every chip.
-    c.mesh.tensor = 8 if big else 1  # Heads / MLP / vocab split inside one host.
-  else:
-    raise ValueError(f"unknown preset {preset!r}; use tiny, small, base or large")
   return c

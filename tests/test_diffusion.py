@@ -128,6 +128,21 @@ def test_sampler_reproduces_oracle_for_every_step_count(remasking):
     assert bool(jnp.all(jnp.where(valid_MxL, True, states == PAD)))
 
 
+def test_sample_pad_lets_a_renderer_end_its_chunk():
+  # Every position is denoised; the oracle says the chunks end early (PAD tails).
+  key = jax.random.key(1)
+  tokens_MxL = jax.random.randint(key, (4, 6), 6, 32)
+  target_MxL = jnp.where(jnp.arange(6) < jnp.array([6, 4, 2, 1])[:, None], tokens_MxL, PAD)
+  everywhere_MxL = jnp.ones((4, 6), bool)
+  for steps in (1, 3, 6):
+    out = masked.sample(_oracle(target_MxL), key, everywhere_MxL, mask_id=MASK, pad_id=PAD,
+                        steps=steps, sample_pad=True)
+    np.testing.assert_array_equal(out, target_MxL)
+  # Without sample_pad, PAD is never committed inside token_mask.
+  out = masked.sample(_oracle(target_MxL), key, everywhere_MxL, mask_id=MASK, pad_id=PAD, steps=6)
+  assert not bool(jnp.any(out == PAD))
+
+
 def test_confidence_remasking_commits_most_confident_first():
   target_MxL = jnp.arange(10, 16)[None]
   _, states = masked.sample(_oracle(target_MxL), jax.random.key(0), jnp.ones((1, 6), bool),

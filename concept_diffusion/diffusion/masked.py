@@ -122,7 +122,7 @@ def commit_schedule(num_masked_M, step, steps: int):
 
 def sample(logits_fn, key, token_mask, *, mask_id: int, pad_id: int, steps: int,
            remasking: str = "confidence", temperature: float = 0.0, block_size: int | None = None,
-           return_steps: bool = False):
+           return_steps: bool = False, sample_pad: bool = False):
   """Iterative unmasking from all-MASK -> tokens shaped like token_mask (+ states [S, ...]).
 
   Each step predicts every masked position and commits the most confident ones
@@ -130,7 +130,8 @@ def sample(logits_fn, key, token_mask, *, mask_id: int, pad_id: int, steps: int,
   that a linear share is committed per step and every real position is committed
   by the last step. block_size splits the sequence into semi-autoregressive blocks
   filled left to right, `steps / num_blocks` steps each. temperature 0 = argmax.
-  Positions outside token_mask stay pad_id; mask_id and pad_id are never sampled.
+  Positions outside token_mask stay pad_id; mask_id is never sampled, nor is pad_id
+  unless `sample_pad` (a renderer denoising whole chunks predicts where a chunk ends).
   """
   if remasking not in ("confidence", "random"):
     raise ValueError(f"remasking={remasking!r} is not one of confidence, random")
@@ -150,8 +151,8 @@ def sample(logits_fn, key, token_mask, *, mask_id: int, pad_id: int, steps: int,
     b, j = s // steps_per_block, s % steps_per_block
     k_pick, k_rank = jax.random.split(jax.random.fold_in(key, s))
     logits_MxLxV = logits_fn(tokens_MxL.reshape(shape)).reshape(*valid_MxL.shape, -1)
-    logits_MxLxV = logits_MxLxV.astype(jnp.float32).at[..., jnp.array([mask_id, pad_id])].set(
-        -jnp.inf)
+    never = jnp.array([mask_id] if sample_pad else [mask_id, pad_id])
+    logits_MxLxV = logits_MxLxV.astype(jnp.float32).at[..., never].set(-jnp.inf)
     pred_MxL, conf_MxL = _pick(logits_MxLxV, k_pick, temperature)
     eligible_MxL = (tokens_MxL == mask_id) & valid_MxL & (block_L == b)
     if remasking == "confidence":
