@@ -8,6 +8,7 @@ the previous one is used.
 from __future__ import annotations
 
 import base64
+import logging as std_logging
 import os
 import time
 from typing import Any
@@ -17,6 +18,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from absl.logging import get_absl_logger
 
 from concept_diffusion.parallel import multihost
 
@@ -25,6 +27,17 @@ CHECKPOINT_DIR = "checkpoints"
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint where one was required."""
+
+
+class _ReadOnlyNotices(std_logging.Filter):
+  """Drops Orbax's notices that a manager opened read-only is read-only (we asked for it)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ("read_only=True" in message or "directory is read only" in message)
+
+
+get_absl_logger().addFilter(_ReadOnlyNotices())
 
 
 def checkpoint_dir(workdir: str) -> str:
