@@ -10,7 +10,6 @@ real corpora), in the concept view of configs/render.py and the flat view of con
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -24,25 +23,12 @@ from concept_diffusion.data import make_tokenizer  # pylint: disable=g-import-no
 from concept_diffusion.data.preprocess import preprocess  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Used when configs/ is missing: the presets' data settings.
-FALLBACK = {"tiny": dict(batch_size=32, num_concepts=16, concept_len=8, vocab_size=1024),
-            "small": dict(batch_size=256, num_concepts=32, concept_len=16, vocab_size=8192)}
 
 
 def preset_config(stage: str, preset: str):
-  """configs/<stage>.py:<preset>, or base_config with the FALLBACK data settings."""
-  path = os.path.join(ROOT, "configs", f"{stage}.py")
-  if os.path.exists(path):
-    spec = importlib.util.spec_from_file_location(f"configs_{stage}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(preset)
-  else:
-    config = config_lib.base_config()
-    settings = dict(FALLBACK[preset])
-    config.train.batch_size = settings.pop("batch_size")
-    config.data.update(**settings)
-  config.data.tokenizer_docs = min(config.data.tokenizer_docs, 2000)  # Quick to train.
+  """configs/<stage>.py:<preset>, with a tokenizer quick to train."""
+  config = config_lib.load_config(os.path.join(ROOT, "configs", f"{stage}.py:{preset}"))
+  config.data.tokenizer_docs = min(config.data.tokenizer_docs, 2000)
   return config
 
 

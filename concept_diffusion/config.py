@@ -7,6 +7,9 @@ differs. `validate(config)` runs before anything compiles and raises
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 STAGES = ("render", "concepts", "ar", "mdm")
@@ -175,3 +178,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError("concepts.render_workdir is empty: the concepts stage needs the workdir "
                       "of a finished render run (--config.concepts.render_workdir=DIR)")
   return config
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """"configs/<stage>.py[:preset]" -> its config, as --config=... would load it (notebooks, tests)."""
+  path, _, preset = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location(
+      f"_cd_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()

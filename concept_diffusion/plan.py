@@ -34,7 +34,6 @@ memory analysis next to the estimate.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -76,16 +75,7 @@ REMAT_FACTORS = ("none", "dots", "full")
 # ---------------------------------------------------------------- configs
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """configs/<stage>.py:<preset> (a path, then an optional preset) -> its config."""
-  path, _, preset = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file not found: {path}")
-  module_spec = importlib.util.spec_from_file_location(
-      f"_cd_config_{os.path.basename(path)[:-3]}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(preset) if preset else module.get_config()
+load_config = config_lib.load_config  # Kept here: the CLI and its tests use plan.load_config.
 
 
 def with_render_config(config, render_config) -> ml_collections.ConfigDict:

@@ -39,12 +39,8 @@ def tiny_overrides(stage: str, **extra) -> dict:
 
 def tiny_config(stage: str, **extra):
   """configs/<stage>.py:tiny with tiny_overrides applied."""
-  import importlib.util
-  path = ROOT / "configs" / f"{stage}.py"
-  spec = importlib.util.spec_from_file_location(f"configs_{stage}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  from concept_diffusion.config import load_config
+  config = load_config(str(ROOT / "configs" / f"{stage}.py:tiny"))
   for field, value in tiny_overrides(stage, **extra).items():
     section, name = field.split(".")
     config[section][name] = value

@@ -4,20 +4,16 @@ This is the README's first command (`python -m concept_diffusion.pipeline`) at t
 presets it ships with, not shrunk: it is the check that the tiny pipeline learns.
 """
 
-import importlib.util
 import pathlib
 
 from concept_diffusion import evaluation, pipeline
+from concept_diffusion.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _preset(stage: str, preset: str = "tiny"):
-  spec = importlib.util.spec_from_file_location(f"configs_{stage}_e2e",
-                                                ROOT / "configs" / f"{stage}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return load_config(str(ROOT / "configs" / f"{stage}.py:{preset}"))
 
 
 def test_two_stages_end_to_end(tmp_path, capsys):
