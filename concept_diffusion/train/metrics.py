@@ -29,11 +29,14 @@ def _cpu_probe_flops() -> float:
   a = jnp.ones((n, n), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
-  reps, start = 0, time.perf_counter()
-  while reps < 3 or time.perf_counter() - start < 0.2:
-    matmul(a).block_until_ready()
-    reps += 1
-  return 2 * n**3 * reps / (time.perf_counter() - start)
+  best = 0.0
+  for _ in range(5):  # The best of several trials: the machine may be busy for a moment.
+    reps, start = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - start < 0.05:
+      matmul(a).block_until_ready()
+      reps += 1
+    best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+  return best
 
 
 def peak_flops_per_device(device=None) -> float:
