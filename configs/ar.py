@@ -27,11 +27,11 @@ def get_config(preset="tiny"):
     c.model.mlp_dim = 512
     c.model.baseline_layers = 4
     c.train.batch_size = 32
-    c.train.num_steps = 2000
+    c.train.num_steps = 1000  # The step budget of each tiny concept stage: a fair comparison.
     c.train.learning_rate = 3e-3
     c.train.warmup_steps = 100
     c.train.log_every = 50
-    c.checkpoint.every_steps = 500
+    c.checkpoint.every_steps = 250
   elif preset == "small":  # ~100M params.
     c.data.vocab_size = 8192
     c.data.tokenizer_docs = 20000
