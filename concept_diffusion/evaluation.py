@@ -46,6 +46,7 @@ from concept_diffusion import generate as gen_lib
 from concept_diffusion.data import segment, synthetic
 from concept_diffusion.data.tokenizer import BOS_ID, MASK_ID, PAD_ID
 from concept_diffusion.diffusion import continuous, masked
+from concept_diffusion.models import concept_model
 from concept_diffusion.models.concept_model import ConceptModel
 from concept_diffusion.models.renderer import previous_concepts
 
@@ -232,9 +233,9 @@ def concept_metrics(gen: gen_lib.Generator, batches, key, *, steps: int | None =
     seg_BxN = batch["segment_ids"]
     h_BxNxE = cm.apply({"params": params["concept_model"]}, z_BxNxD, seg_BxN,
                        method=ConceptModel.context)
-    pred_BxNxD = gen_lib.sample_next_concepts(cm, params["concept_model"], h_BxNxE, key,
-                                              objective=c.objective, steps=steps,
-                                              guidance=guidance)
+    pred_BxNxD = concept_model.sample_from_context(
+        cm, {"params": params["concept_model"]}, h_BxNxE, key, objective=c.objective,
+        steps=steps, guidance=guidance)
     target_BxNxD, valid_BxN = continuous.next_concept_targets(z_BxNxD, batch["concept_mask"],
                                                               seg_BxN)
     return pred_BxNxD, target_BxNxD, valid_BxN, z_BxNxD

@@ -26,8 +26,9 @@ import numpy as np
 
 from concept_diffusion.data import segment
 from concept_diffusion.data.tokenizer import BOS_ID, EOD_ID, EOS_ID, MASK_ID, PAD_ID, Tokenizer
-from concept_diffusion.diffusion import continuous, masked
+from concept_diffusion.diffusion import masked
 from concept_diffusion.models import baselines
+from concept_diffusion.models import concept_model
 from concept_diffusion.models.concept_model import ConceptModel
 from concept_diffusion.models.encoder import ConceptEncoder
 from concept_diffusion.models.layers import ModelConfig
@@ -224,34 +225,6 @@ def render_chunks(renderer: Renderer, params, z_BxNxD, prev_BxNxD, key, *, steps
                        temperature=temperature, return_steps=return_steps, sample_pad=True)
 
 
-def guided_head(model: ConceptModel, params, h_BxNxE, guidance: float):
-  """pred_fn(zt, t) of the diffusion head given contexts h, with classifier-free guidance."""
-  def head(zt, t, h):
-    return model.apply({"params": params}, zt, t, h, method=ConceptModel.head)
-
-  if guidance == 1.0:
-    return lambda zt, t: head(zt, t, h_BxNxE)
-  null_BxNxE = model.apply({"params": params}, h_BxNxE.shape[:-1], method=ConceptModel.null)
-
-  def pred_fn(zt_BxNxD, t_BxN):
-    # Conditional and unconditional branches in one call (batch doubled).
-    both = head(jnp.concatenate([zt_BxNxD, zt_BxNxD]), jnp.concatenate([t_BxN, t_BxN]),
-                jnp.concatenate([h_BxNxE, null_BxNxE]))
-    cond, uncond = jnp.split(both, 2)
-    return uncond + guidance * (cond - uncond)
-
-  return pred_fn
-
-
-def sample_next_concepts(model: ConceptModel, params, h_BxNxE, key, *, objective: str,
-                         steps: int, guidance: float, noise_scale: float = 1.0):
-  """Next concept after every context position: z_BxNxD from the concept sampler."""
-  d = model.cfg.concept_dim
-  noise_BxNxD = noise_scale * jax.random.normal(key, (*h_BxNxE.shape[:-1], d))
-  return continuous.sample(objective, guided_head(model, params, h_BxNxE, guidance),
-                           noise_BxNxD, steps)
-
-
 def cosine(a_XxD, b_XxD):
   """Cosine similarity along the last axis."""
   dot = jnp.sum(a_XxD * b_XxD, -1)
@@ -299,9 +272,9 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
     h_BxMxE = model.apply({"params": params}, buf_BxMxD, seg_BxM, method=ConceptModel.context)
     last_Bx1 = (counts_B + i - 1)[:, None]
     h_Bx1xE = jnp.take_along_axis(h_BxMxE, last_Bx1[..., None], axis=1)
-    z_Bx1xD = sample_next_concepts(model, params, h_Bx1xE, jax.random.fold_in(key, i),
-                                   objective=objective, steps=steps, guidance=guidance,
-                                   noise_scale=noise_scale)
+    z_Bx1xD = concept_model.sample_from_context(
+        model, {"params": params}, h_Bx1xE, jax.random.fold_in(key, i), objective=objective,
+        steps=steps, guidance=guidance, noise_scale=noise_scale)
     write_BxM = pos_M == (counts_B + i)[:, None]
     buf_BxMxD = jnp.where(write_BxM[..., None], z_Bx1xD, buf_BxMxD)
     done_B |= cosine(z_Bx1xD[:, 0], z_end_D) >= end_cosine

@@ -40,11 +40,11 @@ def get_config(preset="tiny"):
     c.model.diff_head_layers = 2
     c.model.diff_head_dim = 256
     c.train.batch_size = 32
-    c.train.num_steps = 1000
+    c.train.num_steps = 600
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 100
     c.train.log_every = 50
-    c.checkpoint.every_steps = 250
+    c.checkpoint.every_steps = 200
   elif preset == "small":  # ~100M-param concept model.
     c.data.num_concepts = 64
     c.model.embed_dim = 768

@@ -153,3 +153,8 @@ def tiny_ar_run(tmp_path_factory):
 def tiny_mdm_run(tmp_path_factory):
   """A flat masked-diffusion baseline."""
   return _trained(tmp_path_factory, "mdm", _train_in_process("mdm"))
+
+
+def pytest_collection_modifyitems(items):
+  """The main-job test first: under xdist it then overlaps the rest of the suite."""
+  items.sort(key=lambda item: "test_pipeline_e2e" not in item.nodeid)

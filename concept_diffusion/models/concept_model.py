@@ -133,14 +133,37 @@ def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN,
   return continuous.concept_loss(objective, pred_fn, target_BxNxD, mask_BxN, k_loss)
 
 
+def guided_head(model: ConceptModel, variables, h_BxNxE, guidance: float):
+  """pred_fn(zt, t) of the diffusion head given contexts h, with classifier-free guidance."""
+  head = lambda zt, t, h: model.apply(variables, zt, t, h, method=model.head)  # noqa: E731
+  if guidance == 1.0:
+    return lambda zt_BxNxD, t_BxN: head(zt_BxNxD, t_BxN, h_BxNxE)
+  null_BxNxE = model.apply(variables, h_BxNxE.shape[:-1], method=model.null)
+
+  def pred_fn(zt_BxNxD, t_BxN):
+    # Conditional and unconditional branches in one call (batch doubled).
+    both = head(jnp.concatenate([zt_BxNxD, zt_BxNxD]), jnp.concatenate([t_BxN, t_BxN]),
+                jnp.concatenate([h_BxNxE, null_BxNxE]))
+    cond, uncond = jnp.split(both, 2)
+    return uncond + guidance * (cond - uncond)
+
+  return pred_fn
+
+
+def sample_from_context(model: ConceptModel, variables, h_BxNxE, key, *, objective: str = "flow",
+                        steps: int = 16, guidance: float = 1.0, method: str = "euler",
+                        noise_scale: float = 1.0):
+  """A sample of concept n+1 for every context h_n (noise_scale: the sampler's temperature)."""
+  noise_BxNxD = noise_scale * jax.random.normal(key, (*h_BxNxE.shape[:-1],
+                                                      model.cfg.concept_dim))
+  return continuous.sample(objective, guided_head(model, variables, h_BxNxE, guidance),
+                           noise_BxNxD, steps, method)
+
+
 def sample_next_concepts(model: ConceptModel, variables, z_BxNxD, segment_ids_BxN, key, *,
                          objective: str = "flow", steps: int = 16, guidance: float = 1.0,
                          method: str = "euler"):
   """A sample of concept n+1 for every context position n (use the last real one to extend)."""
   h_BxNxE = model.apply(variables, z_BxNxD, segment_ids_BxN, method=model.context)
-  null_BxNxE = model.apply(variables, h_BxNxE.shape[:-1], method=model.null)
-  cond = lambda zt, t: model.apply(variables, zt, t, h_BxNxE, method=model.head)  # noqa: E731
-  uncond = lambda zt, t: model.apply(variables, zt, t, null_BxNxE, method=model.head)  # noqa: E731
-  noise_BxNxD = jax.random.normal(key, z_BxNxD.shape)
-  return continuous.sample(objective, continuous.guided(cond, uncond, guidance), noise_BxNxD,
-                           steps, method)
+  return sample_from_context(model, variables, h_BxNxE, key, objective=objective, steps=steps,
+                             guidance=guidance, method=method)

@@ -19,7 +19,7 @@ import ml_collections
 
 from concept_diffusion.config import ConfigError
 from concept_diffusion.data.tokenizer import MASK_ID, Tokenizer
-from concept_diffusion.diffusion import continuous, masked
+from concept_diffusion.diffusion import masked
 from concept_diffusion.models import baselines, concept_model, encoder, renderer, sizes
 from concept_diffusion.models.layers import ModelConfig
 
@@ -147,27 +147,15 @@ def concepts_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
             "concept_model": cm.init(k_cm, z, seg, z, jnp.zeros((1, n)))["params"]}
 
   def loss_fn(params, batch, key):
-    k_drop, k_flow = jax.random.split(key)
     if "concepts" in batch:  # Concept cache: encoded once, offline.
       z_BxNxD = batch["concepts"]
     else:
-      z_BxNxD = enc.apply({"params": jax.lax.stop_gradient(params["encoder"])},
-                          batch["tokens"], batch["token_mask"])
-    z_BxNxD = jax.lax.stop_gradient(z_BxNxD)
-    seg_BxN = batch["segment_ids"]
-    # Classifier-free guidance: some positions see the learned null context instead.
-    drop_BxN = jax.random.bernoulli(k_drop, c.cfg_dropout, seg_BxN.shape)
-    variables = {"params": params["concept_model"]}
-    h_BxNxE = cm.apply(variables, z_BxNxD, seg_BxN, drop_BxN,
-                       method=concept_model.ConceptModel.context)
-    # h at n predicts concept n+1 of the same document.
-    z1_BxNxD, valid_BxN = continuous.next_concept_targets(z_BxNxD, batch["concept_mask"], seg_BxN)
-    pred_fn = lambda zt_BxNxD, t_BxN: cm.apply(variables, zt_BxNxD, t_BxN, h_BxNxE,
-                                               method=concept_model.ConceptModel.head)
-    loss, metrics = continuous.concept_loss(c.objective, pred_fn, z1_BxNxD, valid_BxN, k_flow)
-    metrics = {k: v for k, v in metrics.items() if k != "loss"}
-    metrics["next_concepts"] = jnp.sum(valid_BxN).astype(jnp.float32)
-    return loss, metrics
+      z_BxNxD = enc.apply({"params": params["encoder"]}, batch["tokens"], batch["token_mask"])
+    z_BxNxD = jax.lax.stop_gradient(z_BxNxD)  # The encoder is frozen.
+    loss, metrics = concept_model.concept_objective(
+        cm, {"params": params["concept_model"]}, z_BxNxD, batch["concept_mask"],
+        batch["segment_ids"], key, c.objective, c.cfg_dropout)
+    return loss, {k: v for k, v in metrics.items() if k != "loss"}
 
   load_frozen = None
   if for_training:
