@@ -160,3 +160,7 @@ def test_bad_config_fails_before_compiling(workdir):
   assert done.returncode == 1 and "mesh.fsdp=3" in done.stderr
   done = _run(workdir, "--config.train.batch_size=6", "--config.mesh.data=4", devices=4)
   assert done.returncode == 1 and "train.batch_size=6" in done.stderr
+  # The models' own checks run before compiling too: cudnn attention on a CPU.
+  done = _run(workdir, "--config.model.attention=cudnn", "--config.model.dtype=bfloat16")
+  assert done.returncode == 1 and "model.attention='cudnn'" in done.stderr
+  assert "Traceback" not in done.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from concept_diffusion.config import ConfigError
+
 from concept_diffusion.models.baselines import TokenAR, TokenMDM
 from concept_diffusion.models.concept_model import ConceptModel
 from concept_diffusion.models.encoder import ConceptEncoder
@@ -25,15 +27,15 @@ def check_model_config(config) -> None:
   """Raises early for model choices this platform or shape cannot run."""
   m = config.model
   if m.attention == "cudnn" and jax.default_backend() != "gpu":
-    raise ValueError(f"model.attention='cudnn' needs a GPU, but the JAX backend is "
+    raise ConfigError(f"model.attention='cudnn' needs a GPU, but the JAX backend is "
                      f"{jax.default_backend()!r}; use model.attention='xla'")
   if m.attention == "cudnn" and m.dtype != "bfloat16":
-    raise ValueError("model.attention='cudnn' runs in half precision only; "
+    raise ConfigError("model.attention='cudnn' runs in half precision only; "
                      "set model.dtype='bfloat16'")
   if m.head_dim % 2:
-    raise ValueError(f"model.head_dim={m.head_dim} must be even (rotary embedding)")
+    raise ConfigError(f"model.head_dim={m.head_dim} must be even (rotary embedding)")
   if m.diff_head_dim % 2:
-    raise ValueError(f"model.diff_head_dim={m.diff_head_dim} must be even (time features)")
+    raise ConfigError(f"model.diff_head_dim={m.diff_head_dim} must be even (time features)")
 
 
 def build_models(config, vocab_size: int | None = None, stage: str | None = None):

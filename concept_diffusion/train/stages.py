@@ -193,14 +193,20 @@ def restore_render_encoder(render_config, render_workdir: str, tokenizer, abstra
 # ---------------------------------------------------------------- baselines
 
 
+def _flat_init(model, seq_len: int):
+  """init_params of a flat baseline: one row of seq_len tokens, one document."""
+  def init_params(key):
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return {"model": model.init(key, tokens, jnp.ones_like(tokens))["params"]}
+  return init_params
+
+
 def ar_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Stage:
   """Flat causal LM: next-token cross-entropy within each packed document."""
   cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
   model, t = baselines.TokenAR(cfg), config.data.seq_len
 
-  def init_params(key):
-    tokens = jnp.zeros((1, t), jnp.int32)
-    return {"model": model.init(key, tokens, jnp.ones_like(tokens))["params"]}
+  init_params = _flat_init(model, t)
 
   def loss_fn(params, batch, key):
     del key  # Deterministic.
@@ -219,9 +225,7 @@ def mdm_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Stage:
   cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
   model, t = baselines.TokenMDM(cfg), config.data.seq_len
 
-  def init_params(key):
-    tokens = jnp.zeros((1, t), jnp.int32)
-    return {"model": model.init(key, tokens, jnp.ones_like(tokens))["params"]}
+  init_params = _flat_init(model, t)
 
   def loss_fn(params, batch, key):
     tokens_BxT, seg_BxT = batch["tokens"], batch["segment_ids"]

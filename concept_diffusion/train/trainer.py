@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from concept_diffusion import config as config_lib
 from concept_diffusion.config import ConfigError
+from concept_diffusion.models import build
 from concept_diffusion.parallel import mesh as mesh_lib
 from concept_diffusion.parallel import multihost, rules
 from concept_diffusion.train import checkpoint as ckpt_lib
@@ -47,6 +48,7 @@ class NonFiniteLossError(RuntimeError):
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """All checks that need the device count; returns the resolved mesh shape."""
   config_lib.validate(config)
+  build.check_model_config(config)  # Platform and shape checks of the model fields.
   shape = mesh_lib.mesh_shape(config, num_devices, allow_subset=jax.process_count() == 1)
   dp = shape[0] * shape[1]
   micro = config.train.batch_size // config.train.grad_accum_steps
