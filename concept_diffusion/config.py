@@ -74,6 +74,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.render.prev_concept = False  # Also condition on the previous chunk's concept.
   c.render.concept_reg = 1e-3  # Weight of the concept-space smoothness regulariser.
   c.render.sample_steps = 8  # Sampler steps used by round-trip evaluation.
+  # Fine-tune from generated concepts: the workdir of a concepts run. Its render run's
+  # renderer is trained further, a generated_prob share of chunks rendered from the
+  # concept model's own (teacher-forced) samples; encoder and concept model frozen.
+  c.render.generated_from = ""
+  c.render.generated_prob = 0.5
 
   c.concepts = ml_collections.ConfigDict()
   c.concepts.render_workdir = ""  # Workdir of the render run whose encoder is used (frozen).
@@ -81,6 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.concepts.cfg_dropout = 0.1  # Probability of dropping the context (classifier-free guidance).
   c.concepts.sample_steps = 16  # Concept sampler steps.
   c.concepts.guidance = 1.0  # Classifier-free guidance scale (1 = off).
+  c.concepts.temperature = 0.5  # Default scale of the sampler's starting noise in generation.
+  # Renderer in the loop: weight of the (frozen) renderer's loss on chunk n+1 rendered
+  # from the head's estimate of concept n+1 (0 = off), on render_positions per example.
+  c.concepts.render_weight = 0.0
+  c.concepts.render_positions = 4
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
@@ -150,15 +160,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "model.embed_dim", "model.num_heads", "model.num_kv_heads", "model.head_dim",
                 "model.mlp_dim", "model.concept_dim", "train.num_steps", "train.batch_size",
                 "train.grad_accum_steps", "checkpoint.every_steps", "checkpoint.max_to_keep",
-                "train.log_every", "train.eval_batches"):
+                "train.log_every", "train.eval_batches", "concepts.render_positions"):
     _positive(config, field)
   for field in ("train.learning_rate", "train.warmup_steps", "train.weight_decay",
-                "train.grad_clip", "render.z_noise", "render.concept_reg", "train.eval_every"):
+                "train.grad_clip", "render.z_noise", "render.concept_reg", "train.eval_every",
+                "concepts.render_weight", "concepts.temperature"):
     _positive(config, field, allow_zero=True)
   for field in ("render.full_mask_prob", "concepts.cfg_dropout", "train.ema_decay",
-                "data.eval_fraction"):
+                "data.eval_fraction", "render.generated_prob"):
     value = config[field.split(".")[0]][field.split(".")[1]]
-    if not 0.0 <= value < 1.0 + (field == "render.full_mask_prob"):
+    one_allowed = field in ("render.full_mask_prob", "render.generated_prob")
+    if not (0.0 <= value <= 1.0 if one_allowed else 0.0 <= value < 1.0):
       raise ConfigError(f"{field}={value!r} must lie in [0, 1]")
   if config.model.num_heads % config.model.num_kv_heads:
     raise ConfigError(f"model.num_kv_heads={config.model.num_kv_heads} must divide "

@@ -217,8 +217,12 @@ def render_metrics(gen: gen_lib.Generator, batches, key, elbo_samples: int = 4) 
 
 
 def concept_metrics(gen: gen_lib.Generator, batches, key, *, steps: int | None = None,
-                    guidance: float | None = None) -> dict:
-  """Next-concept L2 / cosine and contrastive accuracy of sampled next concepts."""
+                    guidance: float | None = None, temperature: float = 1.0) -> dict:
+  """Next-concept L2 / cosine and contrastive accuracy of sampled next concepts.
+
+  steps / guidance default to the run's concepts.sample_steps / guidance;
+  temperature scales the sampler's starting noise, as in generation.
+  """
   mods = gen_lib.build_modules(gen)
   enc, cm = mods["encoder"], mods["concept_model"]
   c = gen.config.concepts
@@ -235,12 +239,12 @@ def concept_metrics(gen: gen_lib.Generator, batches, key, *, steps: int | None =
                        method=ConceptModel.context)
     pred_BxNxD = concept_model.sample_from_context(
         cm, {"params": params["concept_model"]}, h_BxNxE, key, objective=c.objective,
-        steps=steps, guidance=guidance)
+        steps=steps, guidance=guidance, noise_scale=temperature)
     target_BxNxD, valid_BxN = continuous.next_concept_targets(z_BxNxD, batch["concept_mask"],
                                                               seg_BxN)
     return pred_BxNxD, target_BxNxD, valid_BxN, z_BxNxD
 
-  fn = gen.jitted("eval_concepts", (steps, guidance), lambda: program)
+  fn = gen.jitted("eval_concepts", (steps, guidance, temperature), lambda: program)
   sums = {"l2": 0.0, "cosine": 0.0, "count": 0, "hits": 0, "contrastive": 0}
   for i, batch in enumerate(batches):
     pred, target, valid, z = jax.device_get(fn(gen.params, _device_batch(gen, batch),

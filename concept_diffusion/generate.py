@@ -539,17 +539,18 @@ def _generate_mdm(gen: Generator, prompts, max_new: int, steps: int, temperature
 def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
              max_tokens: int = 64, concept_steps: int | None = None,
              render_steps: int | None = None, guidance: float | None = None,
-             temperature: float = 1.0, render_temperature: float = 0.0, seed: int = 0,
+             temperature: float | None = None, render_temperature: float = 0.0, seed: int = 0,
              show_steps: bool = False, end_cosine: float = 0.9,
              block_size: int | None = None) -> list[Sample]:
   """Continuations of `prompts` (one jitted call for the whole batch).
 
   concepts runs: `num_concepts` new concepts, `concept_steps` sampler steps each
   (default concepts.sample_steps), classifier-free `guidance` (default
-  concepts.guidance), `temperature` scales the concept sampler's starting noise,
+  concepts.guidance), `temperature` scales the concept sampler's starting noise
+  (default concepts.temperature),
   and all chunks are rendered at once in `render_steps` (default
   render.sample_steps) at `render_temperature`. ar / mdm runs: up to `max_tokens`
-  tokens at `temperature` (mdm: `render_steps` unmasking steps, default
+  tokens at `temperature` (default 1; mdm: `render_steps` unmasking steps, default
   max_tokens, optional semi-autoregressive `block_size`). A continuation stops at
   end-of-document: an END concept (renders to EOD, or cosine >= end_cosine to
   encoder([EOD])) or an EOD token.
@@ -559,6 +560,8 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
   key = jax.random.key(seed)
   if gen.kind == "concepts":
     c = gen.config.concepts
+    if temperature is None:  # .get: runs saved before the field sampled at 1.
+      temperature = c.get("temperature", 1.0)
     opts = ConceptOptions(
         num_new=int(num_concepts), concept_steps=int(concept_steps or c.sample_steps),
         render_steps=int(render_steps or gen.render_config.render.sample_steps),
@@ -566,6 +569,7 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
         noise_scale=float(temperature), render_temperature=float(render_temperature),
         end_cosine=float(end_cosine), show_steps=bool(show_steps))
     return _generate_concepts(gen, list(prompts), opts, key)
+  temperature = 1.0 if temperature is None else temperature
   if gen.kind == "ar":
     if show_steps:
       logging.info("ar runs have no denoising steps to show")

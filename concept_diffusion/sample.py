@@ -21,8 +21,9 @@ _RENDER_STEPS = flags.DEFINE_integer("render_steps", None, "Unmasking steps (def
                                      "render.sample_steps; mdm: max_tokens).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance (default "
                                "concepts.guidance; 1 = off).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Token temperature (ar / mdm); scale of "
-                                  "the concept sampler's starting noise (concepts).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Token temperature (ar / mdm, default 1); "
+                                  "scale of the concept sampler's starting noise (concepts, "
+                                  "default concepts.temperature).")
 _RENDER_TEMPERATURE = flags.DEFINE_float("render_temperature", 0.0, "Renderer token temperature "
                                          "(0 = argmax).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")

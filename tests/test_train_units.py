@@ -73,7 +73,12 @@ def test_frozen_subtree_never_changes():
 class _Linear:
   """A stand-in stage: linear regression with logical names."""
   frozen = ()
-  load_frozen = None
+  warm_start = None
+  eval_loss_fn = None
+
+  @classmethod
+  def held_out_loss_fn(cls):
+    return cls.loss_fn
 
   @staticmethod
   def init_params(key):

@@ -47,23 +47,39 @@ def next_concept_targets(z_BxNxD, concept_mask_BxN, segment_ids_BxN):
   return target_BxNxD, mask_BxN
 
 
-def concept_loss(objective: str, pred_fn, z1_BxNxD, mask_BxN, key):
-  """Per-dimension squared error of the objective's target -> (loss, metrics)."""
+def clean_estimate(objective: str, out_BxNxD, zt_BxNxD, t_BxN):
+  """The head's estimate of the clean concept z1 from its output at (z_t, t)."""
+  if objective == "flow":  # z1 = z_t + (1 - t) (z1 - noise).
+    return zt_BxNxD + (1.0 - t_BxN[..., None]) * out_BxNxD
+  return out_BxNxD  # x0 and mse predict z1 itself.
+
+
+def concept_loss(objective: str, pred_fn, z1_BxNxD, mask_BxN, key, with_estimate: bool = False):
+  """Per-dimension squared error of the objective's target -> (loss, metrics).
+
+  with_estimate: also return the head's clean-concept estimate z1_hat_BxNxD
+  (differentiable), for losses that look at what the head would generate.
+  """
   if objective not in OBJECTIVES:
     raise ValueError(f"concepts.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
   z1_BxNxD = z1_BxNxD.astype(jnp.float32)
   if objective == "mse":
-    zeros_BxN = jnp.zeros(z1_BxNxD.shape[:-1])
-    out_BxNxD = pred_fn(jnp.zeros_like(z1_BxNxD), zeros_BxN)
+    t_BxN = jnp.zeros(z1_BxNxD.shape[:-1])
+    zt_BxNxD = jnp.zeros_like(z1_BxNxD)
+    out_BxNxD = pred_fn(zt_BxNxD, t_BxN)
     target_BxNxD = z1_BxNxD
   else:
     k_t, k_noise = jax.random.split(key)
     t_BxN = stratified_times(k_t, z1_BxNxD.shape[:-1])
     noise_BxNxD = jax.random.normal(k_noise, z1_BxNxD.shape)
-    out_BxNxD = pred_fn(interpolate(noise_BxNxD, z1_BxNxD, t_BxN), t_BxN)
+    zt_BxNxD = interpolate(noise_BxNxD, z1_BxNxD, t_BxN)
+    out_BxNxD = pred_fn(zt_BxNxD, t_BxN)
     target_BxNxD = z1_BxNxD - noise_BxNxD if objective == "flow" else z1_BxNxD
-  err_BxN = jnp.mean(jnp.square(out_BxNxD.astype(jnp.float32) - target_BxNxD), axis=-1)
+  out_BxNxD = out_BxNxD.astype(jnp.float32)
+  err_BxN = jnp.mean(jnp.square(out_BxNxD - target_BxNxD), axis=-1)
   loss = masked_mean(err_BxN, mask_BxN)
+  if with_estimate:
+    return loss, {"loss": loss}, clean_estimate(objective, out_BxNxD, zt_BxNxD, t_BxN)
   return loss, {"loss": loss}
 
 

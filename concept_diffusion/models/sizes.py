@@ -93,3 +93,11 @@ def flops_per_token(config, stage: str, vocab_size: int | None = None,
   else:
     raise ValueError(f"stage={stage!r} is not one of {', '.join(TRAINED)}")
   return 6.0 * matmuls + 12.0 * attention
+
+
+def encoder_forward_flops_per_token(config, vocab_size: int | None = None) -> float:
+  """Forward-only FLOPs per chunk token of the concept encoder (the concepts stage's frozen E)."""
+  c = _cfg(config, vocab_size)
+  matmuls = _layer_matmuls(c) * c.encoder_layers + c.embed_dim * c.concept_dim / c.concept_len
+  attention = c.encoder_layers * c.num_heads * c.head_dim * c.concept_len
+  return 2.0 * matmuls + 4.0 * attention

@@ -3,8 +3,10 @@
 A Stage bundles what the trainer needs and nothing about the mesh:
   init_params(key) -> params (boxed with logical axis names)
   loss_fn(params, batch, key) -> (loss, metrics)   pure; batch as in the data contract
+  eval_loss_fn(params, batch, key)                  the held-out loss: augmentations off
 Params are a dict of named sub-models, e.g. {"encoder": ..., "renderer": ...}; the
-subtrees named in `frozen` are never updated (the concepts stage's encoder).
+subtrees named in `frozen` are never updated (the concepts stage's encoder), and
+`warm_start` fills subtrees of a fresh run from earlier runs (frozen or not).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import ml_collections
 
 from concept_diffusion.config import ConfigError
 from concept_diffusion.data.tokenizer import MASK_ID, Tokenizer
-from concept_diffusion.diffusion import masked
+from concept_diffusion.diffusion import continuous, masked
 from concept_diffusion.models import baselines, concept_model, encoder, renderer, sizes
 from concept_diffusion.models.layers import ModelConfig
 
@@ -37,7 +39,12 @@ class Stage:
   tokens_per_example: int  # Tokens one example feeds the model (throughput).
   flops_per_example: float  # Training FLOPs (forward + backward) of one example (MFU).
   frozen: tuple[str, ...] = ()  # Top-level param subtrees that never change.
-  load_frozen: Callable[[Any], dict] | None = None  # abstract params -> frozen subtrees.
+  warm_start: Callable[[Any], dict] | None = None  # abstract params -> subtrees from other runs.
+  eval_loss_fn: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]] | None = None
+
+  def held_out_loss_fn(self):
+    """The loss held-out evaluation uses: eval_loss_fn, else loss_fn."""
+    return self.eval_loss_fn or self.loss_fn
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -79,72 +86,179 @@ def render_mask(concept_mask_BxN, concept_len: int):
   return jnp.broadcast_to(concept_mask_BxN[..., None], (*concept_mask_BxN.shape, concept_len))
 
 
-def render_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Stage:
-  """Encoder + renderer; masked-diffusion loss of each chunk's tokens given z = E(chunk)."""
+def generated_concepts(cm: concept_model.ConceptModel, variables, z_BxNxD, concept_mask_BxN,
+                       segment_ids_BxN, key, *, objective: str, steps: int, guidance: float):
+  """(zgen_BxNxD, valid_BxN): concept n sampled by the concept model from the true z_<n.
+
+  Teacher-forced, like training the concept model: position n gets a sample of the
+  head given the context of concepts 0..n-1 of its own document. The first concept
+  of a document has no context: valid is False there (and at padding).
+  """
+  h_BxNxE = cm.apply(variables, z_BxNxD, segment_ids_BxN, method=cm.context)
+  pred_BxNxD = concept_model.sample_from_context(cm, variables, h_BxNxE, key,
+                                                 objective=objective, steps=steps,
+                                                 guidance=guidance)
+  _, has_next_BxN = continuous.next_concept_targets(z_BxNxD, concept_mask_BxN, segment_ids_BxN)
+  # The prediction made at n is concept n + 1's: shift both one step right.
+  zgen_BxNxD = jnp.pad(pred_BxNxD[:, :-1], ((0, 0), (1, 0), (0, 0)))
+  valid_BxN = jnp.pad(has_next_BxN[:, :-1], ((0, 0), (1, 0)))
+  return jax.lax.stop_gradient(zgen_BxNxD), valid_BxN
+
+
+def render_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                 for_training: bool = True) -> Stage:
+  """Encoder + renderer; masked-diffusion loss of each chunk's tokens given z = E(chunk).
+
+  With render.generated_from (a concepts run) this is a fine-tune of that run's
+  renderer: the encoder and concept model are frozen, and a render.generated_prob
+  share of the chunks is rendered from the concept model's own sample of their
+  concept instead of the encoder's, so the renderer learns the concepts that
+  generation will hand it (DESIGN lesson 3).
+  """
   cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
   enc, ren = encoder.ConceptEncoder(cfg), renderer.Renderer(cfg)
   r, n, l = config.render, config.data.num_concepts, config.data.concept_len
+  finetune = bool(r.get("generated_from", ""))  # .get: configs saved before the field.
+  cm = cm_config = None
+  if finetune:
+    cm_config = _resolved(config.render, "concepts_config", "render.generated_from")
+    cm = concept_model.ConceptModel(ModelConfig.from_config(cm_config, tokenizer.vocab_size))
 
   def init_params(key):
-    k_enc, k_ren = jax.random.split(key)
+    k_enc, k_ren, k_cm = jax.random.split(key, 3)
     tokens = jnp.zeros((1, n, l), jnp.int32)
     z = jnp.zeros((1, n, cfg.concept_dim))
-    return {"encoder": enc.init(k_enc, tokens, tokens > 0)["params"],
-            "renderer": ren.init(k_ren, tokens, z, z if cfg.prev_concept else None)["params"]}
+    params = {"encoder": enc.init(k_enc, tokens, tokens > 0)["params"],
+              "renderer": ren.init(k_ren, tokens, z, z if cfg.prev_concept else None)["params"]}
+    if finetune:
+      params["concept_model"] = cm.init(k_cm, z, jnp.ones((1, n), jnp.int32), z,
+                                        jnp.zeros((1, n)))["params"]
+    return params
 
-  def loss_fn(params, batch, key):
-    k_noise, k_diffusion = jax.random.split(key)
+  def loss(params, batch, key, augment: bool):
+    k_noise, k_diffusion, k_gen, k_pick = jax.random.split(key, 4)
     tokens_BxNxL, token_mask_BxNxL = batch["tokens"], batch["token_mask"]
+    concept_mask_BxN, seg_BxN = batch["concept_mask"], batch["segment_ids"]
     z_BxNxD = enc.apply({"params": params["encoder"]}, tokens_BxNxL, token_mask_BxNxL)
+    if finetune:
+      z_BxNxD = jax.lax.stop_gradient(z_BxNxD)  # Frozen: the concept model's space.
     # The renderer fills every position of a real chunk, PAD after its end included: a
     # generated concept comes with no length, so the renderer must decide where it ends.
-    chunk_mask_BxNxL = render_mask(batch["concept_mask"], tokens_BxNxL.shape[-1])
-    # z has unit RMS per dimension (encoder layer-norm), so z_noise is relative to it:
-    # the renderer learns to tolerate imperfect (generated) concepts.
-    z_in_BxNxD = z_BxNxD + r.z_noise * jax.random.normal(k_noise, z_BxNxD.shape)
-    prev_BxNxD = (renderer.previous_concepts(z_in_BxNxD, batch["segment_ids"])
-                  if cfg.prev_concept else None)
+    chunk_mask_BxNxL = render_mask(concept_mask_BxN, tokens_BxNxL.shape[-1])
+    z_in_BxNxD = z_BxNxD
+    if augment:
+      # z has unit RMS per dimension (encoder layer-norm), so z_noise is relative to it:
+      # the renderer learns to tolerate imperfect (generated) concepts.
+      z_in_BxNxD = z_BxNxD + r.z_noise * jax.random.normal(k_noise, z_BxNxD.shape)
+      if finetune:
+        c = cm_config.concepts
+        zgen_BxNxD, valid_BxN = generated_concepts(
+            cm, {"params": params["concept_model"]}, z_BxNxD, concept_mask_BxN, seg_BxN, k_gen,
+            objective=c.objective, steps=c.sample_steps, guidance=c.guidance)
+        pick_BxN = valid_BxN & jax.random.bernoulli(k_pick, r.generated_prob, valid_BxN.shape)
+        z_in_BxNxD = jnp.where(pick_BxN[..., None], zgen_BxNxD, z_in_BxNxD)
+    prev_BxNxD = renderer.previous_concepts(z_in_BxNxD, seg_BxN) if cfg.prev_concept else None
     logits_fn = lambda inputs_BxNxL: ren.apply(
         {"params": params["renderer"]}, inputs_BxNxL, z_in_BxNxD, prev_BxNxD, chunk_mask_BxNxL)
     diffusion, metrics = masked.masked_diffusion_loss(
         logits_fn, tokens_BxNxL, chunk_mask_BxNxL, MASK_ID, k_diffusion,
         full_mask_prob=r.full_mask_prob, mask_rate_dist=r.mask_rate)
-    reg = concept_decorrelation(z_BxNxD, batch["concept_mask"])
+    reg = concept_decorrelation(z_BxNxD, concept_mask_BxN)
     metrics = {**metrics, "diffusion_loss": diffusion, "concept_reg": reg}
     del metrics["loss"]
-    return diffusion + r.concept_reg * reg, metrics
+    return diffusion + (0.0 if finetune else r.concept_reg) * reg, metrics
 
-  return Stage("render", "concepts", init_params, loss_fn, n * l,
-               _flops_per_example(config, "render", n * l, tokenizer.vocab_size))
+  warm_start = None
+  if finetune and for_training:
+    warm_start = lambda abstract: _finetune_start(config, tokenizer, abstract)
+  return Stage("render", "concepts", init_params,
+               lambda p, b, k: loss(p, b, k, augment=True), n * l,
+               _flops_per_example(config, "render", n * l, tokenizer.vocab_size),
+               frozen=("encoder", "concept_model") if finetune else (),
+               warm_start=warm_start,
+               eval_loss_fn=lambda p, b, k: loss(p, b, k, augment=False))
+
+
+def _finetune_start(config, tokenizer, abstract) -> dict:
+  """Encoder and renderer of the render run, concept model of the concepts run."""
+  render_config = _resolved(config.render, "render_config", "render.generated_from")
+  concepts_config = _resolved(config.render, "concepts_config", "render.generated_from")
+  out = restore_subtrees(render_config, config.render.render_workdir, tokenizer,
+                         {"encoder": abstract["encoder"], "renderer": abstract["renderer"]})
+  out.update(restore_subtrees(concepts_config, config.render.generated_from, tokenizer,
+                              {"concept_model": abstract["concept_model"]}))
+  return out
 
 
 # ---------------------------------------------------------------- concepts
 
 
+def _resolved(section, name: str, field: str) -> ml_collections.ConfigDict:
+  """A run config that resolve_config stored in `section` (from the run named by `field`)."""
+  if name not in section:
+    raise ConfigError(f"{field} was not resolved; call stages.resolve_config(config) first")
+  return ml_collections.ConfigDict(section[name])
+
+
 def _render_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The render run's config, stored in config.concepts.render_config by resolve_config."""
-  if "render_config" not in config.concepts:
-    raise ConfigError("concepts.render_workdir was not resolved; call "
-                      "stages.resolve_config(config) first")
-  return ml_collections.ConfigDict(config.concepts.render_config)
+  return _resolved(config.concepts, "render_config", "concepts.render_workdir")
+
+
+def next_chunk_render_loss(ren: renderer.Renderer, ren_params, zhat_BxNxD, z_BxNxD, batch,
+                           key, *, positions: int, full_mask_prob: float, mask_rate: str):
+  """Masked-diffusion loss of chunk n+1's tokens rendered from the estimate zhat_n of it.
+
+  `positions` random valid positions per example are rendered (the renderer costs
+  L tokens per concept); the renderer sees the true concept n as its previous one.
+  """
+  k_pick, k_diffusion = jax.random.split(key)
+  _, valid_BxN = continuous.next_concept_targets(z_BxNxD, batch["concept_mask"],
+                                                 batch["segment_ids"])
+  score_BxN = jnp.where(valid_BxN, jax.random.uniform(k_pick, valid_BxN.shape), -1.0)
+  _, idx_BxK = jax.lax.top_k(score_BxN, min(positions, valid_BxN.shape[1]))
+  take = lambda x: jnp.take_along_axis(x, idx_BxK.reshape(*idx_BxK.shape,
+                                                          *([1] * (x.ndim - 2))), axis=1)
+  picked_BxK = take(valid_BxN)
+  next_tokens_BxNxL = jnp.pad(batch["tokens"][:, 1:], ((0, 0), (0, 1), (0, 0)))
+  tokens_BxKxL = take(next_tokens_BxNxL)
+  chunk_mask_BxKxL = render_mask(picked_BxK, tokens_BxKxL.shape[-1])
+  prev_BxKxD = take(z_BxNxD) if ren.cfg.prev_concept else None
+  zhat_BxKxD = take(zhat_BxNxD)
+  logits_fn = lambda inputs_BxKxL: ren.apply({"params": ren_params}, inputs_BxKxL, zhat_BxKxD,
+                                             prev_BxKxD, chunk_mask_BxKxL)
+  loss, _ = masked.masked_diffusion_loss(logits_fn, tokens_BxKxL, chunk_mask_BxKxL, MASK_ID,
+                                         k_diffusion, full_mask_prob=full_mask_prob,
+                                         mask_rate_dist=mask_rate)
+  return loss
 
 
 def concepts_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                    for_training: bool = True) -> Stage:
-  """Frozen encoder (from the render run) + causal concept model with a diffusion head."""
+  """Frozen encoder (from the render run) + causal concept model with a diffusion head.
+
+  concepts.render_weight > 0 puts the render run's (frozen) renderer in the loop: the
+  head's clean estimate of concept n+1 must also render chunk n+1's tokens, a token-level
+  signal on top of the distance in concept space.
+  """
   render_config = _render_config(config)
   enc_cfg = ModelConfig.from_config(render_config, tokenizer.vocab_size)
   cm_cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
   enc, cm = encoder.ConceptEncoder(enc_cfg), concept_model.ConceptModel(cm_cfg)
   c, n, l = config.concepts, config.data.num_concepts, config.data.concept_len
+  render_weight = c.get("render_weight", 0.0)  # .get: configs saved before the field.
+  ren = renderer.Renderer(enc_cfg) if render_weight > 0 else None
 
   def init_params(key):
-    k_enc, k_cm = jax.random.split(key)
+    k_enc, k_cm, k_ren = jax.random.split(key, 3)
     tokens = jnp.zeros((1, n, l), jnp.int32)
     z = jnp.zeros((1, n, cm_cfg.concept_dim))
     seg = jnp.ones((1, n), jnp.int32)
-    return {"encoder": enc.init(k_enc, tokens, tokens > 0)["params"],
-            "concept_model": cm.init(k_cm, z, seg, z, jnp.zeros((1, n)))["params"]}
+    params = {"encoder": enc.init(k_enc, tokens, tokens > 0)["params"],
+              "concept_model": cm.init(k_cm, z, seg, z, jnp.zeros((1, n)))["params"]}
+    if ren is not None:
+      params["renderer"] = ren.init(k_ren, tokens, z, z if enc_cfg.prev_concept else None)["params"]
+    return params
 
   def loss_fn(params, batch, key):
     if "concepts" in batch:  # Concept cache: encoded once, offline.
@@ -152,42 +266,55 @@ def concepts_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     else:
       z_BxNxD = enc.apply({"params": params["encoder"]}, batch["tokens"], batch["token_mask"])
     z_BxNxD = jax.lax.stop_gradient(z_BxNxD)  # The encoder is frozen.
-    loss, metrics = concept_model.concept_objective(
+    k_concept, k_render = jax.random.split(key)
+    out = concept_model.concept_objective(
         cm, {"params": params["concept_model"]}, z_BxNxD, batch["concept_mask"],
-        batch["segment_ids"], key, c.objective, c.cfg_dropout)
-    return loss, {k: v for k, v in metrics.items() if k != "loss"}
+        batch["segment_ids"], k_concept, c.objective, c.cfg_dropout,
+        with_estimate=ren is not None)
+    loss, metrics = out[:2]
+    metrics = {k: v for k, v in metrics.items() if k != "loss"}
+    if ren is not None:
+      r = render_config.render
+      render_loss = next_chunk_render_loss(
+          ren, params["renderer"], out[2], z_BxNxD, batch, k_render, positions=c.render_positions,
+          full_mask_prob=r.full_mask_prob, mask_rate=r.mask_rate)
+      metrics = {**metrics, "concept_loss": loss, "render_loss": render_loss}
+      loss = loss + render_weight * render_loss
+    return loss, metrics
 
-  load_frozen = None
+  warm_start = None
   if for_training:
-    load_frozen = lambda abstract: {
-        "encoder": restore_render_encoder(render_config, config.concepts.render_workdir,
-                                          tokenizer, abstract["encoder"])}
-  return Stage("concepts", "concepts", init_params, loss_fn, n * l,
-               _flops_per_example(config, "concepts", n, tokenizer.vocab_size),
-               frozen=("encoder",),
-               load_frozen=load_frozen)
+    names = ("encoder", "renderer") if ren is not None else ("encoder",)
+    warm_start = lambda abstract: restore_subtrees(
+        render_config, config.concepts.render_workdir, tokenizer,
+        {name: abstract[name] for name in names})
+  flops = _flops_per_example(config, "concepts", n, tokenizer.vocab_size)
+  if ren is not None:  # The renderer's forward and backward on the rendered positions.
+    flops += _flops_per_example(render_config, "render", c.render_positions * l,
+                                tokenizer.vocab_size)
+  return Stage("concepts", "concepts", init_params, loss_fn, n * l, flops,
+               frozen=("encoder", "renderer"), warm_start=warm_start)
 
 
-def restore_render_encoder(render_config, render_workdir: str, tokenizer, abstract_encoder):
-  """The encoder params of the render run's newest good checkpoint, placed like `abstract_encoder`."""
+def restore_subtrees(run_config, workdir: str, tokenizer, abstract_subtrees: dict) -> dict:
+  """Param subtrees of run `workdir`'s newest good checkpoint, placed like `abstract_subtrees`."""
   from concept_diffusion.train import checkpoint as ckpt_lib
   from concept_diffusion.train import optimizer as opt_lib
   from concept_diffusion.train import state as state_lib
-  stage = render_stage(render_config, tokenizer)
-  tx = opt_lib.make_optimizer(render_config, stage.frozen)
-  mesh = jax.tree.leaves(abstract_encoder)[0].sharding.mesh
-  abstract, _ = state_lib.abstract_state(stage.init_params, tx, render_config.train.ema_decay > 0,
+  stage = build_stage(run_config, tokenizer, for_training=False)
+  tx = opt_lib.make_optimizer(run_config, stage.frozen)
+  mesh = jax.tree.leaves(abstract_subtrees)[0].sharding.mesh
+  abstract, _ = state_lib.abstract_state(stage.init_params, tx, run_config.train.ema_decay > 0,
                                          mesh, jax.random.key(0))
-  # Place the encoder exactly as the concepts run wants it.
-  params = dict(abstract.params, encoder=abstract_encoder)
-  abstract = abstract.replace(params=params)
-  restored = ckpt_lib.restore_latest(ckpt_lib.make_manager(render_workdir, read_only=True),
+  # Place the wanted subtrees exactly as the caller wants them.
+  abstract = abstract.replace(params={**abstract.params, **abstract_subtrees})
+  restored = ckpt_lib.restore_latest(ckpt_lib.make_manager(workdir, read_only=True),
                                      abstract, quarantine=False)
   if restored is None:
-    raise ConfigError(f"concepts.render_workdir={render_workdir!r} holds no readable checkpoint")
+    raise ConfigError(f"{workdir!r} holds no readable checkpoint")
   state = restored[1]
-  use_ema = state.ema_params is not None
-  return (state.ema_params if use_ema else state.params)["encoder"]
+  params = state.ema_params if state.ema_params is not None else state.params
+  return {name: params[name] for name in abstract_subtrees}
 
 
 # ---------------------------------------------------------------- baselines
@@ -241,42 +368,79 @@ def mdm_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Stage:
 # ---------------------------------------------------------------- construction
 
 
-def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Fills what a stage derives from elsewhere (concepts: the render run); checks it exists."""
-  if config.stage != "concepts":
-    return config
+def _run_config(workdir: str, field: str, stage: str) -> ml_collections.ConfigDict:
+  """The saved config of the `stage` run in `workdir` (named by config `field`)."""
   from concept_diffusion.train import checkpoint as ckpt_lib
-  workdir = config.concepts.render_workdir
   if not os.path.isdir(workdir):
-    raise ConfigError(f"concepts.render_workdir={workdir!r} is not a directory")
+    raise ConfigError(f"{field}={workdir!r} is not a directory")
   try:
     _, meta = ckpt_lib.latest_meta(workdir)
   except ckpt_lib.CheckpointError as e:
-    raise ConfigError(f"concepts.render_workdir={workdir!r} holds no checkpoint of a render "
-                      f"run ({e})") from None
-  render = ml_collections.ConfigDict(meta["config"])
-  if render.stage != "render":
-    raise ConfigError(f"concepts.render_workdir={workdir!r} is a {render.stage!r} run, "
-                      "not a render run")
+    raise ConfigError(f"{field}={workdir!r} holds no checkpoint of a {stage} run ({e})") from None
+  run = ml_collections.ConfigDict(meta["config"])
+  if run.stage != stage:
+    raise ConfigError(f"{field}={workdir!r} is a {run.stage!r} run, not a {stage} run")
+  return run
+
+
+def _without(run: ml_collections.ConfigDict, section: str, name: str) -> dict:
+  """run as a dict, minus a resolved run config it carries (kept one level deep)."""
+  d = run.to_dict()
+  d.get(section, {}).pop(name, None)
+  return d
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fills what a stage derives from earlier runs; checks they exist.
+
+  concepts: chunking, tokenizer and concept_dim come from concepts.render_workdir.
+  render with render.generated_from (a concepts run): the whole model and chunking
+  come from that concepts run's render run, which the fine-tune starts from.
+  """
+  if config.stage == "render" and config.render.get("generated_from", ""):
+    concepts = _run_config(config.render.generated_from, "render.generated_from", "concepts")
+    render_dir = concepts.concepts.render_workdir
+    render = _run_config(render_dir, "render.generated_from's concepts.render_workdir",
+                         "render")
+    for field in INHERITED_DATA_FIELDS:
+      config.data[field] = render.data[field]
+    config.model = ml_collections.ConfigDict(render.model.to_dict())
+    config.render.render_workdir = render_dir
+    config.render.render_config = _without(render, "render", "render_config")
+    config.render.concepts_config = concepts.to_dict()
+    return config
+  if config.stage != "concepts":
+    return config
+  workdir = config.concepts.render_workdir
+  render = _run_config(workdir, "concepts.render_workdir", "render")
   cache = config.data.source.startswith("concepts:")  # A concept cache is this run's own.
+  if cache and config.concepts.get("render_weight", 0.0) > 0:
+    raise ConfigError("concepts.render_weight > 0 renders chunk tokens, which a concept cache "
+                      f"source ({config.data.source}) does not have; use the text source")
   for field in INHERITED_DATA_FIELDS:
     if not (cache and field == "source"):
       config.data[field] = render.data[field]
   config.model.concept_dim = render.model.concept_dim
-  render_dict = render.to_dict()
-  render_dict.get("concepts", {}).pop("render_config", None)
-  config.concepts.render_config = render_dict
+  config.concepts.render_config = _without(render, "concepts", "render_config")
   return config
 
 
 def render_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
-  """The tokenizer of the concepts stage's render run (concepts must use the same ids)."""
+  """The tokenizer of the render run this run builds on (its ids must be the same)."""
   from concept_diffusion.train import checkpoint as ckpt_lib
-  _, meta = ckpt_lib.latest_meta(config.concepts.render_workdir)
-  return Tokenizer(ckpt_lib.tokenizer_proto(meta), origin=config.concepts.render_workdir)
+  workdir = (config.concepts.render_workdir if config.stage == "concepts"
+             else config.render.render_workdir)
+  _, meta = ckpt_lib.latest_meta(workdir)
+  return Tokenizer(ckpt_lib.tokenizer_proto(meta), origin=workdir)
 
 
-BUILDERS = {"render": render_stage, "ar": ar_stage, "mdm": mdm_stage}
+def inherits_tokenizer(config: ml_collections.ConfigDict) -> bool:
+  """Whether this run takes its tokenizer from an earlier render run."""
+  return config.stage == "concepts" or (config.stage == "render"
+                                        and bool(config.render.get("generated_from", "")))
+
+
+BUILDERS = {"ar": ar_stage, "mdm": mdm_stage}
 
 
 def build_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
@@ -284,4 +448,6 @@ def build_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   """The Stage for config.stage."""
   if config.stage == "concepts":
     return concepts_stage(config, tokenizer, for_training)
+  if config.stage == "render":
+    return render_stage(config, tokenizer, for_training)
   return BUILDERS[config.stage](config, tokenizer)

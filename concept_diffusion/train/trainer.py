@@ -152,7 +152,7 @@ def jit_eval_step(config, stage, mesh, state_shardings, batch_spec: dict):
   key = jax.random.fold_in(jax.random.key(config.train.seed), EVAL_STREAM)
 
   def eval_step(params, batch):
-    loss, metrics = stage.loss_fn(params, batch, key)
+    loss, metrics = stage.held_out_loss_fn()(params, batch, key)
     return {**metrics, "loss": loss}
 
   return jax.jit(eval_step, in_shardings=(state_shardings.params, batch_shardings),
@@ -206,7 +206,8 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
   tok = None
   if multihost.is_main():
     path = os.path.join(workdir, "tokenizer")
-    if config.stage == "concepts" and not os.path.exists(os.path.join(path, "tokenizer.model")):
+    if (stages_lib.inherits_tokenizer(config)
+        and not os.path.exists(os.path.join(path, "tokenizer.model"))):
       stages_lib.render_tokenizer(config).save(path)  # Same ids as the frozen encoder.
     tok = data.make_tokenizer(config, workdir)
   multihost.sync("tokenizer")
@@ -273,8 +274,8 @@ def _init_or_restore(config, stage, tx, mesh, mngr, data_iter, make_iter):
       print(f"resumed from checkpoint at step {step}", flush=True)
     return state, step, (data_iter if data_restored else make_iter()), shardings
   state = state_lib.init_state(stage.init_params, tx, use_ema, mesh, init_key)
-  if stage.load_frozen is not None:
-    loaded = stage.load_frozen(abstract.params)
+  if stage.warm_start is not None:
+    loaded = stage.warm_start(abstract.params)
     params = {**state.params, **loaded}
     ema = None if state.ema_params is None else {**state.ema_params, **loaded}
     state = state.replace(params=params, ema_params=ema)

@@ -1,0 +1,372 @@
+"""Experiment grids over the concept pipeline, against ar / mdm baselines at equal FLOPs.
+
+  from concept_diffusion import experiment
+  grid = [experiment.Variant("default"),
+          experiment.Variant("z_noise=0.5", "render z noise", render={"render.z_noise": 0.5})]
+  table = experiment.run_grid(grid, "runs/grid", source="synthetic")
+
+Each Variant is the tiny pipeline (configs/render.py:tiny, then configs/concepts.py:tiny,
+optionally a render fine-tune on generated concepts) with some fields changed, and
+sampling options for generation. Runs are shared between variants that train the
+same thing (a workdir per distinct set of overrides), and everything resumes: a
+finished run or a finished evaluation is read back, not redone.
+
+The baselines: `ar` and `mdm` (configs/ar.py:tiny, configs/mdm.py:tiny) trained on the
+same source for as many steps as give them the training FLOPs of the first
+variant's pipeline (render + concepts, the frozen encoder's forward included). A
+second ar run with another seed judges the gen-PPL of every row, the baselines'
+too, so no row is scored by its own model. The `reference` row scores the held-out
+continuations themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+
+from concept_diffusion import config as config_lib
+from concept_diffusion.models import sizes
+
+COLUMNS = (  # (results key, table heading)
+    ("roundtrip_token_accuracy", "round-trip acc"),
+    ("next_concept_cosine", "next cos"),
+    ("contrastive_accuracy", "contrastive acc"),
+    ("gen_ppl", "gen-PPL"),
+    ("unigram_entropy", "unigram H (bits)"),
+    ("coherence_well_formed", "well-formed"),
+    ("coherence_consistent", "consistent"),
+    ("gen_tokens_per_sec", "gen tok/s"),
+    ("train_pflops", "train PFLOPs"),
+)
+DONE_FILE = "grid_done.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row: field overrides per training run, and generation options.
+
+  render / concepts / finetune: {"section.field": value} applied to the tiny presets;
+  finetune=None trains no fine-tune, {} one with the defaults of render.generated_*.
+  sample: generate() options (concept_steps, guidance, temperature, render_steps).
+  """
+  name: str
+  axis: str = "reference point"
+  render: dict = dataclasses.field(default_factory=dict)
+  concepts: dict = dataclasses.field(default_factory=dict)
+  finetune: dict | None = None
+  sample: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Settings:
+  """What is shared by every row of one grid."""
+  source: str = "synthetic"
+  render_preset: str = "configs/render.py:tiny"
+  concepts_preset: str = "configs/concepts.py:tiny"
+  ar_preset: str = "configs/ar.py:tiny"
+  mdm_preset: str = "configs/mdm.py:tiny"
+  finetune_steps: int = 300  # Steps of the generated-concept render fine-tune.
+  steps_scale: float = 1.0  # Multiplies every run's num_steps (tests use a tiny value).
+  num_prompts: int = 64
+  max_batches: int = 8
+  batch_size: int = 32
+  max_tokens: int = 64
+  judge_seed: int = 1
+  seed: int = 0
+  common: dict = dataclasses.field(default_factory=dict)  # Overrides of every run (tests).
+
+
+# ---------------------------------------------------------------- configs
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Sets {"section.field": value}; an unknown field is a ConfigError naming it."""
+  for field, value in overrides.items():
+    parent = config
+    *path, last = field.split(".")
+    for part in path:
+      if part not in parent:
+        raise config_lib.ConfigError(f"override {field}: no section {part!r}")
+      parent = parent[part]
+    if last not in parent:
+      raise config_lib.ConfigError(f"override {field}: no field {last!r}")
+    parent[last] = type(parent[last])(value) if isinstance(parent[last], (int, float)) and \
+        not isinstance(parent[last], bool) else value
+  return config
+
+
+def _preset(spec: str, settings: Settings, overrides: dict) -> ml_collections.ConfigDict:
+  config = config_lib.load_config(spec)
+  config.data.source = settings.source
+  apply_overrides(config, {**settings.common, **overrides})
+  config.train.num_steps = max(1, round(config.train.num_steps * settings.steps_scale))
+  config.train.warmup_steps = min(config.train.warmup_steps, config.train.num_steps // 2)
+  config.checkpoint.every_steps = config.train.num_steps
+  return config
+
+
+def _run_name(kind: str, *parts) -> str:
+  """kind-<hash of what defines the run>: one workdir per distinct training."""
+  blob = json.dumps(parts, sort_keys=True, default=str).encode()
+  return f"{kind}-{hashlib.sha1(blob).hexdigest()[:10]}"
+
+
+@dataclasses.dataclass
+class Plan:
+  """The runs of one variant: (workdir, config) per stage, in training order."""
+  render: tuple[str, Any]
+  concepts: tuple[str, Any]
+  finetune: tuple[str, Any] | None
+
+
+def plan_variant(v: Variant, workdir: str, settings: Settings) -> Plan:
+  """Workdirs and configs of a variant's runs (shared with other variants where equal)."""
+  key = (settings.source, settings.steps_scale, settings.common)
+  r_name = _run_name("render", key, v.render)
+  render_dir = os.path.join(workdir, r_name)
+  render = _preset(settings.render_preset, settings, v.render)
+  c_name = _run_name("concepts", key, v.render, v.concepts)
+  concepts_dir = os.path.join(workdir, c_name)
+  concepts = _preset(settings.concepts_preset, settings, v.concepts)
+  concepts.concepts.render_workdir = render_dir
+  finetune = None
+  if v.finetune is not None:
+    ft = _preset(settings.render_preset, settings, {"render.generated_from": concepts_dir,
+                                                     **v.finetune})
+    ft.train.num_steps = max(1, round(settings.finetune_steps * settings.steps_scale))
+    ft.train.warmup_steps = min(ft.train.warmup_steps, ft.train.num_steps // 2)
+    ft.checkpoint.every_steps = ft.train.num_steps
+    ft_dir = os.path.join(workdir, _run_name("finetune", key, v.render, v.concepts, v.finetune))
+    finetune = (ft_dir, ft)
+  return Plan((render_dir, render), (concepts_dir, concepts), finetune)
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def training_flops(config: ml_collections.ConfigDict, vocab_size: int,
+                   render_config: ml_collections.ConfigDict | None = None) -> float:
+  """Training FLOPs of one run: per-position FLOPs x positions x batch x steps.
+
+  concepts runs add the frozen encoder's forward over every chunk token
+  (`render_config` sizes it); a generated-concept fine-tune counts as a render run.
+  """
+  t, d = config.train, config.data
+  examples = t.batch_size * t.num_steps
+  if config.stage == "render":
+    return sizes.flops_per_token(config, "render", vocab_size) * d.num_concepts * \
+        d.concept_len * examples
+  if config.stage == "concepts":
+    enc = render_config or config
+    tokens = d.num_concepts * enc.data.concept_len
+    per_example = (sizes.flops_per_token(config, "concepts", vocab_size) * d.num_concepts +
+                   sizes.encoder_forward_flops_per_token(enc, vocab_size) * tokens)
+    if config.concepts.render_weight > 0:  # Renderer in the loop (counted as a render step).
+      per_example += sizes.flops_per_token(enc, "render", vocab_size) * \
+          config.concepts.render_positions * enc.data.concept_len
+    return per_example * examples
+  return sizes.flops_per_token(config, config.stage, vocab_size) * d.seq_len * examples
+
+
+def matched_steps(config: ml_collections.ConfigDict, vocab_size: int, budget: float) -> int:
+  """num_steps that gives a flat baseline `budget` training FLOPs."""
+  per_step = training_flops(ml_collections.ConfigDict(
+      {**config.to_dict(), "train": {**config.train.to_dict(), "num_steps": 1}}), vocab_size)
+  return max(1, round(budget / per_step))
+
+
+def _variant_flops(plan: Plan, vocab_size: int) -> float:
+  render = plan.render[1]
+  concepts = _with_concept_len(plan.concepts[1], render)
+  total = training_flops(render, vocab_size) + training_flops(concepts, vocab_size, render)
+  if plan.finetune is not None:
+    total += training_flops(_with_concept_len(plan.finetune[1], render), vocab_size)
+  return total
+
+
+def _with_concept_len(config, render):
+  """config with the chunking it inherits from its render run (as the trainer resolves it)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.concept_len = render.data.concept_len
+  config.model.concept_dim = render.model.concept_dim
+  return config
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_once(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Trains (or resumes) a run unless it already finished; marks it finished."""
+  from concept_diffusion import train as train_lib
+  done = os.path.join(workdir, DONE_FILE)
+  if os.path.isfile(done):
+    return
+  start = time.time()
+  print(f"-- training {os.path.basename(workdir)} ({config.stage}, "
+        f"{config.train.num_steps} steps)", flush=True)
+  summary = train_lib.train(config, workdir)
+  with open(done, "w") as f:
+    json.dump({"seconds": time.time() - start, "last": summary}, f, default=float)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dict:
+  from concept_diffusion import evaluation, generate
+  render_dir = plan.finetune[0] if plan.finetune else plan.render[0]
+  gen = generate.load(plan.concepts[0], render_workdir=render_dir)
+  render_gen = generate.load(render_dir, mesh=gen.mesh)
+  config = evaluation.eval_config(gen)
+  key = jax.random.key(settings.seed)
+  b = generate.padded_batch_size(gen, settings.batch_size)
+  batches = lambda: evaluation.eval_batches(config, gen.tokenizer, "concepts", b,
+                                            settings.max_batches)
+  out = evaluation.render_metrics(render_gen, batches(), key)
+  s = v.sample  # Concept metrics sample as generation does (concepts.temperature default).
+  temperature = s.get("temperature", gen.config.concepts.get("temperature", 1.0))
+  out.update(evaluation.concept_metrics(gen, batches(), key, steps=s.get("concept_steps"),
+                                        guidance=s.get("guidance"), temperature=temperature))
+  pairs = evaluation.eval_prompts(config, settings.num_prompts)
+  gen_out, samples = evaluation.generation_metrics(
+      gen, pairs, judge=judge, synthetic_data=settings.source == "synthetic",
+      max_tokens=settings.max_tokens, seed=settings.seed, **s)
+  out.update(gen_out)
+  out["sample"] = f"{samples[0].prompt[-80:]} => {samples[0].text[:160]}"
+  return out
+
+
+def _evaluate_flat(workdir: str, judge, settings: Settings) -> dict:
+  from concept_diffusion import evaluation, generate
+  gen = generate.load(workdir, mesh=judge.mesh)
+  pairs = evaluation.eval_prompts(evaluation.eval_config(gen), settings.num_prompts)
+  out, samples = evaluation.generation_metrics(
+      gen, pairs, judge=judge, synthetic_data=settings.source == "synthetic",
+      max_tokens=settings.max_tokens, seed=settings.seed)
+  out["sample"] = f"{samples[0].prompt[-80:]} => {samples[0].text[:160]}"
+  return out
+
+
+def _evaluate_reference(judge, settings: Settings) -> dict:
+  """The held-out continuations themselves, scored like generated ones."""
+  from concept_diffusion import evaluation
+  pairs = evaluation.eval_prompts(evaluation.eval_config(judge), settings.num_prompts)
+  prompts, truth = [p for p, _ in pairs], [c for _, c in pairs]
+  out = {"gen_ppl": evaluation.judge_perplexity(judge, prompts, truth)}
+  ids = [judge.tokenizer.encode(c) for c in truth]
+  out["unigram_entropy"] = evaluation.mean_unigram_entropy(ids)
+  if settings.source == "synthetic":
+    out.update(evaluation.coherence_scores(prompts, truth))
+  return out
+
+
+def _cached(path: str, compute) -> dict:
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f)
+  out = compute()
+  out = {k: (float(x) if isinstance(x, (int, float)) else x) for k, x in out.items()}
+  with open(path, "w") as f:
+    json.dump(out, f, indent=2, sort_keys=True)
+  return out
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = None,
+             **kwargs) -> dict:
+  """Trains what is missing and evaluates every row; writes results.json and results.md.
+
+  Order: the first variant, the baselines (they need its FLOPs), then the other
+  variants one by one; the tables are rewritten after every row, so a long grid
+  shows its results as they come.
+  """
+  settings = settings or Settings(**kwargs)
+  from concept_diffusion import generate
+  os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
+  plans = [plan_variant(v, workdir, settings) for v in grid]
+  result = {"source": settings.source, "settings": dataclasses.asdict(settings), "rows": {},
+            "variants": {v.name: dataclasses.asdict(v) for v in grid}}
+
+  def train_variant(plan):
+    train_once(plan.render[1], plan.render[0])
+    train_once(plan.concepts[1], plan.concepts[0])
+    if plan.finetune is not None:
+      train_once(plan.finetune[1], plan.finetune[0])
+
+  def add_row(name, axis, compute):
+    path = os.path.join(workdir, "results", f"{name}-{_run_name('row', name, axis)}.json")
+    result["rows"][name] = {**_cached(path, compute), "axis": axis}
+    _write_tables(result, workdir)
+
+  train_variant(plans[0])
+  vocab = _vocab_size(plans[0].render[0])
+  budget = _variant_flops(plans[0], vocab)
+  result["budget_pflops"] = budget / 1e15
+  baselines = {}
+  for name, spec, seed in (("ar", settings.ar_preset, settings.seed),
+                           ("mdm", settings.mdm_preset, settings.seed),
+                           ("judge", settings.ar_preset, settings.judge_seed)):
+    config = _preset(spec, settings, {"train.seed": seed})
+    config.train.num_steps = matched_steps(config, vocab, budget)
+    config.checkpoint.every_steps = config.train.num_steps
+    run_dir = os.path.join(workdir, _run_name(name, settings.source, settings.steps_scale,
+                                              settings.common, config.train.num_steps, seed))
+    train_once(config, run_dir)
+    baselines[name] = (run_dir, config)
+
+  judge = generate.load(baselines["judge"][0])
+  for i, (v, plan) in enumerate(zip(grid, plans)):
+    if i:
+      train_variant(plan)
+    add_row(v.name, v.axis, lambda: {**_evaluate_concepts(v, plan, judge, settings),
+                                     "train_pflops": _variant_flops(plan, vocab) / 1e15})
+    if i == 0:  # The baselines right after the reference row.
+      for name in ("ar", "mdm"):
+        run_dir, config = baselines[name]
+        add_row(name, "baseline (equal FLOPs)",
+                lambda: {**_evaluate_flat(run_dir, judge, settings),
+                         "train_pflops": training_flops(config, vocab) / 1e15})
+  add_row("reference", "held-out text itself", lambda: _evaluate_reference(judge, settings))
+  return result
+
+
+def _write_tables(result: dict, workdir: str) -> None:
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(result, f, indent=2, default=str)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(markdown_table(result) + "\n")
+
+
+def _vocab_size(render_dir: str) -> int:
+  from concept_diffusion.train import checkpoint as ckpt_lib
+  from concept_diffusion.data import tokenizer as tok_lib
+  _, meta = ckpt_lib.latest_meta(render_dir)
+  return tok_lib.Tokenizer(ckpt_lib.tokenizer_proto(meta)).vocab_size
+
+
+def _fmt(value) -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "–"
+  if abs(value) >= 1000:
+    return f"{value:,.0f}"
+  return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def markdown_table(result: dict) -> str:
+  """One row per variant / baseline; the columns of COLUMNS."""
+  header = ["row", "varies", *(h for _, h in COLUMNS)]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for name, row in result["rows"].items():
+    cells = [name, row.get("axis", "")] + [_fmt(row.get(k)) for k, _ in COLUMNS]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""The knobs of the concept-generation grid (issue 7): granularity, objective mixes,
+z-noise augmentation (off at evaluation), rendering from generated concepts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from concept_diffusion import config as config_lib
+from concept_diffusion.data import make_dataset, make_tokenizer, segment
+from concept_diffusion.data.tokenizer import EOD_ID, PAD_ID
+from concept_diffusion.diffusion import masked
+from concept_diffusion.train import stages
+
+from conftest import tiny_config
+
+
+def _data_config(granularity: str, concept_len: int):
+  config = config_lib.base_config()
+  config.data.update(vocab_size=128, tokenizer_docs=150, eval_docs=24, num_concepts=8,
+                     concept_len=concept_len, granularity=granularity)
+  config.train.batch_size = 4
+  return config
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return make_tokenizer(_data_config("span", 8), str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.mark.parametrize("granularity,concept_len", [("sentence", 16), ("sentence_capped", 8),
+                                                     ("sentence_capped", 16), ("span", 8),
+                                                     ("span", 16)])
+def test_each_granularity_makes_valid_batches(tok, granularity, concept_len):
+  config = _data_config(granularity, concept_len)
+  it = iter(make_dataset(config, tok, split="train", view="concepts"))
+  for _ in range(3):
+    b = next(it)
+    tokens, token_mask, concept_mask = b["tokens"], b["token_mask"], b["concept_mask"]
+    assert tokens.shape == (4, 8, concept_len)
+    assert (tokens[~token_mask] == PAD_ID).all() and (token_mask[..., 1:] <= token_mask[..., :-1]).all()
+    assert token_mask[concept_mask][:, 0].all() and not token_mask[~concept_mask].any()
+    real = tokens[concept_mask]
+    end = (real[:, 0] == EOD_ID) & (token_mask[concept_mask].sum(-1) == 1)
+    lengths = token_mask[concept_mask].sum(-1)[~end]
+    if granularity == "span":  # Fixed spans: only a document's last chunk may be short.
+      assert (lengths == concept_len).mean() > 0.5
+    else:  # Sentence chunks end at a sentence end unless capped mid-sentence.
+      pieces = [tok.decode([int(t) for t in row if t != PAD_ID]) for row in real[~end]]
+      closed = [p.rstrip().endswith(".") for p in pieces]
+      full = lengths == concept_len
+      assert all(c or f for c, f in zip(closed, full))
+      if granularity == "sentence":
+        assert all(closed[i] for i in range(len(pieces)) if not full[i])
+
+
+def test_sentence_granularity_truncates_where_capped_splits(tok):
+  doc = segment.tokenize_document(tok, "Mara moved the lamp from the attic to the garden.")
+  cut, _ = segment.chunk_document(doc, "sentence", 4)
+  split, _ = segment.chunk_document(doc, "sentence_capped", 4)
+  assert len(cut) == 2 and len(split) > 2  # Sentence + END vs several pieces + END.
+
+
+@pytest.mark.parametrize("full_mask_prob,dist,mean_rest", [(0.5, "high", 2 / 3),
+                                                           (0.0, "uniform", 1 / 2),
+                                                           (0.25, "uniform", 1 / 2)])
+def test_objective_mix_gives_the_stated_mask_rates(full_mask_prob, dist, mean_rest):
+  """Share of fully masked chunks = full_mask_prob (+ the rate's own mass at 1); the rest
+  follow the mask-rate distribution (mean 1/2 uniform, 2/3 high)."""
+  m, l = 4000, 256
+  seen = []
+
+  def logits_fn(x):
+    seen.append(x)
+    return jnp.zeros((*x.shape, 8))
+
+  masked.masked_diffusion_loss(logits_fn, jnp.full((m, l), 7), jnp.ones((m, l), bool), 5,
+                               jax.random.key(3), full_mask_prob=full_mask_prob,
+                               mask_rate_dist=dist)
+  frac_M = np.asarray(seen[0] == 5).mean(-1)
+  full_M = frac_M == 1.0
+  # A drawn rate near 1 can also mask all l tokens: P = E[t^l] under the rate distribution.
+  t = np.asarray(masked.mask_rate(jax.random.key(9), 100_000, dist), np.float64)
+  expected_full = full_mask_prob + (1 - full_mask_prob) * np.mean(t ** l)
+  assert full_M.mean() == pytest.approx(expected_full, abs=0.02)
+  assert frac_M[~full_M].mean() == pytest.approx(mean_rest, abs=0.03)
+
+
+def _render_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  n, l = config.data.num_concepts, config.data.concept_len
+  tokens = rng.integers(6, 200, (2, n, l)).astype(np.int32)
+  lengths = rng.integers(1, l + 1, (2, n))
+  token_mask = np.arange(l) < lengths[..., None]
+  tokens = np.where(token_mask, tokens, PAD_ID)
+  return {"tokens": jnp.asarray(tokens), "token_mask": jnp.asarray(token_mask),
+          "concept_mask": jnp.ones((2, n), bool), "segment_ids": jnp.ones((2, n), jnp.int32)}
+
+
+class _Tok:
+  vocab_size = 256
+
+
+def test_z_noise_is_on_in_training_and_off_at_evaluation():
+  config = tiny_config("render")
+  batch, key = _render_batch(config), jax.random.key(0)
+  losses = {}
+  for noise in (0.0, 5.0):
+    config.render.z_noise = noise
+    stage = stages.build_stage(config, _Tok())
+    params = stage.init_params(jax.random.key(1))
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params,
+                          is_leaf=lambda x: hasattr(x, "value"))
+    losses[noise] = (float(stage.loss_fn(params, batch, key)[0]),
+                     float(stage.held_out_loss_fn()(params, batch, key)[0]))
+  assert losses[0.0][0] != losses[5.0][0]  # Training sees the noise ...
+  assert losses[0.0][1] == losses[5.0][1]  # ... the held-out loss never does.
+  assert losses[0.0][0] == pytest.approx(losses[0.0][1])  # Noise 0: the same loss.
+
+
+def test_generated_concepts_are_teacher_forced_samples_of_the_next_concept(tiny_concepts_run):
+  from concept_diffusion import generate
+  from concept_diffusion.models import concept_model
+  gen = generate.load(tiny_concepts_run)
+  cm = generate.build_modules(gen)["concept_model"]
+  z = jax.random.normal(jax.random.key(0), (2, 6, gen.config.model.concept_dim))
+  seg = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
+  variables = {"params": gen.params["concept_model"]}
+  zgen, valid = stages.generated_concepts(cm, variables, z, seg > 0, seg, jax.random.key(1),
+                                          objective="mse", steps=1, guidance=1.0)
+  # First concept of each document and padding have no context.
+  np.testing.assert_array_equal(valid, [[0, 1, 1, 0, 1, 0], [0, 1, 1, 1, 1, 1]])
+  pred = concept_model.sample_next_concepts(cm, variables, z, seg, jax.random.key(1),
+                                            objective="mse", steps=1)
+  np.testing.assert_allclose(zgen[:, 1:], pred[:, :-1], atol=1e-5)
+
+
+def test_render_finetune_on_generated_concepts(tiny_concepts_run, tiny_render_run, tmp_path):
+  """Starts from the render run, keeps encoder and concept model frozen, and is what
+  generation renders with when named as the render run."""
+  from concept_diffusion import generate, train
+  config = tiny_config("render", **{"render.generated_from": tiny_concepts_run,
+                                    "render.generated_prob": 1.0, "train.num_steps": 4,
+                                    "checkpoint.every_steps": 4, "data.vocab_size": 999})
+  workdir = str(tmp_path / "ft")
+  train.train(config, workdir)
+  _, _, base = train.restore_params(tiny_render_run)
+  saved, tok, ft = train.restore_params(workdir)
+  assert saved.data.vocab_size == 256  # Chunking and tokenizer come from the render run.
+  _, _, cm = train.restore_params(tiny_concepts_run)
+  same = lambda a, b: all(bool(jnp.all(x == y)) for x, y in zip(jax.tree.leaves(a),
+                                                                jax.tree.leaves(b)))
+  assert same(ft["encoder"], base["encoder"]) and same(ft["concept_model"], cm["concept_model"])
+  assert not same(ft["renderer"], base["renderer"])  # Warm-started, then trained.
+  gen = generate.load(tiny_concepts_run, render_workdir=workdir)
+  assert same(gen.render_params["renderer"], ft["renderer"])
+  assert len(generate.generate(gen, ["Mara lives in Oslo."], num_concepts=2)) == 1
+
+
+def test_render_finetune_needs_a_concepts_run(tiny_render_run, tmp_path):
+  from concept_diffusion import train
+  config = tiny_config("render", **{"render.generated_from": tiny_render_run})
+  with pytest.raises(config_lib.ConfigError, match="render.generated_from=.*not a concepts"):
+    train.train(config, str(tmp_path / "ft"))
+  config.render.generated_prob = 1.5
+  with pytest.raises(config_lib.ConfigError, match="render.generated_prob"):
+    config_lib.validate(config)
+
+
+def test_renderer_in_the_loop_trains_the_concept_model_through_a_frozen_renderer(
+    tiny_render_run, tmp_path):
+  from concept_diffusion import evaluation, train
+  config = tiny_config("concepts", **{"concepts.render_workdir": tiny_render_run,
+                                      "concepts.render_weight": 1.0,
+                                      "concepts.render_positions": 2, "train.num_steps": 3,
+                                      "train.log_every": 1, "checkpoint.every_steps": 3})
+  workdir = str(tmp_path / "loop")
+  train.train(config, workdir)
+  logged = evaluation.load_metrics(workdir)[-1]
+  assert logged["loss"] == pytest.approx(logged["concept_loss"] + logged["render_loss"], rel=1e-4)
+  _, _, base = train.restore_params(tiny_render_run)
+  _, _, run = train.restore_params(workdir)
+  for name in ("encoder", "renderer"):  # Both frozen, both the render run's.
+    for a, b in zip(jax.tree.leaves(run[name]), jax.tree.leaves(base[name])):
+      np.testing.assert_array_equal(a, b)
+  # The render loss reaches the concept model: its gradient there is not zero.
+  resolved = stages.resolve_config(config)
+  stage = stages.build_stage(resolved, _Tok(), for_training=False)
+  batch = _render_batch(resolved)
+  grad_fn = jax.grad(lambda p: stage.loss_fn(p, batch, jax.random.key(0))[1]["render_loss"])
+  grads = grad_fn(run)
+  assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads["concept_model"]))) > 0
+
+
+def test_renderer_in_the_loop_needs_token_batches(tiny_render_run):
+  config = tiny_config("concepts", **{"concepts.render_workdir": tiny_render_run,
+                                      "concepts.render_weight": 1.0,
+                                      "data.source": "concepts:/tmp/nowhere"})
+  with pytest.raises(config_lib.ConfigError, match="render_weight"):
+    stages.resolve_config(config)

@@ -1,0 +1,80 @@
+"""The experiment runner: a grid of variants and baselines at equal FLOPs, tables, resume."""
+
+import json
+import os
+
+import pytest
+
+from concept_diffusion import experiment
+from concept_diffusion.experiment import Settings, Variant
+
+from conftest import TINY
+
+# Seconds-long runs: the conftest sizes, a few steps each.
+COMMON = {k: v for k, v in TINY.items() if k != "train.num_steps"}
+
+
+def _settings():
+  return Settings(steps_scale=0.01, finetune_steps=300, num_prompts=4, max_batches=1,
+                  batch_size=8, max_tokens=16, common=COMMON)
+
+
+GRID = [Variant("default"),
+        Variant("temp0.5", "sampling", sample={"temperature": 0.5}),
+        Variant("mse+generated", "head", concepts={"concepts.objective": "mse"}, finetune={})]
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("grid"))
+  return workdir, experiment.run_grid(GRID, workdir, _settings())
+
+
+def test_grid_writes_one_table_row_per_variant_and_baseline(grid_run):
+  workdir, result = grid_run
+  with open(os.path.join(workdir, "results.json")) as f:
+    saved = json.load(f)
+  assert list(saved["rows"]) == ["default", "ar", "mdm", "temp0.5", "mse+generated",
+                                  "reference"]
+  for name in ("default", "temp0.5", "mse+generated"):
+    row = saved["rows"][name]
+    for key, _ in experiment.COLUMNS:  # Synthetic source: coherence too.
+      assert key in row, (name, key)
+  for name in ("ar", "mdm"):
+    assert {"gen_ppl", "unigram_entropy", "coherence_consistent", "gen_tokens_per_sec"} <= set(
+        saved["rows"][name])
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert all(heading in table for _, heading in experiment.COLUMNS)
+  assert len(table.strip().splitlines()) == 2 + 6
+
+
+def test_baselines_get_the_default_pipelines_flops(grid_run):
+  _, result = grid_run
+  budget = result["budget_pflops"]
+  assert result["rows"]["default"]["train_pflops"] == pytest.approx(budget)
+  for name in ("ar", "mdm"):  # Rounded to whole steps of a batch.
+    assert result["rows"][name]["train_pflops"] == pytest.approx(budget, rel=0.15)
+  # The fine-tune's FLOPs are counted on top of its pipeline's.
+  assert result["rows"]["mse+generated"]["train_pflops"] > budget
+
+
+def test_variants_share_runs_and_rerunning_trains_nothing(grid_run, monkeypatch):
+  workdir, _ = grid_run
+  plans = [experiment.plan_variant(v, workdir, _settings()) for v in GRID]
+  assert plans[0].concepts[0] == plans[1].concepts[0]  # Sampling-only rows share runs.
+  assert plans[0].render[0] == plans[2].render[0] and plans[2].finetune is not None
+  assert plans[2].finetune[1].render.generated_from == plans[2].concepts[0]
+  import concept_diffusion.train as train_lib
+  monkeypatch.setattr(train_lib, "train", lambda *a, **k: pytest.fail("re-running must not train"))
+  again = experiment.run_grid(GRID, workdir, _settings())
+  same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # nan too.
+  assert same(again["rows"], grid_run[1]["rows"])
+
+
+def test_matched_steps_and_bad_overrides():
+  from concept_diffusion.config import ConfigError, load_config
+  ar = load_config("configs/ar.py:tiny")
+  per_step = experiment.training_flops(ar, 1024) / ar.train.num_steps
+  assert experiment.matched_steps(ar, 1024, 10.4 * per_step) == 10
+  with pytest.raises(ConfigError, match="render.z_nois"):
+    experiment.apply_overrides(load_config("configs/render.py:tiny"), {"render.z_nois": 1.0})
