@@ -22,6 +22,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = {
     "data.vocab_size": 256, "data.tokenizer_docs": 200, "data.eval_docs": 16,
     "data.num_concepts": 8, "data.seq_len": 64,
+    # 8-token chunks and light z noise: a 40-step render run that already round-trips.
+    "data.concept_len": 8, "render.z_noise": 0.1,
     "model.embed_dim": 64, "model.mlp_dim": 128, "model.num_heads": 2, "model.num_kv_heads": 2,
     "model.head_dim": 32, "model.concept_dim": 32, "model.diff_head_dim": 64,
     "model.encoder_layers": 2, "model.renderer_layers": 2, "model.concept_layers": 2,

@@ -21,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--config.data.vocab_size=256", "--config.data.tokenizer_docs=200",
     "--config.data.num_concepts=4", "--config.data.seq_len=32",
+    "--config.data.concept_len=8", "--config.render.z_noise=0.1",
     "--config.model.embed_dim=32", "--config.model.mlp_dim=64", "--config.model.num_heads=2",
     "--config.model.num_kv_heads=2", "--config.model.head_dim=16",
     "--config.model.concept_dim=16", "--config.model.encoder_layers=1",

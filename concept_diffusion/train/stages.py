@@ -266,7 +266,8 @@ def concepts_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     else:
       z_BxNxD = enc.apply({"params": params["encoder"]}, batch["tokens"], batch["token_mask"])
     z_BxNxD = jax.lax.stop_gradient(z_BxNxD)  # The encoder is frozen.
-    k_concept, k_render = jax.random.split(key)
+    # Split only when the renderer needs a key: runs without it keep their noise draws.
+    k_concept, k_render = jax.random.split(key) if ren is not None else (key, None)
     out = concept_model.concept_objective(
         cm, {"params": params["concept_model"]}, z_BxNxD, batch["concept_mask"],
         batch["segment_ids"], k_concept, c.objective, c.cfg_dropout,
@@ -293,7 +294,8 @@ def concepts_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     flops += _flops_per_example(render_config, "render", c.render_positions * l,
                                 tokenizer.vocab_size)
   return Stage("concepts", "concepts", init_params, loss_fn, n * l, flops,
-               frozen=("encoder", "renderer"), warm_start=warm_start)
+               frozen=("encoder", "renderer") if ren is not None else ("encoder",),
+               warm_start=warm_start)
 
 
 def restore_subtrees(run_config, workdir: str, tokenizer, abstract_subtrees: dict) -> dict:
