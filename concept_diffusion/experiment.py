@@ -140,10 +140,8 @@ def plan_variant(v: Variant, workdir: str, settings: Settings) -> Plan:
   finetune = None
   if v.finetune is not None:
     ft = _preset(settings.render_preset, settings, {"render.generated_from": concepts_dir,
+                                                     "train.num_steps": settings.finetune_steps,
                                                      **v.finetune})
-    ft.train.num_steps = max(1, round(settings.finetune_steps * settings.steps_scale))
-    ft.train.warmup_steps = min(ft.train.warmup_steps, ft.train.num_steps // 2)
-    ft.checkpoint.every_steps = ft.train.num_steps
     ft_dir = os.path.join(workdir, _run_name("finetune", key, v.render, v.concepts, v.finetune))
     finetune = (ft_dir, ft)
   return Plan((render_dir, render), (concepts_dir, concepts), finetune)
@@ -178,26 +176,20 @@ def training_flops(config: ml_collections.ConfigDict, vocab_size: int,
 
 def matched_steps(config: ml_collections.ConfigDict, vocab_size: int, budget: float) -> int:
   """num_steps that gives a flat baseline `budget` training FLOPs."""
-  per_step = training_flops(ml_collections.ConfigDict(
-      {**config.to_dict(), "train": {**config.train.to_dict(), "num_steps": 1}}), vocab_size)
+  per_step = training_flops(config, vocab_size) / config.train.num_steps
   return max(1, round(budget / per_step))
 
 
 def _variant_flops(plan: Plan, vocab_size: int) -> float:
+  """Training FLOPs of a variant's trained runs, configs resolved as the trainer does."""
+  from concept_diffusion.train import stages
+  resolve = lambda c: stages.resolve_config(ml_collections.ConfigDict(c.to_dict()))
   render = plan.render[1]
-  concepts = _with_concept_len(plan.concepts[1], render)
-  total = training_flops(render, vocab_size) + training_flops(concepts, vocab_size, render)
+  total = training_flops(render, vocab_size) + training_flops(resolve(plan.concepts[1]),
+                                                              vocab_size, render)
   if plan.finetune is not None:
-    total += training_flops(_with_concept_len(plan.finetune[1], render), vocab_size)
+    total += training_flops(resolve(plan.finetune[1]), vocab_size)
   return total
-
-
-def _with_concept_len(config, render):
-  """config with the chunking it inherits from its render run (as the trainer resolves it)."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.data.concept_len = render.data.concept_len
-  config.model.concept_dim = render.model.concept_dim
-  return config
 
 
 # ---------------------------------------------------------------- training
