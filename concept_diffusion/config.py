@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.concepts.sample_steps = 16  # Concept sampler steps.
   c.concepts.guidance = 1.0  # Classifier-free guidance scale (1 = off).
   c.concepts.temperature = 0.5  # Default scale of the sampler's starting noise in generation.
+  # Generation default: render each new concept at once and feed the concept model the
+  # encoder's concept of that chunk (generate.concept_loop), not the raw sample.
+  c.concepts.reencode = False
   # Renderer in the loop: weight of the (frozen) renderer's loss on chunk n+1 rendered
   # from the head's estimate of concept n+1 (0 = off), on render_positions per example.
   c.concepts.render_weight = 0.0

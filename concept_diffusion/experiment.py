@@ -9,7 +9,9 @@ Each Variant is the tiny pipeline (configs/render.py:tiny, then configs/concepts
 optionally a render fine-tune on generated concepts) with some fields changed, and
 sampling options for generation. Runs are shared between variants that train the
 same thing (a workdir per distinct set of overrides), and everything resumes: a
-finished run or a finished evaluation is read back, not redone.
+finished run or a finished evaluation is read back, not redone. A reused run whose
+saved config differs from the plan (a preset edited since) is an error, and a row
+whose definition changed is evaluated again.
 
 The baselines: `ar` and `mdm` (configs/ar.py:tiny, configs/mdm.py:tiny) trained on the
 same source for as many steps as give them the training FLOPs of the first
@@ -47,6 +49,14 @@ COLUMNS = (  # (results key, table heading)
     ("train_pflops", "train PFLOPs"),
 )
 DONE_FILE = "grid_done.json"
+# Generation defaults a run's config carries that do not change training: a finished run
+# is reused when only these change, and the grid samples with the planned values.
+SAMPLING_FIELDS = {"concepts.temperature": "temperature", "concepts.reencode": "reencode",
+                   "concepts.sample_steps": "concept_steps", "concepts.guidance": "guidance"}
+
+
+class ExperimentError(ValueError):
+  """A grid that cannot run as planned (e.g. a reused workdir trained differently)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +65,8 @@ class Variant:
 
   render / concepts / finetune: {"section.field": value} applied to the tiny presets;
   finetune=None trains no fine-tune, {} one with the defaults of render.generated_*.
-  sample: generate() options (concept_steps, guidance, temperature, render_steps).
+  sample: generate() options (concept_steps, guidance, temperature, reencode, render_steps);
+  the ones not given are the planned concepts config's (SAMPLING_FIELDS).
   """
   name: str
   axis: str = "reference point"
@@ -75,7 +86,7 @@ class Settings:
   mdm_preset: str = "configs/mdm.py:tiny"
   finetune_steps: int = 300  # Steps of the generated-concept render fine-tune.
   steps_scale: float = 1.0  # Multiplies every run's num_steps (tests use a tiny value).
-  num_prompts: int = 64
+  num_prompts: int = 256  # ~770 sentences: consistent-rate standard error ~0.018.
   max_batches: int = 8
   batch_size: int = 32
   max_tokens: int = 64
@@ -195,9 +206,44 @@ def _variant_flops(plan: Plan, vocab_size: int) -> float:
 # ---------------------------------------------------------------- training
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_reuse(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises if `workdir` holds a run trained with other settings than `config`.
+
+  Run names hash the overrides, not the presets: after a preset edit, the same name
+  would silently reuse a run trained the old way. Fields that only steer generation
+  (SAMPLING_FIELDS) and fields the saved config lacks (added since) may differ.
+  """
+  saved_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(saved_path):
+    return
+  from concept_diffusion.train import stages
+  resolved = stages.resolve_config(ml_collections.ConfigDict(config.to_dict()))
+  planned = _flat(json.loads(json.dumps(resolved.to_dict(), default=str)))
+  with open(saved_path) as f:
+    saved = _flat(json.load(f))
+  differ = sorted(k for k in planned.keys() & saved.keys()
+                  if k not in SAMPLING_FIELDS and planned[k] != saved[k])
+  if differ:
+    shown = ", ".join(f"{k}: trained {saved[k]!r}, planned {planned[k]!r}" for k in differ[:5])
+    raise ExperimentError(f"{workdir} was trained with other settings than this grid plans "
+                          f"({shown}); a preset changed since. Delete that run or use "
+                          "another --workdir")
+
+
 def train_once(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains (or resumes) a run unless it already finished; marks it finished."""
   from concept_diffusion import train as train_lib
+  check_reuse(config, workdir)
   done = os.path.join(workdir, DONE_FILE)
   if os.path.isfile(done):
     return
@@ -205,11 +251,22 @@ def train_once(config: ml_collections.ConfigDict, workdir: str) -> None:
   print(f"-- training {os.path.basename(workdir)} ({config.stage}, "
         f"{config.train.num_steps} steps)", flush=True)
   summary = train_lib.train(config, workdir)
+  from concept_diffusion.train import checkpoint as ckpt_lib
+  step, _ = ckpt_lib.latest_meta(workdir)
+  if step < config.train.num_steps:  # Preempted (SIGTERM saves and returns): not done.
+    raise ExperimentError(f"{workdir} stopped at step {step} of {config.train.num_steps}; "
+                          "re-run the grid to resume it")
   with open(done, "w") as f:
     json.dump({"seconds": time.time() - start, "last": summary}, f, default=float)
 
 
 # ---------------------------------------------------------------- evaluation
+
+
+def sampling(v: Variant, plan: Plan) -> dict:
+  """generate() options of a row: the planned config's defaults, then the row's own."""
+  planned = _flat(plan.concepts[1].to_dict())
+  return {**{arg: planned[field] for field, arg in SAMPLING_FIELDS.items()}, **v.sample}
 
 
 def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dict:
@@ -223,10 +280,9 @@ def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dic
   batches = lambda: evaluation.eval_batches(config, gen.tokenizer, "concepts", b,
                                             settings.max_batches)
   out = evaluation.render_metrics(render_gen, batches(), key)
-  s = v.sample  # Concept metrics sample as generation does (concepts.temperature default).
-  temperature = s.get("temperature", gen.config.concepts.get("temperature", 1.0))
-  out.update(evaluation.concept_metrics(gen, batches(), key, steps=s.get("concept_steps"),
-                                        guidance=s.get("guidance"), temperature=temperature))
+  s = sampling(v, plan)  # Concept metrics sample as generation does.
+  out.update(evaluation.concept_metrics(gen, batches(), key, steps=s["concept_steps"],
+                                        guidance=s["guidance"], temperature=s["temperature"]))
   pairs = evaluation.eval_prompts(config, settings.num_prompts)
   gen_out, samples = evaluation.generation_metrics(
       gen, pairs, judge=judge, synthetic_data=settings.source == "synthetic",
@@ -295,8 +351,10 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
     if plan.finetune is not None:
       train_once(plan.finetune[1], plan.finetune[0])
 
-  def add_row(name, axis, compute):
-    path = os.path.join(workdir, "results", f"{name}-{_run_name('row', name, axis)}.json")
+  def add_row(name, axis, spec, compute):
+    # The file name hashes all that defines the row: a changed row is evaluated anew.
+    spec = (name, axis, spec, dataclasses.asdict(settings), baselines["judge"][0])
+    path = os.path.join(workdir, "results", f"{name}-{_run_name('row', *spec)}.json")
     result["rows"][name] = {**_cached(path, compute), "axis": axis}
     _write_tables(result, workdir)
 
@@ -320,15 +378,18 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
   for i, (v, plan) in enumerate(zip(grid, plans)):
     if i:
       train_variant(plan)
-    add_row(v.name, v.axis, lambda: {**_evaluate_concepts(v, plan, judge, settings),
-                                     "train_pflops": _variant_flops(plan, vocab) / 1e15})
+    spec = (dataclasses.asdict(v), sampling(v, plan), plan.render[0], plan.concepts[0],
+            plan.finetune and plan.finetune[0])
+    add_row(v.name, v.axis, spec, lambda: {**_evaluate_concepts(v, plan, judge, settings),
+                                           "train_pflops": _variant_flops(plan, vocab) / 1e15})
     if i == 0:  # The baselines right after the reference row.
       for name in ("ar", "mdm"):
         run_dir, config = baselines[name]
-        add_row(name, "baseline (equal FLOPs)",
+        add_row(name, "baseline (equal FLOPs)", run_dir,
                 lambda: {**_evaluate_flat(run_dir, judge, settings),
                          "train_pflops": training_flops(config, vocab) / 1e15})
-  add_row("reference", "held-out text itself", lambda: _evaluate_reference(judge, settings))
+  add_row("reference", "held-out text itself", None,
+          lambda: _evaluate_reference(judge, settings))
   return result
 
 

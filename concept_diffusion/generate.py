@@ -7,7 +7,9 @@
 Concepts runs: prompt -> chunks (exactly as in training) -> encoder -> concept model
 samples the next concept N times (one jitted while-loop over a fixed-size buffer) ->
 the renderer fills all N chunks in parallel (masked diffusion) -> text, cut at the
-first END concept. AR runs decode with a KV cache; MDM runs unmask a block of MASK
+first END concept. With re-encoding (concepts.reencode, the tiny / small default) each
+chunk is rendered inside the loop and its encoding, not the raw sample, becomes the
+concept model's context. AR runs decode with a KV cache; MDM runs unmask a block of MASK
 tokens after the prompt. Every path is one jitted call over the whole batch.
 
 Infilling between sentences is not supported: the concept model is causal.
@@ -253,39 +255,81 @@ def num_kept(end_BxN):
 
 def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, key, *,
                  num_new: int, objective: str, steps: int, guidance: float,
-                 noise_scale: float, end_cosine: float):
-  """Samples `num_new` concepts after each prompt -> (z_BxNxD new, prev_BxNxD).
+                 noise_scale: float, end_cosine: float, snap=None):
+  """Samples `num_new` concepts after each prompt -> (z_BxNxD new, prev_BxNxD, extras).
 
   A while-loop over a fixed buffer of M = N + num_new concepts; position counts_B + i
   is written at iteration i; stops early once every example has produced an END
   concept. Context positions past the written ones are padding (segment 0), which
   the causal, segment-masked attention never reads.
+
+  With `snap(z_Bx1xD, prev_Bx1xD, key) -> (z_ctx_Bx1xD, tokens_Bx1xL, *more_Bx1x...)`
+  (re-encoding, see snap_fn), each new concept is rendered at once and the context
+  gets the encoder's concept of the rendered chunk instead of the sampled one: the
+  concept model then always reads concepts of real text, as in training, and its
+  errors do not compound off the encoder's manifold. `extras` stacks what snap
+  returned after z_ctx along axis 1 (tokens_BxNxL, ...); () without snap.
   """
-  b, p, _ = prompt_BxNxD.shape
+  b, p, d = prompt_BxNxD.shape
   m = p + num_new
   buf_BxMxD = jnp.pad(prompt_BxNxD, ((0, 0), (0, num_new), (0, 0)))
+  out_BxNxD = jnp.zeros((b, num_new, d), prompt_BxNxD.dtype)
+  extras = ()
+  if snap is not None:
+    spec_Bx1xD = jax.ShapeDtypeStruct((b, 1, d), prompt_BxNxD.dtype)
+    _, *shapes = jax.eval_shape(snap, spec_Bx1xD, spec_Bx1xD, key)
+    extras = tuple(jnp.full((b, num_new, *s.shape[2:]), PAD_ID, s.dtype) for s in shapes)
   pos_M = jnp.arange(m)
 
   def body(carry):
-    i, buf_BxMxD, done_B = carry
+    i, buf_BxMxD, out_BxNxD, extras, done_B = carry
     seg_BxM = (pos_M < (counts_B + i)[:, None]).astype(jnp.int32)
     h_BxMxE = model.apply({"params": params}, buf_BxMxD, seg_BxM, method=ConceptModel.context)
     last_Bx1 = (counts_B + i - 1)[:, None]
     h_Bx1xE = jnp.take_along_axis(h_BxMxE, last_Bx1[..., None], axis=1)
+    k_sample, k_snap = jax.random.split(jax.random.fold_in(key, i))
     z_Bx1xD = concept_model.sample_from_context(
-        model, {"params": params}, h_Bx1xE, jax.random.fold_in(key, i), objective=objective,
+        model, {"params": params}, h_Bx1xE, k_sample, objective=objective,
         steps=steps, guidance=guidance, noise_scale=noise_scale)
-    write_BxM = pos_M == (counts_B + i)[:, None]
-    buf_BxMxD = jnp.where(write_BxM[..., None], z_Bx1xD, buf_BxMxD)
+    out_BxNxD = jax.lax.dynamic_update_slice_in_dim(out_BxNxD, z_Bx1xD, i, axis=1)
     done_B |= cosine(z_Bx1xD[:, 0], z_end_D) >= end_cosine
-    return i + 1, buf_BxMxD, done_B
+    z_ctx_Bx1xD = z_Bx1xD
+    if snap is not None:
+      prev_Bx1xD = jnp.take_along_axis(buf_BxMxD, last_Bx1[..., None], axis=1)
+      z_ctx_Bx1xD, *outs = snap(z_Bx1xD, prev_Bx1xD, k_snap)
+      extras = tuple(jax.lax.dynamic_update_slice_in_dim(e, o.astype(e.dtype), i, axis=1)
+                     for e, o in zip(extras, outs))
+      done_B |= outs[0][:, 0, 0] == EOD_ID  # Rendered as the END chunk.
+    write_BxM = pos_M == (counts_B + i)[:, None]
+    buf_BxMxD = jnp.where(write_BxM[..., None], z_ctx_Bx1xD, buf_BxMxD)
+    return i + 1, buf_BxMxD, out_BxNxD, extras, done_B
 
-  cond = lambda c: (c[0] < num_new) & ~jnp.all(c[2])
-  _, buf_BxMxD, _ = jax.lax.while_loop(cond, body, (0, buf_BxMxD, jnp.zeros((b,), bool)))
+  cond = lambda c: (c[0] < num_new) & ~jnp.all(c[-1])
+  init = (0, buf_BxMxD, out_BxNxD, extras, jnp.zeros((b,), bool))
+  _, buf_BxMxD, z_BxNxD, extras, _ = jax.lax.while_loop(cond, body, init)
   new_BxN = counts_B[:, None] + jnp.arange(num_new)
-  z_BxNxD = jnp.take_along_axis(buf_BxMxD, new_BxN[..., None], axis=1)
   prev_BxNxD = jnp.take_along_axis(buf_BxMxD, (new_BxN - 1)[..., None], axis=1)
-  return z_BxNxD, prev_BxNxD
+  return z_BxNxD, prev_BxNxD, extras
+
+
+def snap_fn(encoder: ConceptEncoder, enc_params, renderer: Renderer, ren_params, *,
+            steps: int, temperature: float, return_steps: bool = False):
+  """Re-encoding for concept_loop: (z, prev, key) -> (encoder(chunk), chunk[, states]).
+
+  chunk_Bx1xL is z rendered from all-MASK; states_Bx1xSxL its intermediate renders.
+  """
+
+  def snap(z_Bx1xD, prev_Bx1xD, key):
+    out = render_chunks(renderer, ren_params, z_Bx1xD, prev_Bx1xD, key, steps=steps,
+                        temperature=temperature, return_steps=return_steps)
+    chunk_Bx1xL = out[0] if return_steps else out
+    z_ctx_Bx1xD = encoder.apply({"params": enc_params}, chunk_Bx1xL, chunk_Bx1xL != PAD_ID)
+    z_ctx_Bx1xD = z_ctx_Bx1xD.astype(z_Bx1xD.dtype)
+    if return_steps:
+      return z_ctx_Bx1xD, chunk_Bx1xL, jnp.moveaxis(out[1], 0, 2)
+    return z_ctx_Bx1xD, chunk_Bx1xL
+
+  return snap
 
 
 # ---------------------------------------------------------------- concepts: generation
@@ -302,6 +346,7 @@ class ConceptOptions:
   render_temperature: float = 0.0
   end_cosine: float = 0.9
   show_steps: bool = False
+  reencode: bool = False
 
 
 def _concepts_program(gen: Generator, opts: ConceptOptions):
@@ -315,10 +360,20 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
     enc_params = params["encoder"]
     prompt_BxNxD = mods["encoder"].apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
     z_end_D = end_concept(mods["encoder"], enc_params, concept_len)
-    z_BxNxD, prev_BxNxD = concept_loop(
+    snap = None
+    if opts.reencode:
+      snap = snap_fn(mods["encoder"], enc_params, mods["renderer"], render_params["renderer"],
+                     steps=opts.render_steps, temperature=opts.render_temperature,
+                     return_steps=opts.show_steps)
+    z_BxNxD, prev_BxNxD, extras = concept_loop(
         mods["concept_model"], params["concept_model"], prompt_BxNxD, counts_B, z_end_D, k_concepts,
         num_new=opts.num_new, objective=objective, steps=opts.concept_steps,
-        guidance=opts.guidance, noise_scale=opts.noise_scale, end_cosine=opts.end_cosine)
+        guidance=opts.guidance, noise_scale=opts.noise_scale, end_cosine=opts.end_cosine,
+        snap=snap)
+    if opts.reencode:  # Rendered one chunk at a time inside the loop.
+      tokens_BxNxL = extras[0]
+      states_SxBxNxL = jnp.moveaxis(extras[1], 2, 0) if opts.show_steps else None
+      return tokens_BxNxL, is_end(tokens_BxNxL, z_BxNxD, z_end_D, opts.end_cosine), states_SxBxNxL
     return _render_program(mods["renderer"], render_params["renderer"], z_BxNxD, prev_BxNxD,
                            z_end_D, k_render, opts)
 
@@ -541,16 +596,17 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
              render_steps: int | None = None, guidance: float | None = None,
              temperature: float | None = None, render_temperature: float = 0.0, seed: int = 0,
              show_steps: bool = False, end_cosine: float = 0.9,
-             block_size: int | None = None) -> list[Sample]:
+             block_size: int | None = None, reencode: bool | None = None) -> list[Sample]:
   """Continuations of `prompts` (one jitted call for the whole batch).
 
   concepts runs: `num_concepts` new concepts, `concept_steps` sampler steps each
   (default concepts.sample_steps), classifier-free `guidance` (default
   concepts.guidance), `temperature` scales the concept sampler's starting noise
-  (default concepts.temperature),
-  and all chunks are rendered at once in `render_steps` (default
-  render.sample_steps) at `render_temperature`. ar / mdm runs: up to `max_tokens`
-  tokens at `temperature` (default 1; mdm: `render_steps` unmasking steps, default
+  (default concepts.temperature). Chunks are rendered in `render_steps` (default
+  render.sample_steps) at `render_temperature`: all at once after the concept loop,
+  or with `reencode` (default concepts.reencode) each as soon as its concept is
+  sampled, the concept model reading the encoder's concept of the rendered chunk
+  (see concept_loop). ar / mdm runs: up to `max_tokens` tokens at `temperature` (default 1; mdm: `render_steps` unmasking steps, default
   max_tokens, optional semi-autoregressive `block_size`). A continuation stops at
   end-of-document: an END concept (renders to EOD, or cosine >= end_cosine to
   encoder([EOD])) or an EOD token.
@@ -562,12 +618,14 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
     c = gen.config.concepts
     if temperature is None:  # .get: runs saved before the field sampled at 1.
       temperature = c.get("temperature", 1.0)
+    if reencode is None:
+      reencode = c.get("reencode", False)
     opts = ConceptOptions(
         num_new=int(num_concepts), concept_steps=int(concept_steps or c.sample_steps),
         render_steps=int(render_steps or gen.render_config.render.sample_steps),
         guidance=float(c.guidance if guidance is None else guidance),
         noise_scale=float(temperature), render_temperature=float(render_temperature),
-        end_cosine=float(end_cosine), show_steps=bool(show_steps))
+        end_cosine=float(end_cosine), show_steps=bool(show_steps), reencode=bool(reencode))
     return _generate_concepts(gen, list(prompts), opts, key)
   temperature = 1.0 if temperature is None else temperature
   if gen.kind == "ar":

@@ -71,6 +71,47 @@ def test_variants_share_runs_and_rerunning_trains_nothing(grid_run, monkeypatch)
   assert same(again["rows"], grid_run[1]["rows"])
 
 
+def test_a_changed_preset_is_not_silently_reused(grid_run):
+  workdir, _ = grid_run
+  plan = experiment.plan_variant(GRID[0], workdir, _settings())
+  concepts_dir, config = plan.concepts
+  experiment.train_once(config, concepts_dir)  # As planned: reused.
+  sampling_only = experiment.apply_overrides(
+      config.copy_and_resolve_references(), {"concepts.temperature": 0.9,
+                                             "concepts.reencode": True})
+  experiment.train_once(sampling_only, concepts_dir)  # Generation defaults only: reused.
+  assert experiment.sampling(GRID[0], experiment.Plan(plan.render, (concepts_dir, sampling_only),
+                                                      None))["reencode"] is True
+  changed = experiment.apply_overrides(config.copy_and_resolve_references(),
+                                       {"model.concept_layers": 3})
+  with pytest.raises(experiment.ExperimentError, match="model.concept_layers: trained 2"):
+    experiment.train_once(changed, concepts_dir)
+
+
+def test_a_changed_row_is_evaluated_again_and_only_it(grid_run, monkeypatch):
+  workdir, first = grid_run
+  calls = []
+  evaluate = experiment._evaluate_concepts
+  monkeypatch.setattr(experiment, "_evaluate_concepts",
+                      lambda v, *a: calls.append(v.name) or evaluate(v, *a))
+  grid = [GRID[0], Variant("temp0.5", "sampling", sample={"temperature": 0.25}), GRID[2]]
+  again = experiment.run_grid(grid, workdir, _settings())
+  assert calls == ["temp0.5"]
+  assert json.dumps(again["rows"]["default"], sort_keys=True) == json.dumps(
+      first["rows"]["default"], sort_keys=True)
+
+
+def test_a_preempted_run_is_not_marked_finished(tmp_path, monkeypatch):
+  import concept_diffusion.train as train_lib
+  from concept_diffusion.train import checkpoint
+  config = experiment.plan_variant(GRID[0], str(tmp_path), _settings()).render[1]
+  monkeypatch.setattr(train_lib, "train", lambda *a, **k: {})  # SIGTERM: saved, returned.
+  monkeypatch.setattr(checkpoint, "latest_meta", lambda workdir: (1, {}))
+  with pytest.raises(experiment.ExperimentError, match="stopped at step 1 of"):
+    experiment.train_once(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / experiment.DONE_FILE).exists()
+
+
 def test_matched_steps_and_bad_overrides():
   from concept_diffusion.config import ConfigError, load_config
   ar = load_config("configs/ar.py:tiny")

@@ -85,6 +85,52 @@ def test_oracle_end_concept_truncates_the_output(concepts_gen):
   assert second.token_ids[:len(first.token_ids)] == first.token_ids
 
 
+def test_reencode_feeds_the_encoders_concept_of_each_rendered_chunk(concepts_gen):
+  gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
+  mods = generate.build_modules(gen)
+  enc_params = gen.params["encoder"]
+  encode = lambda c: mods["encoder"].apply({"params": enc_params}, c, c != PAD_ID)
+  snap = generate.snap_fn(mods["encoder"], enc_params, mods["renderer"],
+                          gen.render_params["renderer"], steps=8, temperature=0.0)
+  # Noise scale 0 and argmax renders: deterministic, so two runs can be compared.
+  loop = lambda z, counts, num_new, snap: generate.concept_loop(
+      mods["concept_model"], gen.params["concept_model"], z, counts,
+      generate.end_concept(mods["encoder"], enc_params, l), jax.random.key(0), num_new=num_new,
+      objective=gen.config.concepts.objective, steps=4, guidance=1.0, noise_scale=0.0,
+      end_cosine=2.0, snap=snap)
+  chunks_BxNxL, counts_B = generate.prompt_chunks(gen, PROMPTS)
+  chunks_BxNxL = np.pad(chunks_BxNxL, ((0, 0), (0, 1), (0, 0)), constant_values=PAD_ID)
+  z_BxNxD, _, (tokens_BxNxL,) = loop(encode(chunks_BxNxL), counts_B, 2, snap)
+  assert tokens_BxNxL.shape == (2, 2, l)
+  # The reference: the first rendered chunk appended to the prompt as real text.
+  longer_BxNxL = chunks_BxNxL.copy()
+  longer_BxNxL[np.arange(2), counts_B] = np.asarray(tokens_BxNxL[:, 0])
+  z1_BxNxD, _, (tokens1_BxNxL,) = loop(encode(longer_BxNxL), counts_B + 1, 1, snap)
+  np.testing.assert_allclose(z1_BxNxD[:, 0], z_BxNxD[:, 1], atol=1e-4)
+  np.testing.assert_array_equal(tokens1_BxNxL[:, 0], tokens_BxNxL[:, 1])
+  # Without re-encoding the context holds the raw sample: same first concept, new second.
+  raw_BxNxD, _, extras = loop(encode(chunks_BxNxL), counts_B, 2, None)
+  assert extras == ()
+  np.testing.assert_allclose(raw_BxNxD[:, 0], z_BxNxD[:, 0], atol=1e-5)
+  assert float(jnp.max(jnp.abs(raw_BxNxD[:, 1] - z_BxNxD[:, 1]))) > 1e-3
+
+
+def test_reencode_generation_is_bounded_and_reproducible(concepts_gen):
+  kwargs = dict(num_concepts=3, seed=1, temperature=1.0, reencode=True)
+  a = generate.generate(concepts_gen, PROMPTS, **kwargs)
+  assert [s.token_ids for s in a] == [s.token_ids for s in generate.generate(
+      concepts_gen, PROMPTS, **kwargs)]
+  l = concepts_gen.chunk_config.data.concept_len
+  assert all(len(s.token_ids) <= 3 * l and EOD_ID not in s.token_ids for s in a)
+  parallel = generate.generate(concepts_gen, PROMPTS, **{**kwargs, "reencode": False})
+  assert all(0 < len(s.token_ids) <= 3 * l for s in parallel)  # All chunks at once.
+  shown = generate.generate(concepts_gen, PROMPTS, show_steps=True, **kwargs)
+  assert [s.token_ids for s in shown] == [s.token_ids for s in a]
+  for s in shown:  # Each chunk's render steps, as in the parallel render.
+    assert len(s.steps) == concepts_gen.render_config.render.sample_steps
+    assert s.steps[0].count("_") > s.steps[-1].count("_") == 0
+
+
 def test_end_detection_and_cut():
   end_2x3 = jnp.array([[False, True, False], [False, False, False]])
   assert generate.num_kept(end_2x3).tolist() == [1, 3]
