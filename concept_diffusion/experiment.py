@@ -316,6 +316,12 @@ def _evaluate_reference(judge, settings: Settings) -> dict:
   return out
 
 
+def _saved(run_dir: str) -> str:
+  """A short hash of the config a run was trained with (its config.json)."""
+  with open(os.path.join(run_dir, "config.json"), "rb") as f:
+    return hashlib.sha1(f.read()).hexdigest()[:10]
+
+
 def _cached(path: str, compute) -> dict:
   if os.path.isfile(path):
     with open(path) as f:
@@ -351,9 +357,11 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
     if plan.finetune is not None:
       train_once(plan.finetune[1], plan.finetune[0])
 
-  def add_row(name, axis, spec, compute):
-    # The file name hashes all that defines the row: a changed row is evaluated anew.
-    spec = (name, axis, spec, dataclasses.asdict(settings), baselines["judge"][0])
+  def add_row(name, axis, spec, runs, compute):
+    # The file name hashes all that defines the row, the saved configs of the runs it
+    # reads included: a changed row, or one whose run was retrained, is evaluated anew.
+    runs = [*runs, baselines["judge"][0]]
+    spec = (name, axis, spec, dataclasses.asdict(settings), runs, [_saved(r) for r in runs])
     path = os.path.join(workdir, "results", f"{name}-{_run_name('row', *spec)}.json")
     result["rows"][name] = {**_cached(path, compute), "axis": axis}
     _write_tables(result, workdir)
@@ -378,17 +386,17 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
   for i, (v, plan) in enumerate(zip(grid, plans)):
     if i:
       train_variant(plan)
-    spec = (dataclasses.asdict(v), sampling(v, plan), plan.render[0], plan.concepts[0],
-            plan.finetune and plan.finetune[0])
-    add_row(v.name, v.axis, spec, lambda: {**_evaluate_concepts(v, plan, judge, settings),
-                                           "train_pflops": _variant_flops(plan, vocab) / 1e15})
+    runs = [plan.render[0], plan.concepts[0]] + ([plan.finetune[0]] if plan.finetune else [])
+    add_row(v.name, v.axis, (dataclasses.asdict(v), sampling(v, plan)), runs,
+            lambda: {**_evaluate_concepts(v, plan, judge, settings),
+                     "train_pflops": _variant_flops(plan, vocab) / 1e15})
     if i == 0:  # The baselines right after the reference row.
       for name in ("ar", "mdm"):
         run_dir, config = baselines[name]
-        add_row(name, "baseline (equal FLOPs)", run_dir,
+        add_row(name, "baseline (equal FLOPs)", None, [run_dir],
                 lambda: {**_evaluate_flat(run_dir, judge, settings),
                          "train_pflops": training_flops(config, vocab) / 1e15})
-  add_row("reference", "held-out text itself", None,
+  add_row("reference", "held-out text itself", None, [],
           lambda: _evaluate_reference(judge, settings))
   return result
 

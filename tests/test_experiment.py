@@ -101,6 +101,24 @@ def test_a_changed_row_is_evaluated_again_and_only_it(grid_run, monkeypatch):
       first["rows"]["default"], sort_keys=True)
 
 
+def test_rows_reading_a_retrained_run_are_evaluated_again(grid_run, monkeypatch):
+  workdir, _ = grid_run
+  concepts_dir = experiment.plan_variant(GRID[0], workdir, _settings()).concepts[0]
+  path = os.path.join(concepts_dir, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  saved["train"]["seed"] += 1  # As if retrained (or another run moved in) under that name.
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  calls = []
+  evaluate = experiment._evaluate_concepts
+  monkeypatch.setattr(experiment, "_evaluate_concepts",
+                      lambda v, *a: calls.append(v.name) or evaluate(v, *a))
+  monkeypatch.setattr(experiment, "train_once", lambda *a: None)  # Seed differs: no reuse check.
+  experiment.run_grid(GRID, workdir, _settings())
+  assert calls == ["default", "temp0.5"]  # mse+generated reads other concepts runs.
+
+
 def test_a_preempted_run_is_not_marked_finished(tmp_path, monkeypatch):
   import concept_diffusion.train as train_lib
   from concept_diffusion.train import checkpoint
