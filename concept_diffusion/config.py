@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Generation default: render each new concept at once and feed the concept model the
   # encoder's concept of that chunk (generate.concept_loop), not the raw sample.
   c.concepts.reencode = False
+  # Generation default: candidates sampled per new concept, the consensus one kept
+  # (generate.consensus_index: highest mean cosine to the others; 1 = plain sampling).
+  c.concepts.num_candidates = 1
   # Renderer in the loop: weight of the (frozen) renderer's loss on chunk n+1 rendered
   # from the head's estimate of concept n+1 (0 = off), on render_positions per example.
   c.concepts.render_weight = 0.0
@@ -163,7 +166,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "model.embed_dim", "model.num_heads", "model.num_kv_heads", "model.head_dim",
                 "model.mlp_dim", "model.concept_dim", "train.num_steps", "train.batch_size",
                 "train.grad_accum_steps", "checkpoint.every_steps", "checkpoint.max_to_keep",
-                "train.log_every", "train.eval_batches", "concepts.render_positions"):
+                "train.log_every", "train.eval_batches", "concepts.render_positions",
+                "concepts.num_candidates"):
     _positive(config, field)
   for field in ("train.learning_rate", "train.warmup_steps", "train.weight_decay",
                 "train.grad_clip", "render.z_noise", "render.concept_reg", "train.eval_every",

@@ -49,10 +49,13 @@ COLUMNS = (  # (results key, table heading)
     ("train_pflops", "train PFLOPs"),
 )
 DONE_FILE = "grid_done.json"
+# Settings that only add rows: changing them re-evaluates no other row.
+ROW_FREE = ("ar_temperatures",)
 # Generation defaults a run's config carries that do not change training: a finished run
 # is reused when only these change, and the grid samples with the planned values.
 SAMPLING_FIELDS = {"concepts.temperature": "temperature", "concepts.reencode": "reencode",
-                   "concepts.sample_steps": "concept_steps", "concepts.guidance": "guidance"}
+                   "concepts.sample_steps": "concept_steps", "concepts.guidance": "guidance",
+                   "concepts.num_candidates": "num_candidates"}
 
 
 class ExperimentError(ValueError):
@@ -65,7 +68,8 @@ class Variant:
 
   render / concepts / finetune: {"section.field": value} applied to the tiny presets;
   finetune=None trains no fine-tune, {} one with the defaults of render.generated_*.
-  sample: generate() options (concept_steps, guidance, temperature, reencode, render_steps);
+  sample: generate() options (concept_steps, guidance, temperature, reencode,
+  num_candidates, render_steps);
   the ones not given are the planned concepts config's (SAMPLING_FIELDS).
   """
   name: str
@@ -91,6 +95,9 @@ class Settings:
   batch_size: int = 32
   max_tokens: int = 64
   judge_seed: int = 1
+  # The ar baseline also sampled at these token temperatures (rows ar_tempX), so a
+  # mode-seeking concept sampler is compared with a mode-seeking AR one.
+  ar_temperatures: tuple = (0.5,)
   seed: int = 0
   common: dict = dataclasses.field(default_factory=dict)  # Overrides of every run (tests).
 
@@ -292,13 +299,13 @@ def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dic
   return out
 
 
-def _evaluate_flat(workdir: str, judge, settings: Settings) -> dict:
+def _evaluate_flat(workdir: str, judge, settings: Settings, **gen_kwargs) -> dict:
   from concept_diffusion import evaluation, generate
   gen = generate.load(workdir, mesh=judge.mesh)
   pairs = evaluation.eval_prompts(evaluation.eval_config(gen), settings.num_prompts)
   out, samples = evaluation.generation_metrics(
       gen, pairs, judge=judge, synthetic_data=settings.source == "synthetic",
-      max_tokens=settings.max_tokens, seed=settings.seed)
+      max_tokens=settings.max_tokens, seed=settings.seed, **gen_kwargs)
   out["sample"] = f"{samples[0].prompt[-80:]} => {samples[0].text[:160]}"
   return out
 
@@ -361,7 +368,8 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
     # The file name hashes all that defines the row, the saved configs of the runs it
     # reads included: a changed row, or one whose run was retrained, is evaluated anew.
     runs = [*runs, baselines["judge"][0]]
-    spec = (name, axis, spec, dataclasses.asdict(settings), runs, [_saved(r) for r in runs])
+    shared = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ROW_FREE}
+    spec = (name, axis, spec, shared, runs, [_saved(r) for r in runs])
     path = os.path.join(workdir, "results", f"{name}-{_run_name('row', *spec)}.json")
     result["rows"][name] = {**_cached(path, compute), "axis": axis}
     _write_tables(result, workdir)
@@ -395,6 +403,11 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
         run_dir, config = baselines[name]
         add_row(name, "baseline (equal FLOPs)", None, [run_dir],
                 lambda: {**_evaluate_flat(run_dir, judge, settings),
+                         "train_pflops": training_flops(config, vocab) / 1e15})
+      run_dir, config = baselines["ar"]
+      for temp in settings.ar_temperatures:
+        add_row(f"ar_temp{temp}", "baseline, sampling", {"temperature": temp}, [run_dir],
+                lambda: {**_evaluate_flat(run_dir, judge, settings, temperature=temp),
                          "train_pflops": training_flops(config, vocab) / 1e15})
   add_row("reference", "held-out text itself", None, [],
           lambda: _evaluate_reference(judge, settings))

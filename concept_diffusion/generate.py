@@ -247,6 +247,24 @@ def is_end(tokens_BxNxL, z_BxNxD, z_end_D, end_cosine: float):
   return (tokens_BxNxL[..., 0] == EOD_ID) | (cosine(z_BxNxD, z_end_D) >= end_cosine)
 
 
+def consensus_index(feat_BxCxD):
+  """best_B: the candidate that agrees most with the others (highest mean cosine), a medoid.
+
+  Self-consistency in concept space: of C samples of one next concept, keep the one
+  nearest to what most samples say (ties: the lowest index). C = 1 picks 0.
+  """
+  unit_BxCxD = feat_BxCxD / (jnp.linalg.norm(feat_BxCxD, axis=-1, keepdims=True) + 1e-6)
+  sim_BxCxC = jnp.einsum("bcd,bkd->bck", unit_BxCxD, unit_BxCxD)
+  return jnp.argmax(jnp.sum(sim_BxCxC, -1), -1)
+
+
+def take_candidate(x_BCx, best_B, num_candidates: int):
+  """x of the chosen candidate per example: [B * C, ...] candidate-major rows -> [B, ...]."""
+  x_BxCx = x_BCx.reshape(-1, num_candidates, *x_BCx.shape[1:])
+  idx = best_B.reshape(-1, 1, *([1] * (x_BxCx.ndim - 2)))
+  return jnp.take_along_axis(x_BxCx, idx, axis=1)[:, 0]
+
+
 def num_kept(end_BxN):
   """Chunks before the first END chunk (all of them if none)."""
   n = end_BxN.shape[-1]
@@ -255,7 +273,8 @@ def num_kept(end_BxN):
 
 def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, key, *,
                  num_new: int, objective: str, steps: int, guidance: float,
-                 noise_scale: float, end_cosine: float, snap=None):
+                 noise_scale: float, end_cosine: float, snap=None,
+                 num_candidates: int = 1):
   """Samples `num_new` concepts after each prompt -> (z_BxNxD new, prev_BxNxD, extras).
 
   A while-loop over a fixed buffer of M = N + num_new concepts; position counts_B + i
@@ -269,6 +288,10 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
   concept model then always reads concepts of real text, as in training, and its
   errors do not compound off the encoder's manifold. `extras` stacks what snap
   returned after z_ctx along axis 1 (tokens_BxNxL, ...); () without snap.
+
+  With `num_candidates` C > 1, each step samples C concepts from the same context
+  (and snaps each), and keeps the consensus one (consensus_index): of the re-encoded
+  concepts with snap, else of the raw samples. C = 1 is the plain sampler, bit for bit.
   """
   b, p, d = prompt_BxNxD.shape
   m = p + num_new
@@ -288,15 +311,22 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
     last_Bx1 = (counts_B + i - 1)[:, None]
     h_Bx1xE = jnp.take_along_axis(h_BxMxE, last_Bx1[..., None], axis=1)
     k_sample, k_snap = jax.random.split(jax.random.fold_in(key, i))
-    z_Bx1xD = concept_model.sample_from_context(
-        model, {"params": params}, h_Bx1xE, k_sample, objective=objective,
-        steps=steps, guidance=guidance, noise_scale=noise_scale)
-    out_BxNxD = jax.lax.dynamic_update_slice_in_dim(out_BxNxD, z_Bx1xD, i, axis=1)
-    done_B |= cosine(z_Bx1xD[:, 0], z_end_D) >= end_cosine
-    z_ctx_Bx1xD = z_Bx1xD
+    c = num_candidates  # Candidate-major rows: example j's candidates are rows j*C..j*C+C-1.
+    z_BCx1xD = concept_model.sample_from_context(
+        model, {"params": params}, jnp.repeat(h_Bx1xE, c, axis=0), k_sample,
+        objective=objective, steps=steps, guidance=guidance, noise_scale=noise_scale)
+    z_ctx_BCx1xD, outs = z_BCx1xD, []
     if snap is not None:
       prev_Bx1xD = jnp.take_along_axis(buf_BxMxD, last_Bx1[..., None], axis=1)
-      z_ctx_Bx1xD, *outs = snap(z_Bx1xD, prev_Bx1xD, k_snap)
+      z_ctx_BCx1xD, *outs = snap(z_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0), k_snap)
+    z_Bx1xD, z_ctx_Bx1xD = z_BCx1xD, z_ctx_BCx1xD
+    if c > 1:
+      best_B = consensus_index(z_ctx_BCx1xD.reshape(b, c, d))
+      z_Bx1xD, z_ctx_Bx1xD, *outs = (take_candidate(x, best_B, c)
+                                      for x in (z_BCx1xD, z_ctx_BCx1xD, *outs))
+    out_BxNxD = jax.lax.dynamic_update_slice_in_dim(out_BxNxD, z_Bx1xD, i, axis=1)
+    done_B |= cosine(z_Bx1xD[:, 0], z_end_D) >= end_cosine
+    if snap is not None:
       extras = tuple(jax.lax.dynamic_update_slice_in_dim(e, o.astype(e.dtype), i, axis=1)
                      for e, o in zip(extras, outs))
       done_B |= outs[0][:, 0, 0] == EOD_ID  # Rendered as the END chunk.
@@ -347,6 +377,7 @@ class ConceptOptions:
   end_cosine: float = 0.9
   show_steps: bool = False
   reencode: bool = False
+  num_candidates: int = 1
 
 
 def _concepts_program(gen: Generator, opts: ConceptOptions):
@@ -369,7 +400,7 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
         mods["concept_model"], params["concept_model"], prompt_BxNxD, counts_B, z_end_D, k_concepts,
         num_new=opts.num_new, objective=objective, steps=opts.concept_steps,
         guidance=opts.guidance, noise_scale=opts.noise_scale, end_cosine=opts.end_cosine,
-        snap=snap)
+        snap=snap, num_candidates=opts.num_candidates)
     if opts.reencode:  # Rendered one chunk at a time inside the loop.
       tokens_BxNxL = extras[0]
       states_SxBxNxL = jnp.moveaxis(extras[1], 2, 0) if opts.show_steps else None
@@ -596,7 +627,8 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
              render_steps: int | None = None, guidance: float | None = None,
              temperature: float | None = None, render_temperature: float = 0.0, seed: int = 0,
              show_steps: bool = False, end_cosine: float = 0.9,
-             block_size: int | None = None, reencode: bool | None = None) -> list[Sample]:
+             block_size: int | None = None, reencode: bool | None = None,
+             num_candidates: int | None = None) -> list[Sample]:
   """Continuations of `prompts` (one jitted call for the whole batch).
 
   concepts runs: `num_concepts` new concepts, `concept_steps` sampler steps each
@@ -606,7 +638,8 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
   render.sample_steps) at `render_temperature`: all at once after the concept loop,
   or with `reencode` (default concepts.reencode) each as soon as its concept is
   sampled, the concept model reading the encoder's concept of the rendered chunk
-  (see concept_loop). ar / mdm runs: up to `max_tokens` tokens at `temperature` (default 1; mdm: `render_steps` unmasking steps, default
+  (see concept_loop). `num_candidates` (default concepts.num_candidates) samples that
+  many candidates of every concept and keeps the consensus one. ar / mdm runs: up to `max_tokens` tokens at `temperature` (default 1; mdm: `render_steps` unmasking steps, default
   max_tokens, optional semi-autoregressive `block_size`). A continuation stops at
   end-of-document: an END concept (renders to EOD, or cosine >= end_cosine to
   encoder([EOD])) or an EOD token.
@@ -620,12 +653,16 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
       temperature = c.get("temperature", 1.0)
     if reencode is None:
       reencode = c.get("reencode", False)
+    num_candidates = int(c.get("num_candidates", 1) if num_candidates is None else num_candidates)
+    if num_candidates < 1:
+      raise GenerateError(f"num_candidates={num_candidates} must be >= 1")
     opts = ConceptOptions(
         num_new=int(num_concepts), concept_steps=int(concept_steps or c.sample_steps),
         render_steps=int(render_steps or gen.render_config.render.sample_steps),
         guidance=float(c.guidance if guidance is None else guidance),
         noise_scale=float(temperature), render_temperature=float(render_temperature),
-        end_cosine=float(end_cosine), show_steps=bool(show_steps), reencode=bool(reencode))
+        end_cosine=float(end_cosine), show_steps=bool(show_steps), reencode=bool(reencode),
+        num_candidates=num_candidates)
     return _generate_concepts(gen, list(prompts), opts, key)
   temperature = 1.0 if temperature is None else temperature
   if gen.kind == "ar":

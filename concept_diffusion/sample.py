@@ -29,6 +29,9 @@ _RENDER_TEMPERATURE = flags.DEFINE_float("render_temperature", 0.0, "Renderer to
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _REENCODE = flags.DEFINE_bool("reencode", None, "Concepts runs: render each concept as it is "
                               "sampled and re-encode it as context (default concepts.reencode).")
+_CANDIDATES = flags.DEFINE_integer("num_candidates", None, "Concepts runs: candidates sampled "
+                                   "per concept, the consensus one kept (default "
+                                   "concepts.num_candidates; 1 = off).")
 _SHOW_STEPS = flags.DEFINE_bool("show_steps", False, "Print every denoising step (masks as _).")
 _ROUNDTRIP = flags.DEFINE_bool("roundtrip", False, "Encode the prompt's chunks and render them "
                                 "back (a render or concepts run).")
@@ -64,7 +67,8 @@ def main(argv):
           concept_steps=_CONCEPT_STEPS.value, render_steps=_RENDER_STEPS.value,
           guidance=_GUIDANCE.value, temperature=_TEMPERATURE.value,
           render_temperature=_RENDER_TEMPERATURE.value, seed=_SEED.value,
-          show_steps=_SHOW_STEPS.value, reencode=_REENCODE.value)
+          show_steps=_SHOW_STEPS.value, reencode=_REENCODE.value,
+          num_candidates=_CANDIDATES.value)
   except (generate.GenerateError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

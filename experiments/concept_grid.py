@@ -47,6 +47,10 @@ FULL = [
     Variant("steps4", "sampling", sample={"concept_steps": 4}),
     Variant("steps64", "sampling", sample={"concept_steps": 64}),
     Variant("cfg2", "sampling", sample={"guidance": 2.0}),
+    # Self-consistency: C candidates of every concept, the consensus one kept.
+    Variant("cand8", "sampling", sample={"num_candidates": 8}),
+    Variant("cand8_temp1.0", "sampling", sample={"num_candidates": 8, "temperature": 1.0}),
+    Variant("cand32_temp1.0", "sampling", sample={"num_candidates": 32, "temperature": 1.0}),
     # The concept model reads its raw samples, and all chunks render at once at the end
     # (the default re-encodes each rendered chunk as context).
     Variant("no_reencode", "sampling", sample={"reencode": False}),
@@ -75,6 +79,10 @@ FULL = [
         Variant("width256", "concept model", concepts={"model.embed_dim": 256,
                                                        "model.mlp_dim": 1024}),
     ]),
+    # From the default: a higher concept learning rate, and twice the concept steps
+    # (1.8x the pipeline's FLOPs).
+    Variant("lr1e-2", "concept learning rate", concepts={"train.learning_rate": 1e-2}),
+    Variant("steps4800", "concept steps", concepts={"train.num_steps": 4800}),
 ]
 # Real text: sentences of 16 tokens under unit z noise are too much for a tiny encoder
 # (round-trip 0.14), so the text grid also tries 8-token chunks with little noise, and
@@ -85,8 +93,9 @@ SHORT_CLEAN = from_prev(Variant("sentence_capped8_z0.1", "granularity + z noise"
 SHORT_CLEAN_LONG = dataclasses.replace(
     SHORT_CLEAN, name="capped8_z0.1_render4x", axis=f"{SHORT_CLEAN.axis}, render steps x4",
     render={**SHORT_CLEAN.render, "train.num_steps": 2400})
-TEXT = [v for v in FULL if v.name in ("default", "no_reencode", "temp1.0", "lr1e-3",
-                                      "z_noise0.1")] + [SHORT_CLEAN, SHORT_CLEAN_LONG]
+TEXT = [v for v in FULL if v.name in ("default", "no_reencode", "temp1.0", "cand8",
+                                      "cand8_temp1.0", "lr1e-3", "z_noise0.1")] + [
+                                          SHORT_CLEAN, SHORT_CLEAN_LONG]
 GRIDS = {"full": FULL, "text": TEXT}
 
 

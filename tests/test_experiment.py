@@ -1,5 +1,6 @@
 """The experiment runner: a grid of variants and baselines at equal FLOPs, tables, resume."""
 
+import dataclasses
 import json
 import os
 
@@ -34,25 +35,39 @@ def test_grid_writes_one_table_row_per_variant_and_baseline(grid_run):
   workdir, result = grid_run
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
-  assert list(saved["rows"]) == ["default", "ar", "mdm", "temp0.5", "mse+generated",
-                                  "reference"]
+  assert list(saved["rows"]) == ["default", "ar", "mdm", "ar_temp0.5", "temp0.5",
+                                  "mse+generated", "reference"]
   for name in ("default", "temp0.5", "mse+generated"):
     row = saved["rows"][name]
     for key, _ in experiment.COLUMNS:  # Synthetic source: coherence too.
       assert key in row, (name, key)
-  for name in ("ar", "mdm"):
+  for name in ("ar", "mdm", "ar_temp0.5"):
     assert {"gen_ppl", "unigram_entropy", "coherence_consistent", "gen_tokens_per_sec"} <= set(
         saved["rows"][name])
   table = open(os.path.join(workdir, "results.md")).read()
   assert all(heading in table for _, heading in experiment.COLUMNS)
-  assert len(table.strip().splitlines()) == 2 + 6
+  assert len(table.strip().splitlines()) == 2 + 7
+
+
+def test_ar_is_also_sampled_at_a_lower_temperature(grid_run, monkeypatch):
+  workdir, first = grid_run
+  from concept_diffusion import evaluation
+  temps = []
+  metrics = evaluation.generation_metrics
+  monkeypatch.setattr(evaluation, "generation_metrics",
+                      lambda *a, **k: temps.append(k.get("temperature")) or metrics(*a, **k))
+  again = experiment.run_grid(GRID[:1], workdir,
+                              dataclasses.replace(_settings(), ar_temperatures=(0.5, 0.25)))
+  assert temps == [0.25]  # ar_temp0.5 is read back; the new temperature is sampled.
+  assert again["rows"]["ar_temp0.5"] == first["rows"]["ar_temp0.5"]
+  assert list(again["rows"])[:5] == ["default", "ar", "mdm", "ar_temp0.5", "ar_temp0.25"]
 
 
 def test_baselines_get_the_default_pipelines_flops(grid_run):
   _, result = grid_run
   budget = result["budget_pflops"]
   assert result["rows"]["default"]["train_pflops"] == pytest.approx(budget)
-  for name in ("ar", "mdm"):  # Rounded to whole steps of a batch.
+  for name in ("ar", "mdm", "ar_temp0.5"):  # Rounded to whole steps of a batch.
     assert result["rows"][name]["train_pflops"] == pytest.approx(budget, rel=0.15)
   # The fine-tune's FLOPs are counted on top of its pipeline's.
   assert result["rows"]["mse+generated"]["train_pflops"] > budget

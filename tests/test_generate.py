@@ -131,6 +131,68 @@ def test_reencode_generation_is_bounded_and_reproducible(concepts_gen):
     assert s.steps[0].count("_") > s.steps[-1].count("_") == 0
 
 
+def test_consensus_index_picks_the_candidate_nearest_the_others():
+  feat_2x3x2 = jnp.array([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]],     # The middle one agrees most.
+                          [[0.0, 2.0], [5.0, 0.0], [0.0, 0.5]]])    # Direction, not norm.
+  np.testing.assert_array_equal(generate.consensus_index(feat_2x3x2), [1, 0])
+  assert int(generate.consensus_index(jnp.ones((1, 1, 4)))[0]) == 0
+  x_6x2 = jnp.arange(12.0).reshape(6, 2)  # Rows j*3 .. j*3+2 are example j's candidates.
+  np.testing.assert_array_equal(generate.take_candidate(x_6x2, jnp.array([2, 0]), 3),
+                                [[4.0, 5.0], [6.0, 7.0]])
+
+
+def test_candidates_keep_the_consensus_of_samples_from_one_context(concepts_gen):
+  gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
+  mods = generate.build_modules(gen)
+  enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
+  chunks_BxNxL, counts_B = generate.prompt_chunks(gen, PROMPTS)
+  chunks_BxNxL = np.pad(chunks_BxNxL, ((0, 0), (0, 1), (0, 0)), constant_values=PAD_ID)
+  z_BxNxD = mods["encoder"].apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
+  key, c = jax.random.key(3), 5
+  loop = lambda num_candidates: generate.concept_loop(
+      mods["concept_model"], cm_params, z_BxNxD, counts_B,
+      generate.end_concept(mods["encoder"], enc_params, l), key, num_new=1,
+      objective=gen.config.concepts.objective, steps=4, guidance=1.0, noise_scale=1.0,
+      end_cosine=2.0, num_candidates=num_candidates)[0][:, 0]
+  # The C candidates, drawn as the loop draws them: one context, C noises.
+  seg_BxN = (np.arange(z_BxNxD.shape[1]) < counts_B[:, None]).astype(np.int32)
+  h_BxNxE = mods["concept_model"].apply({"params": cm_params}, z_BxNxD, seg_BxN,
+                                        method=mods["concept_model"].context)
+  h_Bx1xE = h_BxNxE[np.arange(2), counts_B - 1][:, None]
+  k_sample, _ = jax.random.split(jax.random.fold_in(key, 0))
+  cand_BCx1xD = generate.concept_model.sample_from_context(
+      mods["concept_model"], {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_sample,
+      objective=gen.config.concepts.objective, steps=4)
+  cand_BxCxD = cand_BCx1xD.reshape(2, c, -1)
+  best_B = generate.consensus_index(cand_BxCxD)
+  np.testing.assert_allclose(loop(c), cand_BxCxD[np.arange(2), best_B], atol=1e-5)
+  # Each kept sample is nearer (mean cosine) to its siblings than any other candidate is.
+  unit = cand_BxCxD / jnp.linalg.norm(cand_BxCxD, axis=-1, keepdims=True)
+  score_BxC = jnp.einsum("bcd,bkd->bc", unit, unit)
+  assert bool(jnp.all(score_BxC[np.arange(2), best_B] >= score_BxC.max(-1) - 1e-5))
+  # One candidate is the plain sampler: one noise per example, the same key.
+  plain_Bx1xD = generate.concept_model.sample_from_context(
+      mods["concept_model"], {"params": cm_params}, h_Bx1xE, k_sample,
+      objective=gen.config.concepts.objective, steps=4)
+  np.testing.assert_allclose(loop(1), plain_Bx1xD[:, 0], atol=1e-5)
+
+
+def test_candidate_generation_is_bounded_reproducible_and_one_is_plain(concepts_gen):
+  kwargs = dict(num_concepts=3, seed=1, temperature=1.0, reencode=True)
+  plain = generate.generate(concepts_gen, PROMPTS, **kwargs)
+  one = generate.generate(concepts_gen, PROMPTS, num_candidates=1, **kwargs)
+  assert [s.token_ids for s in one] == [s.token_ids for s in plain]
+  for reencode in (True, False):
+    args = {**kwargs, "reencode": reencode, "num_candidates": 4}
+    a = generate.generate(concepts_gen, PROMPTS, **args)
+    assert [s.token_ids for s in a] == [s.token_ids for s in generate.generate(
+        concepts_gen, PROMPTS, **args)]
+    l = concepts_gen.chunk_config.data.concept_len
+    assert all(len(s.token_ids) <= 3 * l and EOD_ID not in s.token_ids for s in a)
+  with pytest.raises(generate.GenerateError, match="num_candidates=0"):
+    generate.generate(concepts_gen, PROMPTS, num_candidates=0)
+
+
 def test_end_detection_and_cut():
   end_2x3 = jnp.array([[False, True, False], [False, False, False]])
   assert generate.num_kept(end_2x3).tolist() == [1, 3]
