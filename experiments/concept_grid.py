@@ -50,7 +50,6 @@ FULL = [
     # Self-consistency: C candidates of every concept, the consensus one kept.
     Variant("cand8", "sampling", sample={"num_candidates": 8}),
     Variant("cand8_temp1.0", "sampling", sample={"num_candidates": 8, "temperature": 1.0}),
-    Variant("cand32_temp1.0", "sampling", sample={"num_candidates": 32, "temperature": 1.0}),
     # The concept model reads its raw samples, and all chunks render at once at the end
     # (the default re-encodes each rendered chunk as context).
     Variant("no_reencode", "sampling", sample={"reencode": False}),
@@ -79,6 +78,10 @@ FULL = [
         Variant("width256", "concept model", concepts={"model.embed_dim": 256,
                                                        "model.mlp_dim": 1024}),
     ]),
+    # From the default: a deeper concept model, its steps cut to keep the pipeline's
+    # training FLOPs (the frozen encoder's forward is half of them).
+    Variant("layers4_eqflops", "concept model", concepts={"model.concept_layers": 4,
+                                                          "train.num_steps": 2141}),
     # From the default: a higher concept learning rate, and twice the concept steps
     # (1.8x the pipeline's FLOPs).
     Variant("lr1e-2", "concept learning rate", concepts={"train.learning_rate": 1e-2}),
