@@ -50,7 +50,7 @@ COLUMNS = (  # (results key, table heading)
 )
 DONE_FILE = "grid_done.json"
 # Settings that only add rows: changing them re-evaluates no other row.
-ROW_FREE = ("ar_temperatures",)
+ROW_FREE = ("ar_temperatures", "baselines")
 # Generation defaults a run's config carries that do not change training: a finished run
 # is reused when only these change, and the grid samples with the planned values.
 SAMPLING_FIELDS = {"concepts.temperature": "temperature", "concepts.reencode": "reencode",
@@ -98,6 +98,7 @@ class Settings:
   # The ar baseline also sampled at these token temperatures (rows ar_tempX), so a
   # mode-seeking concept sampler is compared with a mode-seeking AR one.
   ar_temperatures: tuple = (0.5,)
+  baselines: tuple = ("ar", "mdm")  # Flat baselines trained and shown (the judge always is).
   seed: int = 0
   common: dict = dataclasses.field(default_factory=dict)  # Overrides of every run (tests).
 
@@ -352,6 +353,9 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
   shows its results as they come.
   """
   settings = settings or Settings(**kwargs)
+  unknown = set(settings.baselines) - {"ar", "mdm"}
+  if unknown:  # Before anything trains.
+    raise ExperimentError(f"baselines {sorted(unknown)}: choose from ar, mdm")
   from concept_diffusion import generate
   os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
   plans = [plan_variant(v, workdir, settings) for v in grid]
@@ -379,9 +383,10 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
   budget = _variant_flops(plans[0], vocab)
   result["budget_pflops"] = budget / 1e15
   baselines = {}
-  for name, spec, seed in (("ar", settings.ar_preset, settings.seed),
-                           ("mdm", settings.mdm_preset, settings.seed),
-                           ("judge", settings.ar_preset, settings.judge_seed)):
+  specs = {"ar": (settings.ar_preset, settings.seed), "mdm": (settings.mdm_preset, settings.seed),
+           "judge": (settings.ar_preset, settings.judge_seed)}
+  for name in ("judge", *settings.baselines):
+    spec, seed = specs[name]
     config = _preset(spec, settings, {"train.seed": seed})
     config.train.num_steps = matched_steps(config, vocab, budget)
     config.checkpoint.every_steps = config.train.num_steps
@@ -399,13 +404,13 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
             lambda: {**_evaluate_concepts(v, plan, judge, settings),
                      "train_pflops": _variant_flops(plan, vocab) / 1e15})
     if i == 0:  # The baselines right after the reference row.
-      for name in ("ar", "mdm"):
+      for name in settings.baselines:
         run_dir, config = baselines[name]
         add_row(name, "baseline (equal FLOPs)", None, [run_dir],
                 lambda: {**_evaluate_flat(run_dir, judge, settings),
                          "train_pflops": training_flops(config, vocab) / 1e15})
-      run_dir, config = baselines["ar"]
-      for temp in settings.ar_temperatures:
+      run_dir, config = baselines.get("ar", (None, None))
+      for temp in settings.ar_temperatures if run_dir else ():
         add_row(f"ar_temp{temp}", "baseline, sampling", {"temperature": temp}, [run_dir],
                 lambda: {**_evaluate_flat(run_dir, judge, settings, temperature=temp),
                          "train_pflops": training_flops(config, vocab) / 1e15})

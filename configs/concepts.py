@@ -50,7 +50,10 @@ def get_config(preset="tiny"):
     # (README "Results", row no_reencode). Chunks then render one after another.
     c.concepts.reencode = True
     # Measured: 3e-3 rather than 1e-3 took consistent-with-prompt 0.47 -> 0.57, well-formed
-    # 0.66 -> 0.82 and gen-PPL 12.9 -> 6.4 at the same FLOPs (README "Results", row lr1e-3).
+    # 0.66 -> 0.82 and gen-PPL 12.9 -> 6.4 at the same FLOPs (256 prompts; README
+    # "Results", What was learned; grid row lr1e-3).
+    # Measured, and left as they are: 8 candidates per concept with the consensus kept
+    # (concepts.num_candidates) and 4 layers at equal FLOPs were no better (README).
     c.train.learning_rate = 3e-3
     c.train.warmup_steps = 100
     c.train.log_every = 50

@@ -27,6 +27,7 @@ _SOURCE = flags.DEFINE_string("source", "synthetic", "data.source of every run."
 _GRID = flags.DEFINE_enum("grid", "full", ["full", "text"], "Which rows (see GRIDS).")
 _ONLY = flags.DEFINE_list("only", [], "Only these rows (names), after `default`.")
 _PROMPTS = flags.DEFINE_integer("num_prompts", 256, "Held-out prompts per row.")
+_BASELINES = flags.DEFINE_list("baselines", ["ar", "mdm"], "Flat baselines to train and show.")
 
 # Rows that train a concept model were measured as one change from the previous default,
 # whose concept learning rate was 1e-3 (row lr1e-3): 3e-3, the default now, was found
@@ -110,7 +111,7 @@ def main(argv):
   if _ONLY.value:
     grid = [v for v in grid if v.name == "default" or v.name in _ONLY.value]
   result = experiment.run_grid(grid, _WORKDIR.value, source=_SOURCE.value,
-                               num_prompts=_PROMPTS.value)
+                               num_prompts=_PROMPTS.value, baselines=tuple(_BASELINES.value))
   print(experiment.markdown_table(result))
 
 

@@ -61,6 +61,13 @@ def test_ar_is_also_sampled_at_a_lower_temperature(grid_run, monkeypatch):
   assert temps == [0.25]  # ar_temp0.5 is read back; the new temperature is sampled.
   assert again["rows"]["ar_temp0.5"] == first["rows"]["ar_temp0.5"]
   assert list(again["rows"])[:5] == ["default", "ar", "mdm", "ar_temp0.5", "ar_temp0.25"]
+  # Without mdm: its row is left out, the others are read back as they were.
+  ar_only = experiment.run_grid(GRID[:1], workdir,
+                                dataclasses.replace(_settings(), baselines=("ar",)))
+  assert list(ar_only["rows"]) == ["default", "ar", "ar_temp0.5", "reference"]
+  assert ar_only["rows"]["ar"] == first["rows"]["ar"] and len(temps) == 1
+  with pytest.raises(experiment.ExperimentError, match="baselines \\['gpt'\\]"):
+    experiment.run_grid(GRID[:1], workdir, dataclasses.replace(_settings(), baselines=("gpt",)))
 
 
 def test_baselines_get_the_default_pipelines_flops(grid_run):
