@@ -11,7 +11,7 @@ shared and resumed: re-running only does what is missing (a row whose definition
 changed is evaluated again). Output: WORKDIR/results.json and WORKDIR/results.md (the
 README's "Results" tables). On 2 CPU cores: about 45 minutes for the default row and
 the baselines, ~8 minutes per row that trains, ~1 minute per sampling row; the full
-grid ~3.5 hours. --only=mse,x0 picks rows.
+grid ~3.5 hours. --only=mse,x0 picks rows; --baselines=ar leaves out mdm (~20 minutes).
 """
 
 import dataclasses
