@@ -47,7 +47,8 @@ def get_config(preset="tiny"):
     c.train.num_steps = 2400
     # Measured: feeding the concept model the encoder's concept of each rendered chunk
     # instead of its raw sample took gen-PPL 17.1 -> 11.0 and well-formed 0.64 -> 0.68
-    # (README "Results", row no_reencode). Chunks then render one after another.
+    # at lr 1e-3; at lr 3e-3 the two are level (README "Results", row no_reencode).
+    # Chunks then render one after another.
     c.concepts.reencode = True
     # Measured: 3e-3 rather than 1e-3 took consistent-with-prompt 0.47 -> 0.57, well-formed
     # 0.66 -> 0.82 and gen-PPL 12.9 -> 6.4 at the same FLOPs (256 prompts; README
