@@ -32,6 +32,13 @@ def test_mesh_not_dividing_devices_is_a_config_error():
     trainer.check_config(c, 8)
 
 
+def test_zero_generation_candidates_is_a_config_error():
+  c = _config()
+  c.concepts.num_candidates = 0
+  with pytest.raises(ConfigError, match="concepts.num_candidates=0"):
+    config_lib.validate(c)
+
+
 def test_concepts_without_render_checkpoint_names_the_field(tmp_path):
   c = config_lib.base_config()
   c.stage = "concepts"
