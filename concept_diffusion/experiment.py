@@ -409,8 +409,8 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
         add_row(name, "baseline (equal FLOPs)", None, [run_dir],
                 lambda: {**_evaluate_flat(run_dir, judge, settings),
                          "train_pflops": training_flops(config, vocab) / 1e15})
-      run_dir, config = baselines.get("ar", (None, None))
-      for temp in settings.ar_temperatures if run_dir else ():
+      for temp in settings.ar_temperatures if "ar" in baselines else ():
+        run_dir, config = baselines["ar"]
         add_row(f"ar_temp{temp}", "baseline, sampling", {"temperature": temp}, [run_dir],
                 lambda: {**_evaluate_flat(run_dir, judge, settings, temperature=temp),
                          "train_pflops": training_flops(config, vocab) / 1e15})

@@ -253,8 +253,7 @@ def consensus_index(feat_BxCxD):
   Self-consistency in concept space: of C samples of one next concept, keep the one
   nearest to what most samples say (ties: the lowest index). C = 1 picks 0.
   """
-  unit_BxCxD = feat_BxCxD / (jnp.linalg.norm(feat_BxCxD, axis=-1, keepdims=True) + 1e-6)
-  sim_BxCxC = jnp.einsum("bcd,bkd->bck", unit_BxCxD, unit_BxCxD)
+  sim_BxCxC = cosine(feat_BxCxD[:, :, None], feat_BxCxD[:, None, :])
   return jnp.argmax(jnp.sum(sim_BxCxC, -1), -1)
 
 
