@@ -34,52 +34,12 @@ _ROWS = flags.DEFINE_integer("rows_per_write", 256, "Examples encoded and commit
 flags.mark_flags_as_required(["render_workdir", "output", "num_examples"])
 
 
-def encode_config(render_config, overrides: dict):
-  """The render run's config with the command line's --config.* overrides applied."""
-  config = config_lib.base_config()
-  config.update(render_config)
-  for dotted, value in overrides.items():
-    node = config
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
-
-
-def make_encode_fn(config, params, mesh):
-  """(tokens_BxNxL, token_mask_BxNxL) -> concepts_BxNxD with the frozen encoder, batch split."""
-  import jax
-  import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from concept_diffusion.models.encoder import ConceptEncoder
-  from concept_diffusion.models.layers import ModelConfig
-  from concept_diffusion.train.state import unbox
-  enc = ConceptEncoder(ModelConfig.from_config(config))
-  apply = jax.jit(lambda p, t, m: enc.apply({"params": p}, t, m))
-  params = unbox(params["encoder"])
-  ways = mesh.size
-
-  def encode(tokens_BxNxL, mask_BxNxL):
-    b = len(tokens_BxNxL)
-    pad = -b % ways  # Every device gets an equal share; padded rows are dropped.
-    if pad:
-      tokens_BxNxL = np.concatenate([tokens_BxNxL, np.zeros((pad,) + tokens_BxNxL.shape[1:],
-                                                            tokens_BxNxL.dtype)])
-      mask_BxNxL = np.concatenate([mask_BxNxL, np.zeros((pad,) + mask_BxNxL.shape[1:], bool)])
-    split = NamedSharding(mesh, P(mesh.axis_names[0]))
-    z_BxNxD = apply(params, jax.device_put(tokens_BxNxL, split), jax.device_put(mask_BxNxL, split))
-    return np.asarray(jax.device_get(z_BxNxD))[:b]
-
-  return encode
-
-
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   import jax
-  from concept_diffusion import train
+  from concept_diffusion import encoding
   from concept_diffusion.config import ConfigError
   from concept_diffusion.data import concept_cache
   from concept_diffusion.data.errors import DataError
@@ -87,19 +47,10 @@ def main(argv):
   from concept_diffusion.train import checkpoint
   try:
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    multihost.maybe_initialize(encode_config(config_lib.base_config(), overrides))
-    # Each process encodes its own rows on its own devices: no collectives.
-    mesh = jax.make_mesh((jax.local_device_count(), 1, 1), ("data", "fsdp", "tensor"),
-                         devices=jax.local_devices(),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    render_config, tokenizer, params = train.restore_params(_RENDER.value, mesh)
-    config = encode_config(render_config, overrides)
-    marker = concept_cache.write_cache(
-        _OUTPUT.value, config, tokenizer, make_encode_fn(config, params, mesh),
-        num_examples=_NUM.value, split=_SPLIT.value, process_index=jax.process_index(),
-        process_count=jax.process_count(), chunk_rows=_CHUNK.value,
-        rows_per_write=_ROWS.value, extra_meta={"render_workdir": _RENDER.value},
-        progress=True)
+    multihost.maybe_initialize(encoding.encode_config(config_lib.base_config(), overrides))
+    marker = encoding.encode_run(_RENDER.value, _OUTPUT.value, _NUM.value, overrides=overrides,
+                                 split=_SPLIT.value, chunk_rows=_CHUNK.value,
+                                 rows_per_write=_ROWS.value)
   except (ConfigError, DataError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

@@ -50,7 +50,7 @@ COLUMNS = (  # (results key, table heading)
 )
 DONE_FILE = "grid_done.json"
 # Settings that only add rows: changing them re-evaluates no other row.
-ROW_FREE = ("ar_temperatures", "baselines")
+ROW_FREE = ("ar_temperatures", "baselines", "checkpoint_every")
 # Generation defaults a run's config carries that do not change training: a finished run
 # is reused when only these change, and the grid samples with the planned values.
 SAMPLING_FIELDS = {"concepts.temperature": "temperature", "concepts.reencode": "reencode",
@@ -71,6 +71,8 @@ class Variant:
   sample: generate() options (concept_steps, guidance, temperature, reencode,
   num_candidates, render_steps);
   the ones not given are the planned concepts config's (SAMPLING_FIELDS).
+  cache_examples: > 0 trains the concept model on a concept cache of that many examples,
+  encoded once by the render run's encoder and reused over epochs (its FLOPs counted once).
   """
   name: str
   axis: str = "reference point"
@@ -78,6 +80,7 @@ class Variant:
   concepts: dict = dataclasses.field(default_factory=dict)
   finetune: dict | None = None
   sample: dict = dataclasses.field(default_factory=dict)
+  cache_examples: int = 0
 
 
 @dataclasses.dataclass
@@ -100,6 +103,8 @@ class Settings:
   ar_temperatures: tuple = (0.5,)
   baselines: tuple = ("ar", "mdm")  # Flat baselines trained and shown (the judge always is).
   seed: int = 0
+  # Every run checkpoints this often (and at its end), so a killed grid resumes mid-run.
+  checkpoint_every: int = 500
   common: dict = dataclasses.field(default_factory=dict)  # Overrides of every run (tests).
 
 
@@ -128,7 +133,7 @@ def _preset(spec: str, settings: Settings, overrides: dict) -> ml_collections.Co
   apply_overrides(config, {**settings.common, **overrides})
   config.train.num_steps = max(1, round(config.train.num_steps * settings.steps_scale))
   config.train.warmup_steps = min(config.train.warmup_steps, config.train.num_steps // 2)
-  config.checkpoint.every_steps = config.train.num_steps
+  config.checkpoint.every_steps = min(settings.checkpoint_every, config.train.num_steps)
   return config
 
 
@@ -144,6 +149,7 @@ class Plan:
   render: tuple[str, Any]
   concepts: tuple[str, Any]
   finetune: tuple[str, Any] | None
+  cache: tuple[str, int] | None = None  # (folder, examples) the concepts run trains on.
 
 
 def plan_variant(v: Variant, workdir: str, settings: Settings) -> Plan:
@@ -152,10 +158,17 @@ def plan_variant(v: Variant, workdir: str, settings: Settings) -> Plan:
   r_name = _run_name("render", key, v.render)
   render_dir = os.path.join(workdir, r_name)
   render = _preset(settings.render_preset, settings, v.render)
-  c_name = _run_name("concepts", key, v.render, v.concepts)
+  cached = (v.cache_examples,) if v.cache_examples else ()  # Run names from before stay.
+  c_name = _run_name("concepts", key, v.render, v.concepts, *cached)
   concepts_dir = os.path.join(workdir, c_name)
   concepts = _preset(settings.concepts_preset, settings, v.concepts)
   concepts.concepts.render_workdir = render_dir
+  cache = None
+  if v.cache_examples:
+    n = concepts.data.num_concepts
+    cache = (os.path.join(workdir, _run_name("cache", r_name, v.cache_examples, n)),
+             v.cache_examples)
+    concepts.data.source = f"concepts:{cache[0]}"
   finetune = None
   if v.finetune is not None:
     ft = _preset(settings.render_preset, settings, {"render.generated_from": concepts_dir,
@@ -163,7 +176,7 @@ def plan_variant(v: Variant, workdir: str, settings: Settings) -> Plan:
                                                      **v.finetune})
     ft_dir = os.path.join(workdir, _run_name("finetune", key, v.render, v.concepts, v.finetune))
     finetune = (ft_dir, ft)
-  return Plan((render_dir, render), (concepts_dir, concepts), finetune)
+  return Plan((render_dir, render), (concepts_dir, concepts), finetune, cache)
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -174,7 +187,8 @@ def training_flops(config: ml_collections.ConfigDict, vocab_size: int,
   """Training FLOPs of one run: per-position FLOPs x positions x batch x steps.
 
   concepts runs add the frozen encoder's forward over every chunk token
-  (`render_config` sizes it); a generated-concept fine-tune counts as a render run.
+  (`render_config` sizes it) unless they read a concept cache (encoding_flops counts
+  that once); a generated-concept fine-tune counts as a render run.
   """
   t, d = config.train, config.data
   examples = t.batch_size * t.num_steps
@@ -184,13 +198,21 @@ def training_flops(config: ml_collections.ConfigDict, vocab_size: int,
   if config.stage == "concepts":
     enc = render_config or config
     tokens = d.num_concepts * enc.data.concept_len
-    per_example = (sizes.flops_per_token(config, "concepts", vocab_size) * d.num_concepts +
-                   sizes.encoder_forward_flops_per_token(enc, vocab_size) * tokens)
+    per_example = sizes.flops_per_token(config, "concepts", vocab_size) * d.num_concepts
+    if not d.source.startswith("concepts:"):
+      per_example += sizes.encoder_forward_flops_per_token(enc, vocab_size) * tokens
     if config.concepts.render_weight > 0:  # Renderer in the loop (counted as a render step).
       per_example += sizes.flops_per_token(enc, "render", vocab_size) * \
           config.concepts.render_positions * enc.data.concept_len
     return per_example * examples
   return sizes.flops_per_token(config, config.stage, vocab_size) * d.seq_len * examples
+
+
+def encoding_flops(render_config: ml_collections.ConfigDict, vocab_size: int,
+                   num_examples: int, num_concepts: int) -> float:
+  """FLOPs of encoding a concept cache: the encoder's forward over every chunk token."""
+  tokens = num_examples * num_concepts * render_config.data.concept_len
+  return sizes.encoder_forward_flops_per_token(render_config, vocab_size) * tokens
 
 
 def matched_steps(config: ml_collections.ConfigDict, vocab_size: int, budget: float) -> int:
@@ -208,6 +230,8 @@ def _variant_flops(plan: Plan, vocab_size: int) -> float:
                                                               vocab_size, render)
   if plan.finetune is not None:
     total += training_flops(resolve(plan.finetune[1]), vocab_size)
+  if plan.cache is not None:
+    total += encoding_flops(render, vocab_size, plan.cache[1], plan.concepts[1].data.num_concepts)
   return total
 
 
@@ -229,7 +253,8 @@ def check_reuse(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   Run names hash the overrides, not the presets: after a preset edit, the same name
   would silently reuse a run trained the old way. Fields that only steer generation
-  (SAMPLING_FIELDS) and fields the saved config lacks (added since) may differ.
+  (SAMPLING_FIELDS), how often it checkpoints, and fields the saved config lacks (added
+  since) may differ.
   """
   saved_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(saved_path):
@@ -240,7 +265,8 @@ def check_reuse(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(saved_path) as f:
     saved = _flat(json.load(f))
   differ = sorted(k for k in planned.keys() & saved.keys()
-                  if k not in SAMPLING_FIELDS and planned[k] != saved[k])
+                  if k not in SAMPLING_FIELDS and not k.startswith("checkpoint.")
+                  and planned[k] != saved[k])
   if differ:
     shown = ", ".join(f"{k}: trained {saved[k]!r}, planned {planned[k]!r}" for k in differ[:5])
     raise ExperimentError(f"{workdir} was trained with other settings than this grid plans "
@@ -266,6 +292,17 @@ def train_once(config: ml_collections.ConfigDict, workdir: str) -> None:
                           "re-run the grid to resume it")
   with open(done, "w") as f:
     json.dump({"seconds": time.time() - start, "last": summary}, f, default=float)
+
+
+def encode_once(render_dir: str, cache_dir: str, num_examples: int, num_concepts: int) -> None:
+  """Writes (or resumes, or finds finished) a concept cache of the render run's encoder."""
+  from concept_diffusion import encoding
+  print(f"-- encoding {os.path.basename(cache_dir)} ({num_examples:,} examples)", flush=True)
+  marker = encoding.encode_run(render_dir, cache_dir, num_examples,
+                               overrides={"data.num_concepts": num_concepts}, progress=False)
+  if marker["rows"] < num_examples:  # A finite source ran out: the FLOPs would be wrong.
+    raise ExperimentError(f"{cache_dir}: the source ran out at {marker['rows']:,} of "
+                          f"{num_examples:,} examples; lower the variant's cache_examples")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -364,6 +401,8 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
 
   def train_variant(plan):
     train_once(plan.render[1], plan.render[0])
+    if plan.cache is not None and not os.path.isfile(os.path.join(plan.concepts[0], DONE_FILE)):
+      encode_once(plan.render[0], *plan.cache, plan.concepts[1].data.num_concepts)
     train_once(plan.concepts[1], plan.concepts[0])
     if plan.finetune is not None:
       train_once(plan.finetune[1], plan.finetune[0])
@@ -389,7 +428,7 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
     spec, seed = specs[name]
     config = _preset(spec, settings, {"train.seed": seed})
     config.train.num_steps = matched_steps(config, vocab, budget)
-    config.checkpoint.every_steps = config.train.num_steps
+    config.checkpoint.every_steps = min(settings.checkpoint_every, config.train.num_steps)
     run_dir = os.path.join(workdir, _run_name(name, settings.source, settings.steps_scale,
                                               settings.common, config.train.num_steps, seed))
     train_once(config, run_dir)

@@ -45,6 +45,8 @@ FULL = [
     # How the concept head is sampled (no training: the default runs).
     Variant("temp1.0", "sampling", sample={"temperature": 1.0}),
     Variant("temp0.0", "sampling", sample={"temperature": 0.0}),
+    Variant("temp0.75", "sampling", sample={"temperature": 0.75}),
+    Variant("temp1.0_steps64", "sampling", sample={"temperature": 1.0, "concept_steps": 64}),
     Variant("steps4", "sampling", sample={"concept_steps": 4}),
     Variant("steps64", "sampling", sample={"concept_steps": 64}),
     Variant("cfg2", "sampling", sample={"guidance": 2.0}),
@@ -87,6 +89,20 @@ FULL = [
     # (1.8x the pipeline's FLOPs).
     Variant("lr1e-2", "concept learning rate", concepts={"train.learning_rate": 1e-2}),
     Variant("steps4800", "concept steps", concepts={"train.num_steps": 4800}),
+    # From the default: half the batch, twice the steps (the same examples, equal FLOPs).
+    Variant("batch16_eqflops", "concept batch", concepts={"train.batch_size": 16,
+                                                          "train.num_steps": 4800}),
+    # From the default: the concept model trains on a cache of 25,600 examples encoded
+    # once, 6.6 epochs over it; the encoder's forward no longer runs in every step, so
+    # 5,310 steps fit in the pipeline's FLOPs instead of 2,400.
+    # From the default: the frozen renderer in the loop (the head's clean estimate of the
+    # next concept must render its chunk), a token-level signal on 4 chunks per example;
+    # at 2,400 steps (1.5x the FLOPs) and cut to 1,143 steps (equal FLOPs).
+    Variant("render_loop", "concept loss", concepts={"concepts.render_weight": 1.0}),
+    Variant("render_loop_eqflops", "concept loss", concepts={"concepts.render_weight": 1.0,
+                                                             "train.num_steps": 1143}),
+    Variant("cache25k_eqflops", "concept steps (cache)", concepts={"train.num_steps": 5310},
+            cache_examples=25_600),
 ]
 # Real text: sentences of 16 tokens under unit z noise are too much for a tiny encoder
 # (round-trip 0.14), so the text grid also tries 8-token chunks with little noise, and

@@ -110,6 +110,46 @@ def test_a_changed_preset_is_not_silently_reused(grid_run):
     experiment.train_once(changed, concepts_dir)
 
 
+def test_a_cached_variant_trains_on_the_cache_and_counts_encoding_once(grid_run, monkeypatch):
+  workdir, first = grid_run
+  cached = Variant("cached", "concept steps (cache)", cache_examples=64)
+  result = experiment.run_grid([GRID[0], cached], workdir, _settings())
+  plan = experiment.plan_variant(cached, workdir, _settings())
+  cache_dir, n = plan.cache
+  with open(os.path.join(plan.concepts[0], "config.json")) as f:
+    assert json.load(f)["data"]["source"] == f"concepts:{cache_dir}"
+  from concept_diffusion.data import concept_cache
+  assert len(concept_cache.CacheReader(cache_dir, "train")) == n == 64
+  # Same steps as the default: the encoder's forward over its 24 x 8 examples is replaced
+  # by one pass over the cache's 64.
+  concepts = plan.concepts[1]
+  seen = concepts.train.num_steps * concepts.train.batch_size
+  vocab = experiment._vocab_size(plan.render[0])
+  saved = experiment.encoding_flops(plan.render[1], vocab, seen - n, concepts.data.num_concepts)
+  assert seen > n and saved > 0
+  assert (first["rows"]["default"]["train_pflops"] - result["rows"]["cached"]["train_pflops"]
+          ) * 1e15 == pytest.approx(saved)
+  assert 0 <= result["rows"]["cached"]["coherence_consistent"] <= 1
+  import concept_diffusion.train as train_lib
+  from concept_diffusion import encoding
+  monkeypatch.setattr(train_lib, "train", lambda *a, **k: pytest.fail("re-running must not train"))
+  monkeypatch.setattr(encoding, "encode_run", lambda *a, **k: pytest.fail("nor encode"))
+  experiment.run_grid([GRID[0], cached], workdir, _settings())
+
+
+def test_grid_runs_checkpoint_periodically_and_reuse_ignores_how_often(grid_run):
+  plan = experiment.plan_variant(GRID[0], "/tmp/unused", Settings(checkpoint_every=500))
+  assert plan.concepts[1].checkpoint.every_steps == 500  # Of 2,400 steps: a killed run resumes.
+  assert plan.render[1].checkpoint.every_steps == 500
+  short = experiment.plan_variant(GRID[0], "/tmp/unused", _settings())
+  assert short.concepts[1].checkpoint.every_steps == short.concepts[1].train.num_steps
+  workdir, _ = grid_run
+  concepts_dir, config = experiment.plan_variant(GRID[0], workdir, _settings()).concepts
+  other = experiment.apply_overrides(config.copy_and_resolve_references(),
+                                     {"checkpoint.every_steps": 7})
+  experiment.train_once(other, concepts_dir)  # Finished, and trained the same: reused.
+
+
 def test_a_changed_row_is_evaluated_again_and_only_it(grid_run, monkeypatch):
   workdir, first = grid_run
   calls = []
