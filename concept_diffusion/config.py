@@ -82,8 +82,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.concepts = ml_collections.ConfigDict()
   c.concepts.render_workdir = ""  # Workdir of the render run whose encoder is used (frozen).
+  # > 0: encode the first N packed train examples once into WORKDIR/concept_cache and train
+  # over them again and again (no encoder in the steps); 0: encode every batch on the fly.
+  c.concepts.cache_examples = 0
   c.concepts.objective = "flow"  # flow | x0 | mse (see CONCEPT_OBJECTIVES).
   c.concepts.cfg_dropout = 0.1  # Probability of dropping the context (classifier-free guidance).
+  # Training noise levels: shift > 1 puts more of them near noise, where the head decides
+  # which sentence comes next (continuous.shift_times; 1 = uniform).
+  c.concepts.time_shift = 1.0
   c.concepts.sample_steps = 16  # Concept sampler steps.
   c.concepts.guidance = 1.0  # Classifier-free guidance scale (1 = off).
   c.concepts.temperature = 0.5  # Default scale of the sampler's starting noise in generation.
@@ -167,11 +173,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "model.mlp_dim", "model.concept_dim", "train.num_steps", "train.batch_size",
                 "train.grad_accum_steps", "checkpoint.every_steps", "checkpoint.max_to_keep",
                 "train.log_every", "train.eval_batches", "concepts.render_positions",
-                "concepts.num_candidates"):
+                "concepts.num_candidates", "concepts.time_shift"):
     _positive(config, field)
   for field in ("train.learning_rate", "train.warmup_steps", "train.weight_decay",
                 "train.grad_clip", "render.z_noise", "render.concept_reg", "train.eval_every",
-                "concepts.render_weight", "concepts.temperature"):
+                "concepts.render_weight", "concepts.temperature", "concepts.cache_examples"):
     _positive(config, field, allow_zero=True)
   for field in ("render.full_mask_prob", "concepts.cfg_dropout", "train.ema_decay",
                 "data.eval_fraction", "render.generated_prob"):
@@ -193,6 +199,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ConfigError(f"mesh.{axis}={ways!r} must be a positive integer or -1")
   if sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
     raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+  if config.concepts.cache_examples and config.concepts.render_weight:
+    raise ConfigError("concepts.cache_examples > 0 trains from a concept cache, which holds no "
+                      "chunk tokens for concepts.render_weight > 0 to render; set one to 0")
   if config.stage == "concepts" and not config.concepts.render_workdir:
     raise ConfigError("concepts.render_workdir is empty: the concepts stage needs the workdir "
                       "of a finished render run (--config.concepts.render_workdir=DIR)")

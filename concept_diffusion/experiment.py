@@ -71,8 +71,6 @@ class Variant:
   sample: generate() options (concept_steps, guidance, temperature, reencode,
   num_candidates, render_steps);
   the ones not given are the planned concepts config's (SAMPLING_FIELDS).
-  cache_examples: > 0 trains the concept model on a concept cache of that many examples,
-  encoded once by the render run's encoder and reused over epochs (its FLOPs counted once).
   """
   name: str
   axis: str = "reference point"
@@ -80,7 +78,6 @@ class Variant:
   concepts: dict = dataclasses.field(default_factory=dict)
   finetune: dict | None = None
   sample: dict = dataclasses.field(default_factory=dict)
-  cache_examples: int = 0
 
 
 @dataclasses.dataclass
@@ -149,7 +146,6 @@ class Plan:
   render: tuple[str, Any]
   concepts: tuple[str, Any]
   finetune: tuple[str, Any] | None
-  cache: tuple[str, int] | None = None  # (folder, examples) the concepts run trains on.
 
 
 def plan_variant(v: Variant, workdir: str, settings: Settings) -> Plan:
@@ -158,17 +154,10 @@ def plan_variant(v: Variant, workdir: str, settings: Settings) -> Plan:
   r_name = _run_name("render", key, v.render)
   render_dir = os.path.join(workdir, r_name)
   render = _preset(settings.render_preset, settings, v.render)
-  cached = (v.cache_examples,) if v.cache_examples else ()  # Run names from before stay.
-  c_name = _run_name("concepts", key, v.render, v.concepts, *cached)
+  c_name = _run_name("concepts", key, v.render, v.concepts)
   concepts_dir = os.path.join(workdir, c_name)
   concepts = _preset(settings.concepts_preset, settings, v.concepts)
   concepts.concepts.render_workdir = render_dir
-  cache = None
-  if v.cache_examples:
-    n = concepts.data.num_concepts
-    cache = (os.path.join(workdir, _run_name("cache", r_name, v.cache_examples, n)),
-             v.cache_examples)
-    concepts.data.source = f"concepts:{cache[0]}"
   finetune = None
   if v.finetune is not None:
     ft = _preset(settings.render_preset, settings, {"render.generated_from": concepts_dir,
@@ -176,7 +165,7 @@ def plan_variant(v: Variant, workdir: str, settings: Settings) -> Plan:
                                                      **v.finetune})
     ft_dir = os.path.join(workdir, _run_name("finetune", key, v.render, v.concepts, v.finetune))
     finetune = (ft_dir, ft)
-  return Plan((render_dir, render), (concepts_dir, concepts), finetune, cache)
+  return Plan((render_dir, render), (concepts_dir, concepts), finetune)
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -187,8 +176,9 @@ def training_flops(config: ml_collections.ConfigDict, vocab_size: int,
   """Training FLOPs of one run: per-position FLOPs x positions x batch x steps.
 
   concepts runs add the frozen encoder's forward over every chunk token
-  (`render_config` sizes it) unless they read a concept cache (encoding_flops counts
-  that once); a generated-concept fine-tune counts as a render run.
+  (`render_config` sizes it) unless they read a concept cache (concepts.cache_examples:
+  the encoder's pass over the cache, encoding_flops, is counted once instead); a
+  generated-concept fine-tune counts as a render run.
   """
   t, d = config.train, config.data
   examples = t.batch_size * t.num_steps
@@ -199,12 +189,16 @@ def training_flops(config: ml_collections.ConfigDict, vocab_size: int,
     enc = render_config or config
     tokens = d.num_concepts * enc.data.concept_len
     per_example = sizes.flops_per_token(config, "concepts", vocab_size) * d.num_concepts
-    if not d.source.startswith("concepts:"):
+    cache = config.concepts.get("cache_examples", 0)
+    if not (cache or d.source.startswith("concepts:")):
       per_example += sizes.encoder_forward_flops_per_token(enc, vocab_size) * tokens
     if config.concepts.render_weight > 0:  # Renderer in the loop (counted as a render step).
       per_example += sizes.flops_per_token(enc, "render", vocab_size) * \
           config.concepts.render_positions * enc.data.concept_len
-    return per_example * examples
+    total = per_example * examples
+    if cache and not d.source.startswith("concepts:"):  # Encoded by the run itself.
+      total += encoding_flops(enc, vocab_size, cache, d.num_concepts)
+    return total
   return sizes.flops_per_token(config, config.stage, vocab_size) * d.seq_len * examples
 
 
@@ -230,8 +224,6 @@ def _variant_flops(plan: Plan, vocab_size: int) -> float:
                                                               vocab_size, render)
   if plan.finetune is not None:
     total += training_flops(resolve(plan.finetune[1]), vocab_size)
-  if plan.cache is not None:
-    total += encoding_flops(render, vocab_size, plan.cache[1], plan.concepts[1].data.num_concepts)
   return total
 
 
@@ -292,17 +284,6 @@ def train_once(config: ml_collections.ConfigDict, workdir: str) -> None:
                           "re-run the grid to resume it")
   with open(done, "w") as f:
     json.dump({"seconds": time.time() - start, "last": summary}, f, default=float)
-
-
-def encode_once(render_dir: str, cache_dir: str, num_examples: int, num_concepts: int) -> None:
-  """Writes (or resumes, or finds finished) a concept cache of the render run's encoder."""
-  from concept_diffusion import encoding
-  print(f"-- encoding {os.path.basename(cache_dir)} ({num_examples:,} examples)", flush=True)
-  marker = encoding.encode_run(render_dir, cache_dir, num_examples,
-                               overrides={"data.num_concepts": num_concepts}, progress=False)
-  if marker["rows"] < num_examples:  # A finite source ran out: the FLOPs would be wrong.
-    raise ExperimentError(f"{cache_dir}: the source ran out at {marker['rows']:,} of "
-                          f"{num_examples:,} examples; lower the variant's cache_examples")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -401,8 +382,6 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
 
   def train_variant(plan):
     train_once(plan.render[1], plan.render[0])
-    if plan.cache is not None and not os.path.isfile(os.path.join(plan.concepts[0], DONE_FILE)):
-      encode_once(plan.render[0], *plan.cache, plan.concepts[1].data.num_concepts)
     train_once(plan.concepts[1], plan.concepts[0])
     if plan.finetune is not None:
       train_once(plan.finetune[1], plan.finetune[0])

@@ -221,3 +221,22 @@ def test_encode_cli_then_concepts_stage_trains_on_the_cache(tmp_path):
   assert np.isfinite(metrics["loss"])
   with open(tmp_path / "concepts" / "config.json") as f:  # The cache, not the render source.
     assert json.load(f)["data"]["source"] == f"concepts:{tmp_path}/cache"
+  # concepts.cache_examples: the run writes the same cache itself, and trains the same.
+  own = make_config()
+  own.stage = "concepts"
+  own.concepts.update(render_workdir=str(tmp_path / "render"), cache_examples=24)
+  own.train.update(num_steps=2, warmup_steps=1, log_every=1)
+  own.checkpoint.update(every_steps=2, async_save=False)
+  trainer.train(own, str(tmp_path / "own"))
+  ours = concept_cache.CacheReader(str(tmp_path / "own" / trainer.CACHE_DIR), "train")
+  cli = concept_cache.CacheReader(str(tmp_path / "cache"), "train")
+  rows = np.arange(24)
+  np.testing.assert_array_equal(ours.read(rows)["concepts"], cli.read(rows)["concepts"])
+  from concept_diffusion import evaluation
+  losses = lambda run: [m["loss"] for m in evaluation.load_metrics(str(tmp_path / run))]
+  assert losses("own") == losses("concepts")
+  with open(tmp_path / "own" / "config.json") as f:  # Its source stays the text one.
+    assert json.load(f)["data"]["source"] == "synthetic"
+  with pytest.raises(config_lib.ConfigError, match="concepts.render_weight"):
+    own.concepts.render_weight = 1.0
+    trainer.train(own, str(tmp_path / "own2"))

@@ -245,3 +245,23 @@ def test_next_concept_targets_stay_inside_documents():
   target, mask = continuous.next_concept_targets(z, seg > 0, seg)
   np.testing.assert_array_equal(mask[0], [True, True, False, True, False, False])
   np.testing.assert_array_equal(target[0, :5, 0], [1, 2, 3, 4, 5])
+
+
+def test_time_shift_moves_training_times_toward_noise():
+  u = continuous.stratified_times(jax.random.key(0), (64, 64))
+  assert continuous.shift_times(u, 1.0) is u  # The default draws exactly as before.
+  t = np.asarray(continuous.shift_times(u, 3.0))
+  assert t.min() >= 0.0 and t.max() <= 1.0
+  assert np.median(t) == pytest.approx(0.25, abs=0.01)  # u / (u + 3 (1 - u)) at u = 1/2.
+  assert np.all(np.diff(t.ravel()[np.argsort(np.asarray(u).ravel())]) >= 0)  # Monotone.
+  # The loss sees the shifted times: record them through pred_fn.
+  seen = []
+  z1 = jnp.ones((64, 64, 4))
+
+  def pred_fn(zt, t_BxN):
+    seen.append(t_BxN)
+    return jnp.zeros_like(zt)
+
+  continuous.concept_loss("flow", pred_fn, z1, jnp.ones((64, 64), bool), jax.random.key(1),
+                          time_shift=3.0)
+  assert np.mean(np.asarray(seen[0]) < 0.25) == pytest.approx(0.5, abs=0.02)

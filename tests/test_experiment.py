@@ -112,21 +112,20 @@ def test_a_changed_preset_is_not_silently_reused(grid_run):
 
 def test_a_cached_variant_trains_on_the_cache_and_counts_encoding_once(grid_run, monkeypatch):
   workdir, first = grid_run
-  cached = Variant("cached", "concept steps (cache)", cache_examples=64)
+  cached = Variant("cached", "concept steps (cache)", concepts={"concepts.cache_examples": 64})
   result = experiment.run_grid([GRID[0], cached], workdir, _settings())
   plan = experiment.plan_variant(cached, workdir, _settings())
-  cache_dir, n = plan.cache
-  with open(os.path.join(plan.concepts[0], "config.json")) as f:
-    assert json.load(f)["data"]["source"] == f"concepts:{cache_dir}"
   from concept_diffusion.data import concept_cache
-  assert len(concept_cache.CacheReader(cache_dir, "train")) == n == 64
+  from concept_diffusion.train import trainer
+  cache_dir = os.path.join(plan.concepts[0], trainer.CACHE_DIR)
+  assert len(concept_cache.CacheReader(cache_dir, "train")) == 64
   # Same steps as the default: the encoder's forward over its 24 x 8 examples is replaced
   # by one pass over the cache's 64.
   concepts = plan.concepts[1]
   seen = concepts.train.num_steps * concepts.train.batch_size
   vocab = experiment._vocab_size(plan.render[0])
-  saved = experiment.encoding_flops(plan.render[1], vocab, seen - n, concepts.data.num_concepts)
-  assert seen > n and saved > 0
+  saved = experiment.encoding_flops(plan.render[1], vocab, seen - 64, concepts.data.num_concepts)
+  assert seen > 64 and saved > 0
   assert (first["rows"]["default"]["train_pflops"] - result["rows"]["cached"]["train_pflops"]
           ) * 1e15 == pytest.approx(saved)
   assert 0 <= result["rows"]["cached"]["coherence_consistent"] <= 1
@@ -199,3 +198,27 @@ def test_matched_steps_and_bad_overrides():
   assert experiment.matched_steps(ar, 1024, 10.4 * per_step) == 10
   with pytest.raises(ConfigError, match="render.z_nois"):
     experiment.apply_overrides(load_config("configs/render.py:tiny"), {"render.z_nois": 1.0})
+
+
+def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
+  """experiments/concept_grid.py: unique rows, valid overrides, earlier defaults intact."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "concept_grid.py"
+  spec = importlib.util.spec_from_file_location("concept_grid", path)
+  grid = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(grid)
+  for rows in grid.GRIDS.values():
+    names = [v.name for v in rows]
+    assert names[0] == "default" and len(set(names)) == len(names)
+    for v in rows:
+      experiment.plan_variant(v, str(tmp_path), Settings())  # Unknown fields raise here.
+  plans = {v.name: (v, experiment.plan_variant(v, str(tmp_path), Settings())) for v in grid.FULL}
+  default, v2 = plans["default"][1].concepts[1], plans["v2"][1].concepts[1]
+  assert default.concepts.cache_examples > 0 and v2.concepts.cache_examples == 0
+  assert v2.train.num_steps == 2400 and plans["v1"][1].concepts[1].train.learning_rate == 1e-3
+  for name, (v, plan) in plans.items():
+    s = experiment.sampling(v, plan)
+    if name.startswith(("v1", "v2")) and "sampling" not in v.axis and "t1s64" not in name:
+      assert (s["temperature"], s["concept_steps"]) == (0.5, 16), name  # As measured then.
+  assert experiment.sampling(*plans["v1"])["reencode"] is False

@@ -39,6 +39,13 @@ def test_zero_generation_candidates_is_a_config_error():
     config_lib.validate(c)
 
 
+def test_nonpositive_time_shift_is_a_config_error():
+  c = _config()
+  c.concepts.time_shift = 0.0
+  with pytest.raises(ConfigError, match="concepts.time_shift=0.0"):
+    config_lib.validate(c)
+
+
 def test_concepts_without_render_checkpoint_names_the_field(tmp_path):
   c = config_lib.base_config()
   c.stage = "concepts"

@@ -26,6 +26,16 @@ def stratified_times(key, shape):
   return jax.random.permutation(k_perm, u_N).reshape(shape)
 
 
+def shift_times(u, shift: float):
+  """Warps U(0, 1) times: shift > 1 puts more of them near noise (t = 0), 1 leaves them.
+
+  t = u / (u + shift (1 - u)); e.g. shift 3 takes the median time from 0.5 to 0.25.
+  """
+  if shift == 1.0:
+    return u
+  return u / (u + shift * (1.0 - u))
+
+
 def interpolate(noise_BxNxD, z1_BxNxD, t_BxN):
   """z_t = (1 - t) noise + t z1."""
   t = t_BxN[..., None]
@@ -54,9 +64,11 @@ def clean_estimate(objective: str, out_BxNxD, zt_BxNxD, t_BxN):
   return out_BxNxD  # x0 and mse predict z1 itself.
 
 
-def concept_loss(objective: str, pred_fn, z1_BxNxD, mask_BxN, key, with_estimate: bool = False):
+def concept_loss(objective: str, pred_fn, z1_BxNxD, mask_BxN, key, with_estimate: bool = False,
+                 time_shift: float = 1.0):
   """Per-dimension squared error of the objective's target -> (loss, metrics).
 
+  time_shift: training times are shift_times of stratified U(0, 1) ones.
   with_estimate: also return the head's clean-concept estimate z1_hat_BxNxD
   (differentiable), for losses that look at what the head would generate.
   """
@@ -70,7 +82,7 @@ def concept_loss(objective: str, pred_fn, z1_BxNxD, mask_BxN, key, with_estimate
     target_BxNxD = z1_BxNxD
   else:
     k_t, k_noise = jax.random.split(key)
-    t_BxN = stratified_times(k_t, z1_BxNxD.shape[:-1])
+    t_BxN = shift_times(stratified_times(k_t, z1_BxNxD.shape[:-1]), time_shift)
     noise_BxNxD = jax.random.normal(k_noise, z1_BxNxD.shape)
     zt_BxNxD = interpolate(noise_BxNxD, z1_BxNxD, t_BxN)
     out_BxNxD = pred_fn(zt_BxNxD, t_BxN)

@@ -116,13 +116,13 @@ class ConceptModel(nn.Module):
 
 def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN, segment_ids_BxN,
                       key, objective: str = "flow", cfg_dropout: float = 0.0,
-                      with_estimate: bool = False):
+                      with_estimate: bool = False, time_shift: float = 1.0):
   """Next-concept loss of the concept model on a batch of concepts -> (loss, metrics).
 
   The context at position n predicts concept n+1 of the same document; with
   probability cfg_dropout a position's context is replaced by the null context
   (classifier-free guidance training). with_estimate: also returns the head's
-  clean estimate of concept n+1 at every n (see continuous.concept_loss).
+  clean estimate of concept n+1 at every n; time_shift: see continuous.concept_loss.
   """
   k_drop, k_loss = jax.random.split(key)
   drop_BxN = None
@@ -133,7 +133,7 @@ def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN,
                                                            segment_ids_BxN)
   pred_fn = lambda zt, t: model.apply(variables, zt, t, h_BxNxE, method=model.head)  # noqa: E731
   return continuous.concept_loss(objective, pred_fn, target_BxNxD, mask_BxN, k_loss,
-                                 with_estimate=with_estimate)
+                                 with_estimate=with_estimate, time_shift=time_shift)
 
 
 def guided_head(model: ConceptModel, variables, h_BxNxE, guidance: float):

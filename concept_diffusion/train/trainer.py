@@ -214,6 +214,38 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
   return tok if tok is not None else data.make_tokenizer(config, workdir)
 
 
+CACHE_DIR = "concept_cache"
+CACHE_CHUNK_ROWS = 64
+
+
+def train_data_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The config the train split is read with: a concept cache's when concepts.cache_examples.
+
+  A concepts run with concepts.cache_examples = N > 0 first encodes its first N packed
+  train examples with the frozen encoder into WORKDIR/concept_cache (every process its
+  own rows; resumed after a kill, skipped once done), then reads them over and over, so
+  the encoder no longer runs in every step. Held-out loss still encodes on the fly.
+  """
+  n = config.concepts.get("cache_examples", 0) if config.stage == "concepts" else 0
+  if not n or config.data.source.startswith("concepts:"):
+    return config
+  from concept_diffusion import encoding
+  from concept_diffusion.data import concept_cache
+  path = os.path.join(workdir, CACHE_DIR)
+  overrides = {f"data.{k}": v for k, v in config.data.items()}  # Packed as this run packs.
+  marker = encoding.encode_run(config.concepts.render_workdir, path, n, overrides=overrides,
+                               chunk_rows=CACHE_CHUNK_ROWS, progress=multihost.is_main())
+  multihost.sync("concept_cache")
+  lo, hi = concept_cache.process_range({"num_examples": n, "process_count": jax.process_count(),
+                                        "chunk_rows": CACHE_CHUNK_ROWS}, jax.process_index())
+  if marker["rows"] < hi - lo:
+    raise ConfigError(f"concepts.cache_examples={n}: data.source={config.data.source} ran out "
+                      f"after {marker['rows']:,} examples of this process's share; lower it")
+  data_config = ml_collections.ConfigDict(config.to_dict())
+  data_config.data.source = f"concepts:{path}"
+  return data_config
+
+
 def _train_iterator(config, tokenizer, stage, mesh):
   """This process's shard of the shuffled, repeated train split, as a checkpointable iterator."""
   from concept_diffusion import data
@@ -303,7 +335,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stage = stages_lib.build_stage(config, tokenizer)
   tx = opt_lib.make_optimizer(config, stage.frozen)
   mngr = ckpt_lib.make_manager(workdir, config)
-  make_iter = lambda: _train_iterator(config, tokenizer, stage, mesh)
+  data_config = train_data_config(config, workdir)
+  make_iter = lambda: _train_iterator(data_config, tokenizer, stage, mesh)
   state, start, data_iter, shardings = _init_or_restore(
       config, stage, tx, mesh, mngr, make_iter(), make_iter)
   writer = metrics_lib.MetricsWriter(workdir, enabled=multihost.is_main())
