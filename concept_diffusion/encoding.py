@@ -26,15 +26,19 @@ def encode_config(render_config, overrides: dict):
   return config
 
 
-def make_encode_fn(config, params, mesh):
-  """(tokens_BxNxL, token_mask_BxNxL) -> concepts_BxNxD with the frozen encoder, batch split."""
+def make_encode_fn(config, params, mesh, vocab_size: int | None = None):
+  """(tokens_BxNxL, token_mask_BxNxL) -> concepts_BxNxD with the frozen encoder, batch split.
+
+  vocab_size: the tokenizer's (the model was built with it; data.vocab_size is only
+  what the tokenizer was asked for).
+  """
   import jax
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
   from concept_diffusion.models.encoder import ConceptEncoder
   from concept_diffusion.models.layers import ModelConfig
   from concept_diffusion.train.state import unbox
-  enc = ConceptEncoder(ModelConfig.from_config(config))
+  enc = ConceptEncoder(ModelConfig.from_config(config, vocab_size))
   apply = jax.jit(lambda p, t, m: enc.apply({"params": p}, t, m))
   params = unbox(params["encoder"])
   ways = mesh.size
@@ -70,7 +74,7 @@ def encode_run(render_workdir: str, output: str, num_examples: int, *,
   render_config, tokenizer, params = train.restore_params(render_workdir, mesh)
   config = encode_config(render_config, overrides or {})
   return concept_cache.write_cache(
-      output, config, tokenizer, make_encode_fn(config, params, mesh),
+      output, config, tokenizer, make_encode_fn(config, params, mesh, tokenizer.vocab_size),
       num_examples=num_examples, split=split, process_index=jax.process_index(),
       process_count=jax.process_count(), chunk_rows=chunk_rows,
       rows_per_write=rows_per_write, extra_meta={"render_workdir": render_workdir},

@@ -24,13 +24,6 @@ from absl import app, flags, logging
 from concept_diffusion import experiment
 from concept_diffusion.experiment import Variant
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/grid/synthetic", "Runs and results go here.")
-_SOURCE = flags.DEFINE_string("source", "synthetic", "data.source of every run.")
-_GRID = flags.DEFINE_enum("grid", "full", ["full", "text"], "Which rows (see GRIDS).")
-_ONLY = flags.DEFINE_list("only", [], "Only these rows (names), after `default`.")
-_PROMPTS = flags.DEFINE_integer("num_prompts", 256, "Held-out prompts per row.")
-_BASELINES = flags.DEFINE_list("baselines", ["ar", "mdm"], "Flat baselines to train and show.")
-
 # Earlier defaults, as overrides of today's presets, so their rows still plan what was
 # measured. v2 (the default until the concept cache): the encoder ran in each of 2,400
 # concept steps, and the head was sampled at temperature 0.5 in 16 steps.
@@ -144,17 +137,29 @@ TEXT = [v for v in FULL if v.name in ("default", "v2", "v1", "v1_temp1.0",
 GRIDS = {"full": FULL, "text": TEXT}
 
 
+def define_flags() -> None:
+  """The command line (defined only when run as a script: importing GRIDS defines none)."""
+  flags.DEFINE_string("workdir", "runs/grid/synthetic", "Runs and results go here.")
+  flags.DEFINE_string("source", "synthetic", "data.source of every run.")
+  flags.DEFINE_enum("grid", "full", ["full", "text"], "Which rows (see GRIDS).")
+  flags.DEFINE_list("only", [], "Only these rows (names), after `default`.")
+  flags.DEFINE_integer("num_prompts", 256, "Held-out prompts per row.")
+  flags.DEFINE_list("baselines", ["ar", "mdm"], "Flat baselines to train and show.")
+
+
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:  # Library INFO logs drown the progress lines.
+  f = flags.FLAGS
+  if not f["verbosity"].present:  # Library INFO logs drown the progress lines.
     logging.set_verbosity(logging.WARNING)
-  grid = GRIDS[_GRID.value]
-  if _ONLY.value:
-    grid = [v for v in grid if v.name == "default" or v.name in _ONLY.value]
-  result = experiment.run_grid(grid, _WORKDIR.value, source=_SOURCE.value,
-                               num_prompts=_PROMPTS.value, baselines=tuple(_BASELINES.value))
+  grid = GRIDS[f.grid]
+  if f.only:
+    grid = [v for v in grid if v.name == "default" or v.name in f.only]
+  result = experiment.run_grid(grid, f.workdir, source=f.source, num_prompts=f.num_prompts,
+                               baselines=tuple(f.baselines))
   print(experiment.markdown_table(result))
 
 
 if __name__ == "__main__":
+  define_flags()
   sys.exit(app.run(main))

@@ -240,3 +240,16 @@ def test_encode_cli_then_concepts_stage_trains_on_the_cache(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="concepts.render_weight"):
     own.concepts.render_weight = 1.0
     trainer.train(own, str(tmp_path / "own2"))
+
+
+def test_encode_fn_builds_the_encoder_at_the_tokenizers_vocab(setup):
+  """A tokenizer can stop short of data.vocab_size; the encoder was built at its size."""
+  from concept_diffusion import encoding
+  config, tok, params, encode_fn = setup
+  asked = config.copy_and_resolve_references()
+  asked.data.vocab_size = tok.vocab_size + 64
+  mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  fn = encoding.make_encode_fn(asked, {"encoder": params}, mesh, tok.vocab_size)
+  tokens = np.ones((3, N, L), np.int32)
+  np.testing.assert_allclose(fn(tokens, tokens > 0), encode_fn(tokens, tokens > 0), rtol=1e-6)

@@ -33,8 +33,9 @@ for stage, module in (("render", render), ("concepts", concepts)):
     shutil.copytree(os.path.join(root, "tokenizer"), os.path.join(workdir, "tokenizer"))
     over = {"train.num_steps": "3", "mesh.data": str(mesh[0]), "mesh.fsdp": str(mesh[1]),
             "mesh.tensor": str(mesh[2]), "checkpoint.every_steps": "3"}
-    if stage == "concepts":
+    if stage == "concepts":  # The frozen encoder on the fly (its concept cache is off).
       over["concepts.render_workdir"] = os.path.join(root, "render_111")
+      over["concepts.cache_examples"] = "0"
     trainer.train(build(module, over), workdir)
     losses[f"{stage}{mesh}"] = [json.loads(l)["loss"] for l in open(workdir + "/metrics.jsonl")]
 print("LOSSES", json.dumps(losses))
