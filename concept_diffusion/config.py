@@ -208,6 +208,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def own_cache_examples(config: ml_collections.ConfigDict) -> int:
+  """Examples a concepts run encodes into its own concept cache (0: none; a `concepts:`
+  source is a cache already, and concepts.cache_examples is then not used)."""
+  if config.stage != "concepts" or config.data.source.startswith("concepts:"):
+    return 0
+  return config.concepts.get("cache_examples", 0)  # .get: configs saved before the field.
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """"configs/<stage>.py[:preset]" -> its config, as --config=... would load it (notebooks, tests)."""
   path, _, preset = spec.partition(":")

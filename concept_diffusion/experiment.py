@@ -189,16 +189,13 @@ def training_flops(config: ml_collections.ConfigDict, vocab_size: int,
     enc = render_config or config
     tokens = d.num_concepts * enc.data.concept_len
     per_example = sizes.flops_per_token(config, "concepts", vocab_size) * d.num_concepts
-    cache = config.concepts.get("cache_examples", 0)
-    if not (cache or d.source.startswith("concepts:")):
+    own_cache = config_lib.own_cache_examples(config)
+    if not (own_cache or d.source.startswith("concepts:")):  # The encoder runs every step.
       per_example += sizes.encoder_forward_flops_per_token(enc, vocab_size) * tokens
     if config.concepts.render_weight > 0:  # Renderer in the loop (counted as a render step).
       per_example += sizes.flops_per_token(enc, "render", vocab_size) * \
           config.concepts.render_positions * enc.data.concept_len
-    total = per_example * examples
-    if cache and not d.source.startswith("concepts:"):  # Encoded by the run itself.
-      total += encoding_flops(enc, vocab_size, cache, d.num_concepts)
-    return total
+    return per_example * examples + encoding_flops(enc, vocab_size, own_cache, d.num_concepts)
   return sizes.flops_per_token(config, config.stage, vocab_size) * d.seq_len * examples
 
 

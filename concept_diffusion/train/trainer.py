@@ -226,8 +226,8 @@ def train_data_config(config: ml_collections.ConfigDict, workdir: str) -> ml_col
   own rows; resumed after a kill, skipped once done), then reads them over and over, so
   the encoder no longer runs in every step. Held-out loss still encodes on the fly.
   """
-  n = config.concepts.get("cache_examples", 0) if config.stage == "concepts" else 0
-  if not n or config.data.source.startswith("concepts:"):
+  n = config_lib.own_cache_examples(config)
+  if not n:
     return config
   from concept_diffusion import encoding
   from concept_diffusion.data import concept_cache
