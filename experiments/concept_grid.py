@@ -56,6 +56,18 @@ FULL = [
     Variant("default"),  # The shipped tiny presets (configs/render.py, configs/concepts.py).
     # The shipped default's runs sampled as v2 was (no training).
     Variant("temp0.5_steps16", "sampling", sample=V2_SAMPLE),
+    # One change from the shipped default per row (README "Results", the default table).
+    Variant("cand8", "sampling", sample={"num_candidates": 8}),
+    Variant("steps128", "sampling", sample={"concept_steps": 128}),
+    # The concept model's size, at equal FLOPs (the steps its extra FLOPs cost).
+    Variant("layers4_eqflops", "concept model", concepts={"model.concept_layers": 4,
+                                                          "train.num_steps": 3962}),
+    Variant("width192_eqflops", "concept model", concepts={
+        "model.embed_dim": 192, "model.mlp_dim": 768, "model.num_heads": 6,
+        "model.num_kv_heads": 6, "train.num_steps": 3695}),
+    # Half the cache, more epochs over it: 12,800 examples, 6,037 steps (15 epochs).
+    Variant("cache12800_eqflops", "concept cache", concepts={
+        "concepts.cache_examples": 12_800, "train.num_steps": 6037}),
     # The v2 default and one change from it per row (README "Results", the v2 table).
     *map(from_v2, [
         Variant("default"),
@@ -72,8 +84,9 @@ FULL = [
         # end (the default re-encodes each rendered chunk as context).
         Variant("no_reencode", "sampling", sample={"reencode": False}),
         # Deeper, at equal FLOPs (the frozen encoder's forward is half of them).
-        Variant("layers4_eqflops", "concept model", concepts={"model.concept_layers": 4,
-                                                              "train.num_steps": 2141}),
+        *[Variant(f"layers4_eqflops{suffix}", "concept model",
+                  concepts={"model.concept_layers": 4, "train.num_steps": 2141}, sample=sample)
+          for suffix, sample in (("", {}), ("_t1s64", T1S64))],
         # Half the batch, twice the steps (the same examples, equal FLOPs).
         *[Variant(f"batch16_eqflops{suffix}", "concept batch",
                   concepts={"train.batch_size": 16, "train.num_steps": 4800}, sample=sample)

@@ -111,28 +111,36 @@ def _train_on_four_devices(stage: str):
   return train_fn
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def compile_cache(tmp_path_factory):
-  """JAX's persistent compilation cache for this module and its child processes.
+  """JAX's persistent compilation cache, shared by every test, xdist worker and child process.
 
-  The sample CLI and the notebook kernel compile the same programs as the tests in
-  this process; they read them from here instead of compiling again.
+  Most of the suite's CPU time is XLA compiling the same few tiny-config programs (train
+  steps, samplers) test after test; each is compiled once per session and read back
+  after. CD_NO_COMPILE_CACHE=1 turns it off (to time the suite without it).
   """
+  if os.environ.get("CD_NO_COMPILE_CACHE"):
+    yield None
+    return
   import jax
   from jax.experimental.compilation_cache import compilation_cache
   path = str(_shared_root(tmp_path_factory) / "jax_cache")
-  previous_env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-  previous_dir = jax.config.jax_compilation_cache_dir
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  previous = {k: os.environ.get(k) for k in _CACHE_ENV}
+  os.environ.update({"JAX_COMPILATION_CACHE_DIR": path,
+                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"})
   jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   compilation_cache.reset_cache()
   yield path
-  jax.config.update("jax_compilation_cache_dir", previous_dir)
   compilation_cache.reset_cache()
-  if previous_env is None:
-    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
-  else:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = previous_env
+  for k, v in previous.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+
+
+_CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from concept_diffusion.data import segment, synthetic
 
 from conftest import ROOT, subprocess_env
 
-pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 # ---------------------------------------------------------------- known answers

@@ -16,7 +16,6 @@ from concept_diffusion.train import checkpoint
 from conftest import ROOT, subprocess_env
 
 PROMPTS = ["Mara lives in Oslo. Mara works as a baker.", "Tovin has a cat."]
-pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 @pytest.fixture(scope="module")

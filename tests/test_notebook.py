@@ -8,7 +8,6 @@ from conftest import ROOT, subprocess_env
 
 NOTEBOOK = ROOT / "notebooks" / "concept_diffusion_colab.ipynb"
 
-pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def test_notebook_is_generated_from_make_notebook():
