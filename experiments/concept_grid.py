@@ -6,8 +6,8 @@
 
 Each row changes one thing from a default and is trained and evaluated at the tiny
 preset: `default` is the shipped tiny presets (set to the best measured combination);
-`v2` and `v1` are earlier defaults, and `v2_x` / `v1_x` rows are one change from them
-(measured then, and kept so their tables can be reproduced). The ar and mdm rows get
+`v3`, `v2` and `v1` are earlier defaults, and `v3_x` / `v2_x` / `v1_x` rows are one
+change from them (measured then, and kept so their tables can be reproduced). The ar and mdm rows get
 the same source and the training FLOPs of the `default` pipeline. Runs are shared and
 resumed: re-running only does what is missing (a row whose definition changed is
 evaluated again). Output: WORKDIR/results.json and WORKDIR/results.md (the README's
@@ -25,8 +25,10 @@ from concept_diffusion import experiment
 from concept_diffusion.experiment import Variant
 
 # Earlier defaults, as overrides of today's presets, so their rows still plan what was
-# measured. v2 (the default until the concept cache): the encoder ran in each of 2,400
-# concept steps, and the head was sampled at temperature 0.5 in 16 steps.
+# measured. v3 (the first cache default): 25,600 examples over 5,310 steps.
+V3 = {"concepts.cache_examples": 25_600, "train.num_steps": 5310}
+# v2 (the default until the concept cache): the encoder ran in each of 2,400 concept
+# steps, and the head was sampled at temperature 0.5 in 16 steps.
 V2 = {"concepts.cache_examples": 0, "train.num_steps": 2400}
 V2_SAMPLE = {"temperature": 0.5, "concept_steps": 16}
 # v1 (the earlier grid): v2 with concept lr 1e-3, every chunk rendered after the loop.
@@ -38,6 +40,11 @@ def _from(v: Variant, tag: str, concepts: dict, sample: dict) -> Variant:
   name = tag if v.name == "default" else f"{tag}_{v.name}"
   return dataclasses.replace(v, name=name, axis=f"{v.axis} ({tag})",
                              concepts={**concepts, **v.concepts}, sample={**sample, **v.sample})
+
+
+def from_v3(v: Variant) -> Variant:
+  """The row `v` as one change from the v3 default (named v3_...)."""
+  return _from(v, "v3", V3, {})
 
 
 def from_v2(v: Variant) -> Variant:
@@ -54,20 +61,22 @@ def from_v1(v: Variant) -> Variant:
 T1S64 = {"temperature": 1.0, "concept_steps": 64}
 FULL = [
     Variant("default"),  # The shipped tiny presets (configs/render.py, configs/concepts.py).
-    # The shipped default's runs sampled as v2 was (no training).
-    Variant("temp0.5_steps16", "sampling", sample=V2_SAMPLE),
-    # One change from the shipped default per row (README "Results", the default table).
-    Variant("cand8", "sampling", sample={"num_candidates": 8}),
-    Variant("steps128", "sampling", sample={"concept_steps": 128}),
-    # The concept model's size, at equal FLOPs (the steps its extra FLOPs cost).
-    Variant("layers4_eqflops", "concept model", concepts={"model.concept_layers": 4,
-                                                          "train.num_steps": 3962}),
-    Variant("width192_eqflops", "concept model", concepts={
-        "model.embed_dim": 192, "model.mlp_dim": 768, "model.num_heads": 6,
-        "model.num_kv_heads": 6, "train.num_steps": 3695}),
-    # Half the cache, more epochs over it: 12,800 examples, 6,037 steps (15 epochs).
-    Variant("cache12800_eqflops", "concept cache", concepts={
-        "concepts.cache_examples": 12_800, "train.num_steps": 6037}),
+    # The v3 default (25,600 cached examples, 5,310 steps) and one change from it per row.
+    *map(from_v3, [
+        Variant("default"),
+        # Its runs sampled as v2 was (no training).
+        Variant("temp0.5_steps16", "sampling", sample=V2_SAMPLE),
+        Variant("cand8", "sampling", sample={"num_candidates": 8}),
+        Variant("steps128", "sampling", sample={"concept_steps": 128}),
+        # The concept model's size, at equal FLOPs (the steps its extra FLOPs cost).
+        Variant("layers4_eqflops", "concept model", concepts={"model.concept_layers": 4,
+                                                              "train.num_steps": 3962}),
+        Variant("width192_eqflops", "concept model", concepts={
+            "model.embed_dim": 192, "model.mlp_dim": 768, "model.num_heads": 6,
+            "model.num_kv_heads": 6, "train.num_steps": 3695}),
+        # (Half the cache over 6,037 steps, 15 epochs, was measured as the row
+        # cache12800_eqflops: it is today's `default`, planned and named as such.)
+    ]),
     # The v2 default and one change from it per row (README "Results", the v2 table).
     *map(from_v2, [
         Variant("default"),
@@ -91,8 +100,7 @@ FULL = [
         *[Variant(f"batch16_eqflops{suffix}", "concept batch",
                   concepts={"train.batch_size": 16, "train.num_steps": 4800}, sample=sample)
           for suffix, sample in (("", {}), ("_t1s64", T1S64))],
-        # (The concept cache, 25,600 examples over 5,310 steps, is today's default: rows
-        # default and temp0.5_steps16.)
+        # (The concept cache is the v3 default and today's: rows v3 and default.)
         # The frozen renderer in the loop (the head's clean estimate of the next concept
         # must render its chunk), on 4 chunks per example, cut to 1,143 steps (equal FLOPs).
         Variant("render_loop_eqflops", "concept loss", concepts={

@@ -30,7 +30,7 @@ TINY = {
     "model.diff_head_layers": 2, "model.baseline_layers": 2,
     "train.batch_size": 8, "train.num_steps": 30, "train.warmup_steps": 5, "train.log_every": 10,
     "checkpoint.every_steps": 30, "checkpoint.async_save": False,
-    # The tiny concepts preset's 25,600-example cache would take minutes: encode on the
+    # The tiny concepts preset's 12,800-example cache would take minutes: encode on the
     # fly (tests that need a cache ask for a small one).
     "concepts.cache_examples": 0,
 }

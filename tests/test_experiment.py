@@ -216,6 +216,9 @@ def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
   plans = {v.name: (v, experiment.plan_variant(v, str(tmp_path), Settings())) for v in grid.FULL}
   default, v2 = plans["default"][1].concepts[1], plans["v2"][1].concepts[1]
   assert default.concepts.cache_examples > 0 and v2.concepts.cache_examples == 0
+  v3 = plans["v3"][1].concepts[1]  # The first cache default, as it was trained.
+  assert (v3.concepts.cache_examples, v3.train.num_steps) == (25_600, 5310)
+  assert plans["v3_layers4_eqflops"][1].concepts[1].concepts.cache_examples == 25_600
   assert v2.train.num_steps == 2400 and plans["v1"][1].concepts[1].train.learning_rate == 1e-3
   for name, (v, plan) in plans.items():
     s = experiment.sampling(v, plan)

@@ -4,8 +4,8 @@ This is the README's first command (`python -m concept_diffusion.pipeline`) at t
 presets it ships with, shortened to keep the suite inside CI's time (the full presets
 take ~20 minutes of 2 CPU cores): the render stage trains 300 steps instead of 600
 (held-out round-trip ~0.89 there, ~0.97 at 600), and the concepts stage encodes a
-concept cache of 2,048 examples instead of 25,600 and trains 300 steps over it instead
-of 5,310. It is the check that the tiny pipeline learns, through the cache the preset
+concept cache of 2,048 examples instead of 12,800 and trains 300 steps over it instead
+of 6,037. It is the check that the tiny pipeline learns, through the cache the preset
 trains from; the full presets' figures are the README's ("Results").
 """
 
@@ -25,9 +25,9 @@ def test_two_stages_end_to_end(tmp_path, capsys):
   render = _preset("render")
   render.train.num_steps = 300  # Of 600 (its cosine schedule then ends at 300).
   concepts = _preset("concepts")
-  concepts.train.num_steps = 300  # Of 5,310.
+  concepts.train.num_steps = 300  # Of 6,037.
   concepts.train.log_every = 25  # Of 50: enough points to see the loss fall.
-  concepts.concepts.cache_examples = 2048  # Of 25,600: 4.7 epochs, as the preset's 6.6.
+  concepts.concepts.cache_examples = 2048  # Of 12,800 (4.7 epochs; the preset: 15).
   out = pipeline.run(render, concepts, str(tmp_path), num_prompts=2)
   # Render: held-out decode(encode(chunk)) with the renderer's sampler (0.89 measured).
   assert out["roundtrip_token_accuracy"] >= 0.8, out
