@@ -7,12 +7,13 @@
 Each row changes one thing from a default and is trained and evaluated at the tiny
 preset: `default` is the shipped tiny presets (set to the best measured combination);
 `v3`, `v2` and `v1` are earlier defaults, and `v3_x` / `v2_x` / `v1_x` rows are one
-change from them (measured then, and kept so their tables can be reproduced). The ar and mdm rows get
-the same source and the training FLOPs of the `default` pipeline. Runs are shared and
-resumed: re-running only does what is missing (a row whose definition changed is
-evaluated again). Output: WORKDIR/results.json and WORKDIR/results.md (the README's
-"Results" tables). On 2 CPU cores: about 50 minutes for the default row and the
-baselines, ~8-12 minutes per row that trains, ~1-4 minutes per sampling row.
+change from them (measured then, and kept so their tables can be reproduced). The ar
+and mdm rows get the same source and the training FLOPs of the `default` pipeline.
+Runs are shared and resumed: re-running only does what is missing (a row whose
+definition changed is evaluated again). Output: WORKDIR/results.json and
+WORKDIR/results.md (the README's "Results" tables). On 2 CPU cores: about 50 minutes
+for the default row and the baselines, ~8-12 minutes per row that trains, ~1-4
+minutes per sampling row.
 --only=v2,v2_t1s64 picks rows; --baselines=ar leaves out mdm (~20 minutes).
 """
 

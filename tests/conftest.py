@@ -115,9 +115,10 @@ def _train_on_four_devices(stage: str):
 def compile_cache(tmp_path_factory):
   """JAX's persistent compilation cache, shared by every test, xdist worker and child process.
 
-  Most of the suite's CPU time is XLA compiling the same few tiny-config programs (train
-  steps, samplers) test after test; each is compiled once per session and read back
-  after. CD_NO_COMPILE_CACHE=1 turns it off (to time the suite without it).
+  Many tests compile the same tiny-config programs (train steps, samplers), as do the
+  sample CLI and the notebook kernel; each is compiled once per session and read back
+  after (test_train.py + test_concept_knobs.py: 315 s -> 271 s on 2 cores, measured).
+  CD_NO_COMPILE_CACHE=1 turns it off (to time the suite without it).
   """
   if os.environ.get("CD_NO_COMPILE_CACHE"):
     yield None
