@@ -111,6 +111,9 @@ def _train_on_four_devices(stage: str):
   return train_fn
 
 
+_MIN_COMPILE_SECS = 0.2  # Programs that compile faster than this are not worth a file.
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compile_cache(tmp_path_factory):
   """JAX's persistent compilation cache, shared by every test, xdist worker and child process.
@@ -126,11 +129,13 @@ def compile_cache(tmp_path_factory):
   import jax
   from jax.experimental.compilation_cache import compilation_cache
   path = str(_shared_root(tmp_path_factory) / "jax_cache")
-  previous = {k: os.environ.get(k) for k in _CACHE_ENV}
-  os.environ.update({"JAX_COMPILATION_CACHE_DIR": path,
-                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"})
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  # This process reads jax.config; child processes read the same settings from env.
+  settings = {"jax_compilation_cache_dir": path,
+              "jax_persistent_cache_min_compile_time_secs": _MIN_COMPILE_SECS}
+  previous = {k.upper(): os.environ.get(k.upper()) for k in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)
   compilation_cache.reset_cache()
   yield path
   compilation_cache.reset_cache()
@@ -139,9 +144,6 @@ def compile_cache(tmp_path_factory):
       os.environ.pop(k, None)
     else:
       os.environ[k] = v
-
-
-_CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from concept_diffusion.data import segment, synthetic
 from conftest import ROOT, subprocess_env
 
 
-
 # ---------------------------------------------------------------- known answers
 
 

@@ -1,13 +1,11 @@
 """The Colab notebook runs top to bottom on tiny checkpoints (as CI would run it)."""
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from conftest import ROOT, subprocess_env
 
 NOTEBOOK = ROOT / "notebooks" / "concept_diffusion_colab.ipynb"
-
 
 
 def test_notebook_is_generated_from_make_notebook():
