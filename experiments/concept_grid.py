@@ -62,6 +62,13 @@ def from_v1(v: Variant) -> Variant:
 T1S64 = {"temperature": 1.0, "concept_steps": 64}
 FULL = [
     Variant("default"),  # The shipped tiny presets (configs/render.py, configs/concepts.py).
+    # One change from it per row.
+    Variant("ema0.999", "concept weights", concepts={"train.ema_decay": 0.999}),
+    # A smaller cache over more epochs (30), at equal FLOPs.
+    Variant("cache6400_eqflops", "concept cache", concepts={"concepts.cache_examples": 6400,
+                                                            "train.num_steps": 6401}),
+    # The same default from other seeds (init, noise and data order): the noise of a row.
+    Variant("seed1", "training seed", concepts={"train.seed": 1, "data.seed": 1}),
     # The v3 default (25,600 cached examples, 5,310 steps) and one change from it per row.
     *map(from_v3, [
         Variant("default"),

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = """
 import json, sys
@@ -34,7 +36,7 @@ print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape), "seco
 @functools.lru_cache(maxsize=None)  # The xfail check reuses render:base.
 def _aot(stage: str, preset: str, timeout: int = 600) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+         "XLA_FLAGS": xla_flags(8)}
   out = subprocess.run([sys.executable, "-c", SCRIPT, stage, preset], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=timeout)
   assert out.returncode == 0, out.stderr[-4000:]

@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--config.data.vocab_size=256", "--config.data.tokenizer_docs=200",
@@ -34,7 +36,7 @@ TINY = [
 
 def _env(devices=1):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla_flags(devices)
   return env
 
 

@@ -134,3 +134,31 @@ def test_step_key_depends_only_on_seed_and_step():
   k2 = jax.random.key_data(trainer.step_key(3, jnp.int32(7)))
   k3 = jax.random.key_data(trainer.step_key(3, jnp.int32(8)))
   assert (np.asarray(k1) == np.asarray(k2)).all() and not (np.asarray(k1) == np.asarray(k3)).all()
+
+
+
+def test_ema_trains_and_restores_as_the_decayed_average(tmp_path, tiny_render_run):
+  """train.ema_decay > 0: the step (it donates params and EMA) runs; restore returns the EMA.
+
+  A concepts run: its concept model starts from init and its frozen encoder from the
+  render run, the two ways a leaf reaches the EMA.
+  """
+  from conftest import tiny_config
+  runs = {}
+  # Two steps each from the same init (the first at warmup's learning rate 0, so p1 = p0):
+  # e2 - p2 = decay * (p0 - p2).
+  for decay in (0.5, 0.25):
+    workdir = str(tmp_path / f"ema{decay}")
+    trainer.train(tiny_config("concepts", **{
+        "concepts.render_workdir": tiny_render_run, "train.num_steps": 2,
+        "train.ema_decay": decay, "checkpoint.every_steps": 2}), workdir)
+    runs[decay] = (trainer.restore_params(workdir)[2],
+                   trainer.restore_params(workdir, use_ema=False)[2])
+  (ema_a, params_a), (ema_b, params_b) = runs[0.5], runs[0.25]
+  for ea, pa, eb, pb in zip(*map(jax.tree.leaves, (ema_a, params_a, ema_b, params_b))):
+    np.testing.assert_array_equal(pa, pb)  # The same step: the EMA does not feed back.
+    np.testing.assert_allclose(ea - pa, 2 * (eb - pb), rtol=1e-3, atol=1e-6)  # float32 rounding.
+  lag = lambda name: sum(float(jnp.abs(e - p).sum()) for e, p in zip(  # noqa: E731
+      jax.tree.leaves(ema_a[name]), jax.tree.leaves(params_a[name])))
+  assert lag("concept_model") > 0  # Restore gave the EMA, not the params twice.
+  assert lag("encoder") == 0  # Frozen: its EMA is the render run's weights.

@@ -309,7 +309,9 @@ def _init_or_restore(config, stage, tx, mesh, mngr, data_iter, make_iter):
   if stage.warm_start is not None:
     loaded = stage.warm_start(abstract.params)
     params = {**state.params, **loaded}
-    ema = None if state.ema_params is None else {**state.ema_params, **loaded}
+    # The EMA gets copies: the step donates params and EMA, so no buffer may be in both.
+    ema = None if state.ema_params is None else {**state.ema_params,
+                                                 **jax.tree.map(jnp.copy, loaded)}
     state = state.replace(params=params, ema_params=ema)
   return state, 0, data_iter, shardings
 
