@@ -61,11 +61,15 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 
+def compile_flags() -> str:
+  """The optimisation level this process compiles at, as XLA_FLAGS for a child."""
+  return " ".join(f for f in os.environ["XLA_FLAGS"].split()
+                  if f.startswith("--xla_backend_optimization_level"))
+
+
 def xla_flags(num_devices: int) -> str:
   """XLA_FLAGS for a child process on `num_devices` CPU devices, compiling as this one does."""
-  fast = " ".join(f for f in os.environ["XLA_FLAGS"].split()
-                  if f.startswith("--xla_backend_optimization_level"))
-  return f"{fast} --xla_force_host_platform_device_count={num_devices}"
+  return f"{compile_flags()} --xla_force_host_platform_device_count={num_devices}"
 
 
 def subprocess_env(num_devices: int = 1) -> dict:

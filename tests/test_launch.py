@@ -12,7 +12,7 @@ import pytest
 
 from concept_diffusion.parallel.launch_env import distributed_kwargs
 
-from conftest import FAST_COMPILE
+from conftest import compile_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROBE = "tests/assets/dist_probe.py"
@@ -108,7 +108,7 @@ def test_local_trainer_two_processes_end_to_end(tmp_path):
                "--config.train.num_steps=3", "--config.train.batch_size=8",
                "--config.train.warmup_steps=1", "--config.train.log_every=1",
                "--config.checkpoint.every_steps=3", "--config.data.tokenizer_docs=200",
-               "--config.data.eval_docs=16"], env=_env(XLA_FLAGS=FAST_COMPILE), timeout=300)
+               "--config.data.eval_docs=16"], env=_env(XLA_FLAGS=compile_flags()), timeout=300)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
   assert (workdir / "metrics.jsonl").exists()
   assert (workdir / "checkpoints").is_dir()

@@ -10,6 +10,8 @@ from concept_diffusion.config import ConfigError
 from concept_diffusion.train import optimizer, stages, trainer
 from concept_diffusion.train import state as state_lib
 
+from conftest import tiny_config
+
 
 def _config(**train):
   c = config_lib.base_config()
@@ -136,14 +138,12 @@ def test_step_key_depends_only_on_seed_and_step():
   assert (np.asarray(k1) == np.asarray(k2)).all() and not (np.asarray(k1) == np.asarray(k3)).all()
 
 
-
 def test_ema_trains_and_restores_as_the_decayed_average(tmp_path, tiny_render_run):
   """train.ema_decay > 0: the step (it donates params and EMA) runs; restore returns the EMA.
 
   A concepts run: its concept model starts from init and its frozen encoder from the
   render run, the two ways a leaf reaches the EMA.
   """
-  from conftest import tiny_config
   runs = {}
   # Two steps each from the same init (the first at warmup's learning rate 0, so p1 = p0):
   # e2 - p2 = decay * (p0 - p2).
