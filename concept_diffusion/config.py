@@ -103,6 +103,12 @@ def base_config() -> ml_collections.ConfigDict:
   # from the head's estimate of concept n+1 (0 = off), on render_positions per example.
   c.concepts.render_weight = 0.0
   c.concepts.render_positions = 4
+  # Contrastive term (0 = off): weight of an InfoNCE loss that asks a projection of the
+  # context h_n to pick concept n+1 out of every next concept of the batch (cosine /
+  # temperature), so h carries what tells this document's next sentence from others'.
+  # Memory and FLOPs grow with (batch x num_concepts)^2 per step.
+  c.concepts.contrastive_weight = 0.0
+  c.concepts.contrastive_temperature = 0.1
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
@@ -173,11 +179,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "model.mlp_dim", "model.concept_dim", "train.num_steps", "train.batch_size",
                 "train.grad_accum_steps", "checkpoint.every_steps", "checkpoint.max_to_keep",
                 "train.log_every", "train.eval_batches", "concepts.render_positions",
-                "concepts.num_candidates", "concepts.time_shift"):
+                "concepts.num_candidates", "concepts.time_shift",
+                "concepts.contrastive_temperature"):
     _positive(config, field)
   for field in ("train.learning_rate", "train.warmup_steps", "train.weight_decay",
                 "train.grad_clip", "render.z_noise", "render.concept_reg", "train.eval_every",
-                "concepts.render_weight", "concepts.temperature", "concepts.cache_examples"):
+                "concepts.render_weight", "concepts.temperature", "concepts.cache_examples",
+                "concepts.contrastive_weight"):
     _positive(config, field, allow_zero=True)
   for field in ("render.full_mask_prob", "concepts.cfg_dropout", "train.ema_decay",
                 "data.eval_fraction", "render.generated_prob"):

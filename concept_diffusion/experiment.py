@@ -50,7 +50,7 @@ COLUMNS = (  # (results key, table heading)
 )
 DONE_FILE = "grid_done.json"
 # Settings that only add rows: changing them re-evaluates no other row.
-ROW_FREE = ("ar_temperatures", "baselines", "checkpoint_every")
+ROW_FREE = ("ar_temperatures", "ar_seeds", "baselines", "checkpoint_every")
 # Generation defaults a run's config carries that do not change training: a finished run
 # is reused when only these change, and the grid samples with the planned values.
 SAMPLING_FIELDS = {"concepts.temperature": "temperature", "concepts.reencode": "reencode",
@@ -98,6 +98,9 @@ class Settings:
   # The ar baseline also sampled at these token temperatures (rows ar_tempX), so a
   # mode-seeking concept sampler is compared with a mode-seeking AR one.
   ar_temperatures: tuple = (0.5,)
+  # The ar baseline also trained from these seeds (train.seed and data.seed; rows
+  # ar_seedS), so the baseline's spread between runs is measured as a row's is.
+  ar_seeds: tuple = ()
   baselines: tuple = ("ar", "mdm")  # Flat baselines trained and shown (the judge always is).
   seed: int = 0
   # Every run checkpoints this often (and at its end), so a killed grid resumes mid-run.
@@ -400,12 +403,16 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
   baselines = {}
   specs = {"ar": (settings.ar_preset, settings.seed), "mdm": (settings.mdm_preset, settings.seed),
            "judge": (settings.ar_preset, settings.judge_seed)}
-  for name in ("judge", *settings.baselines):
+  if "ar" in settings.baselines:
+    specs.update({f"ar_seed{s}": (settings.ar_preset, s) for s in settings.ar_seeds})
+  for name in ("judge", *settings.baselines, *(n for n in specs if n.startswith("ar_seed"))):
     spec, seed = specs[name]
-    config = _preset(spec, settings, {"train.seed": seed})
+    seeds = {"train.seed": seed, **({"data.seed": seed} if name.startswith("ar_seed") else {})}
+    config = _preset(spec, settings, seeds)
     config.train.num_steps = matched_steps(config, vocab, budget)
     config.checkpoint.every_steps = min(settings.checkpoint_every, config.train.num_steps)
-    run_dir = os.path.join(workdir, _run_name(name, settings.source, settings.steps_scale,
+    kind = "ar" if name.startswith("ar_seed") else name
+    run_dir = os.path.join(workdir, _run_name(kind, settings.source, settings.steps_scale,
                                               settings.common, config.train.num_steps, seed))
     train_once(config, run_dir)
     baselines[name] = (run_dir, config)
@@ -419,9 +426,12 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
             lambda: {**_evaluate_concepts(v, plan, judge, settings),
                      "train_pflops": _variant_flops(plan, vocab) / 1e15})
     if i == 0:  # The baselines right after the reference row.
-      for name in settings.baselines:
+      for name in baselines:
+        if name == "judge":
+          continue
         run_dir, config = baselines[name]
-        add_row(name, "baseline (equal FLOPs)", None, [run_dir],
+        axis = "baseline, seed" if name.startswith("ar_seed") else "baseline (equal FLOPs)"
+        add_row(name, axis, None, [run_dir],
                 lambda: {**_evaluate_flat(run_dir, judge, settings),
                          "train_pflops": training_flops(config, vocab) / 1e15})
       for temp in settings.ar_temperatures if "ar" in baselines else ():

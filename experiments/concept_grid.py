@@ -14,7 +14,8 @@ definition changed is evaluated again). Output: WORKDIR/results.json and
 WORKDIR/results.md (the README's "Results" tables). On 2 CPU cores: about 50 minutes
 for the default row and the baselines, ~8-12 minutes per row that trains, ~1-4
 minutes per sampling row.
---only=v2,v2_t1s64 picks rows; --baselines=ar leaves out mdm (~20 minutes).
+--only=v2,v2_t1s64 picks rows; --baselines=ar leaves out mdm (~20 minutes);
+--ar_seeds=2 adds an ar run from another seed (row ar_seed2).
 """
 
 import dataclasses
@@ -68,7 +69,16 @@ FULL = [
     Variant("cache6400_eqflops", "concept cache", concepts={"concepts.cache_examples": 6400,
                                                             "train.num_steps": 6401}),
     # The same default from other seeds (init, noise and data order): the noise of a row.
-    Variant("seed1", "training seed", concepts={"train.seed": 1, "data.seed": 1}),
+    *[Variant(f"seed{s}", "training seed", concepts={"train.seed": s, "data.seed": s})
+      for s in (1, 2)],
+    # The contrastive term (concepts.contrastive_weight): h_n must also pick concept n+1
+    # out of the batch's next concepts; its projection and similarities cost 5% of the
+    # concept FLOPs, so 5,736 steps (equal FLOPs).
+    *[Variant(f"contrastive{w}_eqflops", "concept loss", concepts={
+        "concepts.contrastive_weight": w, "train.num_steps": 5736}) for w in (0.1, 1.0)],
+    # No guidance dropout: sampling never uses guidance (scale 1), so the 10% of positions
+    # trained on the null context are a tax on the conditional head.
+    Variant("cfg_dropout0", "concept loss", concepts={"concepts.cfg_dropout": 0.0}),
     # The v3 default (25,600 cached examples, 5,310 steps) and one change from it per row.
     *map(from_v3, [
         Variant("default"),
@@ -174,6 +184,8 @@ def define_flags() -> None:
   flags.DEFINE_list("only", [], "Only these rows (names), after `default`.")
   flags.DEFINE_integer("num_prompts", 256, "Held-out prompts per row.")
   flags.DEFINE_list("baselines", ["ar", "mdm"], "Flat baselines to train and show.")
+  flags.DEFINE_list("ar_seeds", [], "The ar baseline also trained from these seeds (rows "
+                    "ar_seedS).")
 
 
 def main(argv):
@@ -185,7 +197,8 @@ def main(argv):
   if f.only:
     grid = [v for v in grid if v.name == "default" or v.name in f.only]
   result = experiment.run_grid(grid, f.workdir, source=f.source, num_prompts=f.num_prompts,
-                               baselines=tuple(f.baselines))
+                               baselines=tuple(f.baselines),
+                               ar_seeds=tuple(int(s) for s in f.ar_seeds))
   print(experiment.markdown_table(result))
 
 

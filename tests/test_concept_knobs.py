@@ -1,5 +1,6 @@
 """The knobs of the concept-generation grid (issue 7): granularity, objective mixes,
-z-noise augmentation (off at evaluation), rendering from generated concepts."""
+z-noise augmentation (off at evaluation), rendering from generated concepts, the
+contrastive term."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 from concept_diffusion import config as config_lib
 from concept_diffusion.data import make_dataset, make_tokenizer, segment
 from concept_diffusion.data.tokenizer import EOD_ID, PAD_ID
-from concept_diffusion.diffusion import masked
+from concept_diffusion.diffusion import continuous, masked
 from concept_diffusion.train import stages
 
 from conftest import tiny_config
@@ -200,3 +201,94 @@ def test_renderer_in_the_loop_needs_token_batches(tiny_render_run):
                                       "data.source": "concepts:/tmp/nowhere"})
   with pytest.raises(config_lib.ConfigError, match="render_weight"):
     stages.resolve_config(config)
+
+
+def test_infonce_picks_the_positive_and_skips_duplicates_and_padding():
+  t = jax.random.normal(jax.random.key(0), (2, 4, 8))
+  mask = jnp.ones((2, 4), bool).at[1, 3].set(False)
+  loss, acc = continuous.next_concept_infonce(t, t, mask, 0.05)
+  assert float(acc) == 1.0 and float(loss) < 1e-3
+  # A candidate equal to the positive (the END chunk of another document) is no negative:
+  # counted as one, the two rows would lose log 2 each, 0.2 in the mean of 7.
+  dup = t.at[1, 0].set(t[0, 0])
+  assert float(continuous.next_concept_infonce(dup, dup, mask, 0.05)[0]) < 1e-3
+  # Padding is neither a query nor a candidate.
+  moved = t.at[1, 3].set(100.0)
+  assert float(continuous.next_concept_infonce(moved, t, mask, 0.05)[0]) == float(loss)
+  assert float(continuous.next_concept_infonce(t, moved, mask, 0.05)[0]) == float(loss)
+  # At a huge temperature every candidate is as likely: log(7 real candidates).
+  flat, _ = continuous.next_concept_infonce(t, jnp.roll(t, 1, axis=1), mask, 1e6)
+  assert float(flat) == pytest.approx(np.log(7), rel=1e-4)
+
+
+def _concept_batch(config):
+  rng = np.random.default_rng(0)
+  n, d = config.data.num_concepts, config.model.concept_dim
+  seg = np.ones((4, n), np.int32)
+  seg[1, n // 2:] = 2  # Two documents in one row.
+  seg[3, -3:] = 0  # Padding.
+  return {"concepts": jnp.asarray(rng.normal(size=(4, n, d)), jnp.float32),
+          "concept_mask": jnp.asarray(seg > 0), "segment_ids": jnp.asarray(seg)}
+
+
+def _unboxed(params):
+  return jax.tree.map(lambda x: getattr(x, "value", x), params,
+                      is_leaf=lambda x: hasattr(x, "value"))
+
+
+def test_contrastive_term_trains_the_context_through_its_own_projection(tiny_render_run):
+  from concept_diffusion import plan
+  from concept_diffusion.models import sizes
+  base = stages.resolve_config(tiny_config("concepts", **{
+      "concepts.render_workdir": tiny_render_run}))
+  on = stages.resolve_config(tiny_config("concepts", **{
+      "concepts.render_workdir": tiny_render_run, "concepts.contrastive_weight": 0.5}))
+  stage_off, stage_on = (stages.build_stage(c, _Tok(), for_training=False) for c in (base, on))
+  key, batch = jax.random.key(0), _concept_batch(on)
+  p_off, p_on = (_unboxed(s.init_params(jax.random.key(1))) for s in (stage_off, stage_on))
+  assert set(p_on) == set(p_off) | {"contrastive"}
+  for name in p_off:  # The term's key is its own: the other subtrees init as before.
+    for a, b in zip(jax.tree.leaves(p_off[name]), jax.tree.leaves(p_on[name])):
+      np.testing.assert_array_equal(a, b)
+  loss_off, _ = stage_off.loss_fn(p_off, batch, key)
+  loss_on, m = stage_on.loss_fn(p_on, batch, key)
+  assert float(m["diffusion_loss"]) == pytest.approx(float(loss_off), rel=1e-6)
+  assert float(loss_on) == pytest.approx(float(m["diffusion_loss"] + 0.5 * m["contrastive_loss"]),
+                                          rel=1e-6)
+  assert float(m["contrastive_loss"]) > 0 and 0 <= float(m["contrastive_acc"]) <= 1
+  # Its gradient reaches the context transformer, never the diffusion head.
+  term = lambda p: stage_on.loss_fn(p, batch, key)[1]["contrastive_loss"]  # noqa: E731
+  grads = jax.jit(jax.grad(term))(p_on)
+  norm = lambda tree: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(tree)))  # noqa: E731
+  assert norm(grads["concept_model"]["transformer"]) > 0 and norm(grads["contrastive"]) > 0
+  assert norm(grads["concept_model"]["diffusion_head"]) == 0
+  # The analytic sizes count it: its params, and FLOPs that grow with the batch.
+  real = plan.real_param_counts(stage_on)
+  assert sizes.param_count(on, "concepts") == sum(v for k, v in real.items() if k != "encoder")
+  assert sizes.flops_per_token(on, "concepts") > sizes.flops_per_token(base, "concepts")
+
+
+@pytest.mark.parametrize("field,value", [("contrastive_weight", -0.1),
+                                         ("contrastive_temperature", 0.0)])
+def test_bad_contrastive_settings_are_config_errors(field, value):
+  config = tiny_config("concepts", **{"concepts.render_workdir": "/tmp/r",
+                                      f"concepts.{field}": value})
+  with pytest.raises(config_lib.ConfigError, match=f"concepts.{field}={value}"):
+    config_lib.validate(config)
+
+
+def test_contrastive_run_trains_and_restores(tiny_render_run, tmp_path):
+  from concept_diffusion import evaluation, generate, train
+  config = tiny_config("concepts", **{"concepts.render_workdir": tiny_render_run,
+                                      "concepts.contrastive_weight": 0.5, "train.num_steps": 2,
+                                      "train.log_every": 1, "checkpoint.every_steps": 2})
+  workdir = str(tmp_path / "contrastive")
+  train.train(config, workdir)
+  logged = evaluation.load_metrics(workdir)[-1]
+  assert logged["loss"] == pytest.approx(logged["diffusion_loss"]
+                                         + 0.5 * logged["contrastive_loss"], rel=1e-4)
+  _, _, params = train.restore_params(workdir)
+  assert "contrastive" in params
+  # Generation loads the run; it samples through the concept model's subtree alone.
+  gen = generate.load(workdir, render_workdir=tiny_render_run)
+  assert set(generate.build_modules(gen)) == {"encoder", "renderer", "concept_model"}

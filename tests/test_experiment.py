@@ -66,6 +66,19 @@ def test_ar_is_also_sampled_at_a_lower_temperature(grid_run, monkeypatch):
                                 dataclasses.replace(_settings(), baselines=("ar",)))
   assert list(ar_only["rows"]) == ["default", "ar", "ar_temp0.5", "reference"]
   assert ar_only["rows"]["ar"] == first["rows"]["ar"] and len(temps) == 1
+  # Another ar seed: one more run (train and data seeds), one more row; the rest read back.
+  seeded = experiment.run_grid(GRID[:1], workdir, dataclasses.replace(
+      _settings(), baselines=("ar",), ar_seeds=(2,)))
+  assert list(seeded["rows"]) == ["default", "ar", "ar_seed2", "ar_temp0.5", "reference"]
+  assert seeded["rows"]["ar"] == first["rows"]["ar"] and len(temps) == 2
+  assert seeded["rows"]["ar_seed2"]["axis"] == "baseline, seed"
+  seeds = {}
+  for name in os.listdir(workdir):
+    if name.startswith("ar-"):
+      with open(os.path.join(workdir, name, "config.json")) as f:
+        saved = json.load(f)
+      seeds[name] = (saved["train"]["seed"], saved["data"]["seed"])
+  assert sorted(seeds.values()) == [(0, 0), (2, 2)]
   with pytest.raises(experiment.ExperimentError, match="baselines \\['gpt'\\]"):
     experiment.run_grid(GRID[:1], workdir, dataclasses.replace(_settings(), baselines=("gpt",)))
 

@@ -3,11 +3,11 @@
 This is the README's first command (`python -m concept_diffusion.pipeline`), run as users
 run it (its CLI, XLA's optimised code) at the presets it ships with, shortened to keep
 the suite inside CI's time (the full presets take ~20 minutes of 2 CPU cores): the
-render stage trains 150 steps instead of 600 (held-out round-trip 0.74 there, ~0.97 at
-600), and the concepts stage encodes a concept cache of 1,024 examples instead of
-12,800 and trains 200 steps over it instead of 6,037 (loss 2.02 -> 0.84). It is the
-check that the tiny pipeline learns, through the cache the preset trains from; the
-full presets' figures are the README's ("Results").
+render stage trains 100 steps (50 of warmup) instead of 600 (held-out round-trip 0.67
+there, ~0.97 at 600), and the concepts stage encodes a concept cache of 1,024 examples
+instead of 12,800 and trains 200 steps over it instead of 6,037 (loss 1.88 -> 0.72).
+It is the check that the tiny pipeline learns, through the cache the preset trains
+from; the full presets' figures are the README's ("Results").
 """
 
 import re
@@ -18,7 +18,8 @@ from concept_diffusion import evaluation
 
 from conftest import ROOT, subprocess_env
 
-SHORTENED = ["--render_config.train.num_steps=150",  # Of 600 (its cosine then ends at 150).
+SHORTENED = ["--render_config.train.num_steps=100",  # Of 600 (its cosine then ends at 100),
+             "--render_config.train.warmup_steps=50",  # of 100, so the cosine has room.
              "--concepts_config.train.num_steps=200",  # Of 6,037.
              "--concepts_config.train.log_every=20",  # Of 50: enough points to see the loss fall.
              "--concepts_config.concepts.cache_examples=1024"]  # Of 12,800 (6 epochs).
@@ -26,15 +27,15 @@ SHORTENED = ["--render_config.train.num_steps=150",  # Of 600 (its cosine then e
 
 def test_two_stages_end_to_end(tmp_path):
   env = subprocess_env(1)
-  env["XLA_FLAGS"] = ""  # Not the tests' fast compile: 350 steps run, and run faster so.
+  env["XLA_FLAGS"] = ""  # Not the tests' fast compile: 300 steps run, and run faster so.
   proc = subprocess.run([sys.executable, "-m", "concept_diffusion.pipeline",
                          f"--workdir={tmp_path}", "--num_prompts=2", *SHORTENED],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   printed = proc.stdout
-  # Render: held-out decode(encode(chunk)) with the renderer's sampler (0.74 measured).
+  # Render: held-out decode(encode(chunk)) with the renderer's sampler (0.67 measured).
   roundtrip = re.search(r"round-trip token accuracy ([0-9.]+)", printed)
-  assert roundtrip and float(roundtrip.group(1)) >= 0.6, printed[-3000:]
+  assert roundtrip and float(roundtrip.group(1)) >= 0.55, printed[-3000:]
   # Concepts: the flow-matching loss falls well below its first logged value.
   losses = [m["loss"] for m in evaluation.load_metrics(str(tmp_path / "concepts"))]
   assert len(losses) == 10

@@ -36,6 +36,8 @@ for stage, module in (("render", render), ("concepts", concepts)):
     if stage == "concepts":  # The frozen encoder on the fly (its concept cache is off).
       over["concepts.render_workdir"] = os.path.join(root, "render_111")
       over["concepts.cache_examples"] = "0"
+      # The contrastive term compares every concept with the whole (sharded) batch.
+      over["concepts.contrastive_weight"] = "0.1"
     trainer.train(build(module, over), workdir)
     losses[f"{stage}{mesh}"] = [json.loads(l)["loss"] for l in open(workdir + "/metrics.jsonl")]
 print("LOSSES", json.dumps(losses))

@@ -95,6 +95,30 @@ def concept_loss(objective: str, pred_fn, z1_BxNxD, mask_BxN, key, with_estimate
   return loss, {"loss": loss}
 
 
+def next_concept_infonce(q_BxNxD, target_BxNxD, mask_BxN, temperature: float):
+  """InfoNCE of each position's query against every next concept of the batch -> (loss, acc).
+
+  Position i's positive is its own target; the candidates are the targets of every
+  real position of the batch (other documents and other sentences of its own). A
+  candidate equal to the positive (the END chunk, a repeated sentence) is not counted
+  as a negative. acc: how often the positive has the highest similarity.
+  """
+  d = q_BxNxD.shape[-1]
+  unit = lambda x: x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)  # noqa: E731
+  q_XxD = unit(q_BxNxD.reshape(-1, d).astype(jnp.float32))
+  k_XxD = unit(target_BxNxD.reshape(-1, d).astype(jnp.float32))
+  valid_X = mask_BxN.reshape(-1)
+  same_XxX = (k_XxD @ k_XxD.T) > 1.0 - 1e-5  # Duplicates of a target, itself included.
+  eye_XxX = jnp.eye(valid_X.shape[0], dtype=bool)
+  candidate_XxX = valid_X[None, :] & (eye_XxX | ~same_XxX)
+  # A finite floor, not -inf: a row with no candidate keeps finite values and gradients.
+  logits_XxX = jnp.where(candidate_XxX, (q_XxD @ k_XxD.T) / temperature, -1e9)
+  positive_X = jnp.diagonal(logits_XxX)
+  loss_X = jnp.where(valid_X, jax.nn.logsumexp(logits_XxX, axis=-1) - positive_X, 0.0)
+  best_X = jnp.max(logits_XxX, axis=-1) <= positive_X
+  return masked_mean(loss_X, valid_X), masked_mean(best_X.astype(jnp.float32), valid_X)
+
+
 def flow_matching_loss(pred_fn, z1_BxNxD, mask_BxN, key):
   """Rectified-flow loss: ||v(z_t, t) - (z1 - noise)||^2."""
   return concept_loss("flow", pred_fn, z1_BxNxD, mask_BxN, key)

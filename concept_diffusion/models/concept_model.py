@@ -113,27 +113,50 @@ class ConceptModel(nn.Module):
     return self.diffusion_head(zt_BxNxD, t_BxN, h_BxNxE)
 
 
+class ContrastiveProjection(nn.Module):
+  """Context h -> a query in concept space, for the contrastive term (concepts.contrastive_*)."""
+  cfg: layers.ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxNxE):
+    q_BxNxD = layers.dense(self.cfg.concept_dim, ("embed", "concept_embed"), self.cfg,
+                           name="proj")(h_BxNxE.astype(self.cfg.compute_dtype))
+    return nn.with_logical_constraint(q_BxNxD.astype(jnp.float32),
+                                      ("batch", "concepts", "concept_embed"))
+
 
 def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN, segment_ids_BxN,
                       key, objective: str = "flow", cfg_dropout: float = 0.0,
-                      with_estimate: bool = False, time_shift: float = 1.0):
+                      with_estimate: bool = False, time_shift: float = 1.0,
+                      context_loss=None):
   """Next-concept loss of the concept model on a batch of concepts -> (loss, metrics).
 
   The context at position n predicts concept n+1 of the same document; with
   probability cfg_dropout a position's context is replaced by the null context
   (classifier-free guidance training). with_estimate: also returns the head's
   clean estimate of concept n+1 at every n; time_shift: see continuous.concept_loss.
+  context_loss(h_BxNxE, target_BxNxD, mask_BxN) -> (loss, metrics), if given, is
+  added to the loss (the contrastive term); metrics then hold the head's own loss
+  as diffusion_loss.
   """
   k_drop, k_loss = jax.random.split(key)
-  drop_BxN = None
+  h_BxNxE = model.apply(variables, z_BxNxD, segment_ids_BxN, method=model.context)
+  head_h_BxNxE = h_BxNxE
   if cfg_dropout > 0:
     drop_BxN = jax.random.bernoulli(k_drop, cfg_dropout, segment_ids_BxN.shape)
-  h_BxNxE = model.apply(variables, z_BxNxD, segment_ids_BxN, drop_BxN, method=model.context)
+    null_BxNxE = model.apply(variables, h_BxNxE.shape[:-1], method=model.null)
+    head_h_BxNxE = jnp.where(drop_BxN[..., None], null_BxNxE, h_BxNxE)
   target_BxNxD, mask_BxN = continuous.next_concept_targets(z_BxNxD, concept_mask_BxN,
                                                            segment_ids_BxN)
-  pred_fn = lambda zt, t: model.apply(variables, zt, t, h_BxNxE, method=model.head)  # noqa: E731
-  return continuous.concept_loss(objective, pred_fn, target_BxNxD, mask_BxN, k_loss,
-                                 with_estimate=with_estimate, time_shift=time_shift)
+  pred_fn = lambda zt, t: model.apply(variables, zt, t, head_h_BxNxE, method=model.head)  # noqa: E731
+  out = continuous.concept_loss(objective, pred_fn, target_BxNxD, mask_BxN, k_loss,
+                                with_estimate=with_estimate, time_shift=time_shift)
+  if context_loss is None:
+    return out
+  # On the context before guidance dropout: the term trains what h carries, not the null.
+  extra, extra_metrics = context_loss(h_BxNxE, target_BxNxD, mask_BxN)
+  loss = out[0] + extra
+  return (loss, {**out[1], **extra_metrics, "diffusion_loss": out[0], "loss": loss}, *out[2:])
 
 
 def guided_head(model: ConceptModel, variables, h_BxNxE, guidance: float):

@@ -13,7 +13,10 @@ flops_per_token(config, stage) = 6 * M + 12 * sum_layers(H * K * ctx), per
   - 12 * H * K * ctx is attention's q.k and p.v products (2 * 2 * H * K * ctx
     forward, x 3 with backward), with the full context ctx (no causal halving,
     as in the PaLM MFU convention).
-The frozen encoder of the concepts stage (run on the fly) is not included.
+The frozen encoder of the concepts stage (run on the fly) is not included. Given a
+whole config (not a ModelConfig), the concepts stage counts its contrastive term
+(concepts.contrastive_weight > 0): the projection of h, and each concept's
+similarities to the batch's B x N candidates.
 """
 
 from __future__ import annotations
@@ -64,12 +67,20 @@ TRAINED = {"render": ("encoder", "renderer"), "concepts": ("concept_model",), "a
            "mdm": ("mdm",)}
 
 
+def _contrastive(config) -> bool:
+  """Whether a whole config's concepts stage trains the contrastive projection."""
+  return (not isinstance(config, ModelConfig)
+          and config.concepts.get("contrastive_weight", 0.0) > 0)  # .get: older configs.
+
+
 def param_count(config, stage: str, vocab_size: int | None = None) -> int:
   """Parameters trained in `stage` (see module docstring)."""
   if stage not in TRAINED:
     raise ValueError(f"stage={stage!r} is not one of {', '.join(TRAINED)}")
-  counts = component_params(_cfg(config, vocab_size))
-  return sum(counts[name] for name in TRAINED[stage])
+  c = _cfg(config, vocab_size)
+  counts = component_params(c)
+  extra = c.embed_dim * c.concept_dim if stage == "concepts" and _contrastive(config) else 0
+  return sum(counts[name] for name in TRAINED[stage]) + extra
 
 
 def flops_per_token(config, stage: str, vocab_size: int | None = None,
@@ -87,6 +98,8 @@ def flops_per_token(config, stage: str, vocab_size: int | None = None,
   elif stage == "concepts":
     matmuls = d * e + _layer_matmuls(c) * c.concept_layers + _head_matmuls(c)
     attention = c.concept_layers * hk * num_concepts
+    if _contrastive(config):  # Projection of h, then B x N similarities per concept.
+      matmuls += e * d + config.train.batch_size * num_concepts * d
   elif stage in ("ar", "mdm"):
     matmuls = _layer_matmuls(c) * c.baseline_layers + e * c.vocab_size
     attention = c.baseline_layers * hk * seq_len

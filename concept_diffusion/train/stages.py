@@ -12,6 +12,7 @@ subtrees named in `frozen` are never updated (the concepts stage's encoder), and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -248,6 +249,8 @@ def concepts_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   c, n, l = config.concepts, config.data.num_concepts, config.data.concept_len
   render_weight = c.get("render_weight", 0.0)  # .get: configs saved before the field.
   ren = renderer.Renderer(enc_cfg) if render_weight > 0 else None
+  contrastive_weight = c.get("contrastive_weight", 0.0)
+  proj = concept_model.ContrastiveProjection(cm_cfg) if contrastive_weight > 0 else None
 
   def init_params(key):
     k_enc, k_cm, k_ren = jax.random.split(key, 3)
@@ -258,7 +261,16 @@ def concepts_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
               "concept_model": cm.init(k_cm, z, seg, z, jnp.zeros((1, n)))["params"]}
     if ren is not None:
       params["renderer"] = ren.init(k_ren, tokens, z, z if enc_cfg.prev_concept else None)["params"]
+    if proj is not None:  # Its own key: the other subtrees init as without the term.
+      params["contrastive"] = proj.init(jax.random.fold_in(key, 1),
+                                        jnp.zeros((1, n, cm_cfg.embed_dim)))["params"]
     return params
+
+  def contrastive_loss(params, h_BxNxE, target_BxNxD, mask_BxN):
+    q_BxNxD = proj.apply({"params": params["contrastive"]}, h_BxNxE)
+    loss, acc = continuous.next_concept_infonce(q_BxNxD, target_BxNxD, mask_BxN,
+                                                c.contrastive_temperature)
+    return contrastive_weight * loss, {"contrastive_loss": loss, "contrastive_acc": acc}
 
   def loss_fn(params, batch, key):
     if "concepts" in batch:  # Concept cache: encoded once, offline.
@@ -271,7 +283,8 @@ def concepts_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     out = concept_model.concept_objective(
         cm, {"params": params["concept_model"]}, z_BxNxD, batch["concept_mask"],
         batch["segment_ids"], k_concept, c.objective, c.cfg_dropout,
-        with_estimate=ren is not None, time_shift=c.get("time_shift", 1.0))
+        with_estimate=ren is not None, time_shift=c.get("time_shift", 1.0),
+        context_loss=functools.partial(contrastive_loss, params) if proj is not None else None)
     loss, metrics = out[:2]
     metrics = {k: v for k, v in metrics.items() if k != "loss"}
     if ren is not None:
