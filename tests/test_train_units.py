@@ -151,16 +151,16 @@ def test_ema_trains_and_restores_as_the_decayed_average(tmp_path, tiny_render_ru
       "concepts.render_workdir": tiny_render_run, "train.num_steps": 2,
       "train.ema_decay": decay, "checkpoint.every_steps": 2})
   trainer.train(config, workdir)
-  ema_a, params_a = (trainer.restore_params(workdir, use_ema=e)[2] for e in (True, False))
+  ema, params = (trainer.restore_params(workdir, use_ema=e)[2] for e in (True, False))
   stage = stages.build_stage(stages.resolve_config(config), trainer.restore_params(workdir)[1],
                              for_training=False)
   init_key = jax.random.fold_in(jax.random.key(config.train.seed), trainer.INIT_STREAM)
   p0 = jax.tree.map(lambda x: getattr(x, "value", x), stage.init_params(init_key),
                     is_leaf=lambda x: hasattr(x, "value"))["concept_model"]
-  for e2, p2, init in zip(*map(jax.tree.leaves, (ema_a["concept_model"],
-                                                 params_a["concept_model"], p0))):
+  for e2, p2, init in zip(*map(jax.tree.leaves, (ema["concept_model"],
+                                                 params["concept_model"], p0))):
     np.testing.assert_allclose(e2 - p2, decay * (init - p2), rtol=1e-3, atol=1e-6)
   lag = lambda name: sum(float(jnp.abs(e - p).sum()) for e, p in zip(  # noqa: E731
-      jax.tree.leaves(ema_a[name]), jax.tree.leaves(params_a[name])))
+      jax.tree.leaves(ema[name]), jax.tree.leaves(params[name])))
   assert lag("concept_model") > 0  # Restore gave the EMA, not the params twice.
   assert lag("encoder") == 0  # Frozen: its EMA is the render run's weights.
