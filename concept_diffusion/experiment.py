@@ -401,19 +401,21 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
   budget = _variant_flops(plans[0], vocab)
   result["budget_pflops"] = budget / 1e15
   baselines = {}
-  specs = {"ar": (settings.ar_preset, settings.seed), "mdm": (settings.mdm_preset, settings.seed),
-           "judge": (settings.ar_preset, settings.judge_seed)}
+  # name -> (run kind, preset, seed overrides), in training (and row) order.
+  specs = {"judge": ("judge", settings.ar_preset, {"train.seed": settings.judge_seed})}
+  presets = {"ar": settings.ar_preset, "mdm": settings.mdm_preset}
+  specs.update({name: (name, presets[name], {"train.seed": settings.seed})
+                for name in settings.baselines})
   if "ar" in settings.baselines:
-    specs.update({f"ar_seed{s}": (settings.ar_preset, s) for s in settings.ar_seeds})
-  for name in ("judge", *settings.baselines, *(n for n in specs if n.startswith("ar_seed"))):
-    spec, seed = specs[name]
-    seeds = {"train.seed": seed, **({"data.seed": seed} if name.startswith("ar_seed") else {})}
+    specs.update({f"ar_seed{s}": ("ar", settings.ar_preset, {"train.seed": s, "data.seed": s})
+                  for s in settings.ar_seeds})
+  for name, (kind, spec, seeds) in specs.items():
     config = _preset(spec, settings, seeds)
     config.train.num_steps = matched_steps(config, vocab, budget)
     config.checkpoint.every_steps = min(settings.checkpoint_every, config.train.num_steps)
-    kind = "ar" if name.startswith("ar_seed") else name
     run_dir = os.path.join(workdir, _run_name(kind, settings.source, settings.steps_scale,
-                                              settings.common, config.train.num_steps, seed))
+                                              settings.common, config.train.num_steps,
+                                              seeds["train.seed"]))
     train_once(config, run_dir)
     baselines[name] = (run_dir, config)
 

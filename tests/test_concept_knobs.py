@@ -12,6 +12,7 @@ from concept_diffusion.data import make_dataset, make_tokenizer, segment
 from concept_diffusion.data.tokenizer import EOD_ID, PAD_ID
 from concept_diffusion.diffusion import continuous, masked
 from concept_diffusion.train import stages
+from concept_diffusion.train.state import unbox
 
 from conftest import tiny_config
 
@@ -109,9 +110,7 @@ def test_z_noise_is_on_in_training_and_off_at_evaluation():
   for noise in (0.0, 5.0):
     config.render.z_noise = noise
     stage = stages.build_stage(config, _Tok())
-    params = stage.init_params(jax.random.key(1))
-    params = jax.tree.map(lambda x: getattr(x, "value", x), params,
-                          is_leaf=lambda x: hasattr(x, "value"))
+    params = unbox(stage.init_params(jax.random.key(1)))
     losses[noise] = (float(stage.loss_fn(params, batch, key)[0]),
                      float(stage.held_out_loss_fn()(params, batch, key)[0]))
   assert losses[0.0][0] != losses[5.0][0]  # Training sees the noise ...
@@ -231,11 +230,6 @@ def _concept_batch(config):
           "concept_mask": jnp.asarray(seg > 0), "segment_ids": jnp.asarray(seg)}
 
 
-def _unboxed(params):
-  return jax.tree.map(lambda x: getattr(x, "value", x), params,
-                      is_leaf=lambda x: hasattr(x, "value"))
-
-
 def test_contrastive_term_trains_the_context_through_its_own_projection(tiny_render_run):
   from concept_diffusion import plan
   from concept_diffusion.models import sizes
@@ -245,7 +239,7 @@ def test_contrastive_term_trains_the_context_through_its_own_projection(tiny_ren
       "concepts.render_workdir": tiny_render_run, "concepts.contrastive_weight": 0.5}))
   stage_off, stage_on = (stages.build_stage(c, _Tok(), for_training=False) for c in (base, on))
   key, batch = jax.random.key(0), _concept_batch(on)
-  p_off, p_on = (_unboxed(s.init_params(jax.random.key(1))) for s in (stage_off, stage_on))
+  p_off, p_on = (unbox(s.init_params(jax.random.key(1))) for s in (stage_off, stage_on))
   assert set(p_on) == set(p_off) | {"contrastive"}
   for name in p_off:  # The term's key is its own: the other subtrees init as before.
     for a, b in zip(jax.tree.leaves(p_off[name]), jax.tree.leaves(p_on[name])):

@@ -155,8 +155,7 @@ def test_ema_trains_and_restores_as_the_decayed_average(tmp_path, tiny_render_ru
   stage = stages.build_stage(stages.resolve_config(config), trainer.restore_params(workdir)[1],
                              for_training=False)
   init_key = jax.random.fold_in(jax.random.key(config.train.seed), trainer.INIT_STREAM)
-  p0 = jax.tree.map(lambda x: getattr(x, "value", x), stage.init_params(init_key),
-                    is_leaf=lambda x: hasattr(x, "value"))["concept_model"]
+  p0 = state_lib.unbox(stage.init_params(init_key))["concept_model"]
   for e2, p2, init in zip(*map(jax.tree.leaves, (ema["concept_model"],
                                                  params["concept_model"], p0))):
     np.testing.assert_allclose(e2 - p2, decay * (init - p2), rtol=1e-3, atol=1e-6)

@@ -101,8 +101,12 @@ class ConceptModel(nn.Module):
     positions_BxN = layers.segment_positions(segment_ids_BxN)
     h_BxNxE = self.transformer(x_BxNxE, mask_BxNxN, positions_BxN).astype(jnp.float32)
     if drop_context_BxN is not None:
-      h_BxNxE = jnp.where(drop_context_BxN[..., None], self.null_context, h_BxNxE)
+      h_BxNxE = self.drop(h_BxNxE, drop_context_BxN)
     return nn.with_logical_constraint(h_BxNxE, ("batch", "concepts", "embed"))
+
+  def drop(self, h_BxNxE, drop_context_BxN):
+    """h, with the learned null context where drop_context is True (CFG training)."""
+    return jnp.where(drop_context_BxN[..., None], self.null_context, h_BxNxE)
 
   def null(self, shape):
     """The null context broadcast to shape [..., E] (unconditional branch of CFG)."""
@@ -144,8 +148,7 @@ def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN,
   head_h_BxNxE = h_BxNxE
   if cfg_dropout > 0:
     drop_BxN = jax.random.bernoulli(k_drop, cfg_dropout, segment_ids_BxN.shape)
-    null_BxNxE = model.apply(variables, h_BxNxE.shape[:-1], method=model.null)
-    head_h_BxNxE = jnp.where(drop_BxN[..., None], null_BxNxE, h_BxNxE)
+    head_h_BxNxE = model.apply(variables, h_BxNxE, drop_BxN, method=model.drop)
   target_BxNxD, mask_BxN = continuous.next_concept_targets(z_BxNxD, concept_mask_BxN,
                                                            segment_ids_BxN)
   pred_fn = lambda zt, t: model.apply(variables, zt, t, head_h_BxNxE, method=model.head)  # noqa: E731
