@@ -16,6 +16,7 @@ STAGES = ("render", "concepts", "ar", "mdm")
 GRANULARITIES = ("sentence", "sentence_capped", "span")
 CONCEPT_OBJECTIVES = ("flow", "x0", "mse")
 MASK_RATES = ("uniform", "high")
+Z_NOISE_DISTS = ("constant", "uniform")
 SCHEDULES = ("cosine", "constant")
 TOKENIZER_MODELS = ("bpe", "unigram")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -71,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.render.full_mask_prob = 0.5  # Share of examples with every token masked (feeds the z path).
   c.render.mask_rate = "high"  # t distribution of the other examples: uniform | high (skewed to 1).
   c.render.z_noise = 0.1  # Std of Gaussian noise added to z in training, relative to its RMS.
+  # How each chunk's noise std is drawn: constant (z_noise for every chunk) | uniform (in
+  # [0, z_noise] per chunk, so the renderer also learns to read clean concepts sharply).
+  c.render.z_noise_dist = "constant"
   c.render.prev_concept = False  # Also condition on the previous chunk's concept.
   c.render.concept_reg = 1e-3  # Weight of the concept-space smoothness regulariser.
   c.render.sample_steps = 8  # Sampler steps used by round-trip evaluation.
@@ -170,6 +174,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(config, "data.tokenizer_model", TOKENIZER_MODELS)
   _choice(config, "concepts.objective", CONCEPT_OBJECTIVES)
   _choice(config, "render.mask_rate", MASK_RATES)
+  _choice(config, "render.z_noise_dist", Z_NOISE_DISTS)
   _choice(config, "train.schedule", SCHEDULES)
   _choice(config, "model.remat", REMAT_POLICIES)
   _choice(config, "model.attention", ATTENTION_IMPLS)

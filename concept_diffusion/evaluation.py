@@ -11,6 +11,7 @@ the first `num_prompts` documents of iterate_documents(config, "eval")):
 | `roundtrip_token_accuracy` | render | share of real tokens of real held-out chunks that `R(E(chunk))` reproduces at their position; the renderer starts from all-MASK and runs `render.sample_steps` confidence-ordered unmasking steps, argmax |
 | `roundtrip_exact_match` | render | share of real chunks rendered exactly, all `concept_len` positions (so the chunk's length too) |
 | `elbo_bits_per_token` | render | masked-diffusion ELBO (Monte-Carlo, `diffusion.masked.elbo_bits`) of a chunk's real tokens given its true concept, bits per real token (padding positions are given, so the chunk's length is known); an upper bound on -log2 p(chunk given z) per token |
+| `roundtrip_consistent` | render, concepts; synthetic data | `coherence_consistent` of the true continuations (their first `max_tokens // concept_len` sentences) encoded and rendered back, `R(E(truth))`: what a perfect concept model would score through this render stage |
 | `next_concept_l2` | concepts | RMS error per dimension of the sampled next concept, mean over positions: ‖ẑ − z‖₂ / √D (concepts have unit RMS, so 0 is exact and ≈1.41 an unrelated concept) |
 | `next_concept_cosine` | concepts | mean cosine between the sampled and the true next concept |
 | `contrastive_accuracy` | concepts | share of positions whose sampled next concept is closer (L2) to the true next concept than to every concept of the other documents in the batch (copies of the true concept excluded) |
@@ -52,7 +53,7 @@ from concept_diffusion.models.renderer import previous_concepts
 
 EVAL_FILE = "eval.json"
 ORDER = ("roundtrip_token_accuracy", "roundtrip_exact_match", "elbo_bits_per_token",
-         "next_concept_l2", "next_concept_cosine", "contrastive_accuracy", "bits_per_token",
+         "roundtrip_consistent", "next_concept_l2", "next_concept_cosine", "contrastive_accuracy", "bits_per_token",
          "gen_ppl", "unigram_entropy", "coherence_well_formed", "coherence_consistent",
          "gen_ended", "gen_tokens_per_sec", "gen_latency_s")
 
@@ -362,6 +363,16 @@ def generation_metrics(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]],
   return out, samples
 
 
+def roundtrip_coherence(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]], *,
+                        max_concepts: int) -> dict:
+  """Coherence of the true continuations' first max_concepts sentences, rendered from their
+  own concepts (a render or concepts run): the render stage's bound on generation."""
+  prompts = [p for p, _ in pairs]
+  truth = [" ".join(segment.split_sentences(c)[:max_concepts]) for _, c in pairs]
+  scores = coherence_scores(prompts, [s.text for s in gen_lib.roundtrip(gen, truth)])
+  return {"roundtrip_consistent": scores["coherence_consistent"]}
+
+
 # ---------------------------------------------------------------- the entry
 
 
@@ -384,10 +395,13 @@ def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str 
     metrics = concept_metrics(gen, batches, key)
   else:
     metrics = flat_bits(gen, batches, key)
-  if gen.kind != "render" and num_prompts > 0:
-    pairs = eval_prompts(config, num_prompts)
-    gen_out, _ = generation_metrics(gen, pairs, judge=judge,
-                                    synthetic_data=config.data.source == "synthetic",
+  synthetic_data = config.data.source == "synthetic"
+  pairs = eval_prompts(config, num_prompts) if num_prompts > 0 else []
+  if pairs and synthetic_data and gen.kind in ("render", "concepts"):
+    metrics.update(roundtrip_coherence(
+        gen, pairs, max_concepts=max(1, max_tokens // gen.chunk_config.data.concept_len)))
+  if pairs and gen.kind != "render":
+    gen_out, _ = generation_metrics(gen, pairs, judge=judge, synthetic_data=synthetic_data,
                                     max_tokens=max_tokens, seed=seed, **gen_kwargs)
     metrics.update(gen_out)
   metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}

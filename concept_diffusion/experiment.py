@@ -39,6 +39,7 @@ from concept_diffusion.models import sizes
 
 COLUMNS = (  # (results key, table heading)
     ("roundtrip_token_accuracy", "round-trip acc"),
+    ("roundtrip_consistent", "round-trip consistent"),
     ("next_concept_cosine", "next cos"),
     ("contrastive_accuracy", "contrastive acc"),
     ("gen_ppl", "gen-PPL"),
@@ -310,6 +311,9 @@ def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dic
   out.update(evaluation.concept_metrics(gen, batches(), key, steps=s["concept_steps"],
                                         guidance=s["guidance"], temperature=s["temperature"]))
   pairs = evaluation.eval_prompts(config, settings.num_prompts)
+  if settings.source == "synthetic":
+    out.update(evaluation.roundtrip_coherence(
+        render_gen, pairs, max_concepts=settings.max_tokens // gen.chunk_config.data.concept_len))
   gen_out, samples = evaluation.generation_metrics(
       gen, pairs, judge=judge, synthetic_data=settings.source == "synthetic",
       max_tokens=settings.max_tokens, seed=settings.seed, **s)

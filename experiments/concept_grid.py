@@ -79,6 +79,11 @@ FULL = [
     # No guidance dropout: sampling never uses guidance (scale 1), so the 10% of positions
     # trained on the null context are a tax on the conditional head.
     Variant("cfg_dropout0", "concept loss", concepts={"concepts.cfg_dropout": 0.0}),
+    # Each chunk's z-noise std drawn in [0, z_noise] (render.z_noise_dist): rendered from
+    # its own concept, the truth keeps 0.876 of its consistency through constant unit
+    # noise; the renderer never saw a clean concept.
+    *[Variant(f"z_uniform{m:g}", "render z noise", render={
+        "render.z_noise_dist": "uniform", "render.z_noise": m}) for m in (1.0, 2.0)],
     # The v3 default (25,600 cached examples, 5,310 steps) and one change from it per row.
     *map(from_v3, [
         Variant("default"),

@@ -1,5 +1,5 @@
 """The knobs of the concept-generation grid (issue 7): granularity, objective mixes,
-z-noise augmentation (off at evaluation), rendering from generated concepts, the
+z-noise augmentation (its per-chunk std; off at evaluation), rendering from generated concepts, the
 contrastive term."""
 
 import jax
@@ -116,6 +116,33 @@ def test_z_noise_is_on_in_training_and_off_at_evaluation():
   assert losses[0.0][0] != losses[5.0][0]  # Training sees the noise ...
   assert losses[0.0][1] == losses[5.0][1]  # ... the held-out loss never does.
   assert losses[0.0][0] == pytest.approx(losses[0.0][1])  # Noise 0: the same loss.
+
+
+def test_z_noise_dist_draws_each_chunks_std_and_is_off_at_evaluation():
+  r = config_lib.base_config().render
+  r.z_noise = 2.0
+  key = jax.random.key(3)
+  np.testing.assert_array_equal(stages.z_noise_std(r, key, (4, 8)), np.full((4, 8), 2.0))
+  r.z_noise_dist = "uniform"
+  std = np.asarray(stages.z_noise_std(r, key, (256, 64)))
+  assert std.min() >= 0.0 and std.max() <= 2.0
+  assert std.mean() == pytest.approx(1.0, abs=0.02)  # U[0, 2]: mean 1, one draw per chunk.
+  assert np.quantile(std, 0.1) == pytest.approx(0.2, abs=0.03)
+  # In the stage: the training loss sees the drawn stds, the held-out loss no noise.
+  config = tiny_config("render")
+  batch = _render_batch(config)
+  losses = {}
+  for dist in ("constant", "uniform"):
+    config.render.update(z_noise=5.0, z_noise_dist=dist)
+    stage = stages.build_stage(config, _Tok())
+    params = unbox(stage.init_params(jax.random.key(1)))
+    losses[dist] = (float(stage.loss_fn(params, batch, key)[0]),
+                    float(stage.held_out_loss_fn()(params, batch, key)[0]))
+  assert losses["constant"][0] != losses["uniform"][0]
+  assert losses["constant"][1] == losses["uniform"][1]
+  config.render.z_noise_dist = "gaussian"
+  with pytest.raises(config_lib.ConfigError, match="render.z_noise_dist"):
+    config_lib.validate(config)
 
 
 def test_generated_concepts_are_teacher_forced_samples_of_the_next_concept(tiny_concepts_run):

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -80,6 +81,31 @@ def test_checker_scores_a_true_continuation_one():
   assert garbled["coherence_well_formed"] == 0.0
 
 
+def test_roundtrip_coherence_scores_the_rendered_first_sentences_of_the_truth(monkeypatch):
+  pairs = []
+  for i in range(4):
+    sentences = synthetic.split_sentences(synthetic.generate_document(0, i))
+    half = len(sentences) // 2
+    pairs.append((" ".join(sentences[:half]), " ".join(sentences[half:])))
+  seen = []
+
+  def fake_roundtrip(gen, texts, damage=lambda t: t):
+    seen.extend(texts)
+    return [types.SimpleNamespace(text=damage(t)) for t in texts]
+
+  monkeypatch.setattr(evaluation.gen_lib, "roundtrip", fake_roundtrip)
+  assert evaluation.roundtrip_coherence(None, pairs, max_concepts=2) == {
+      "roundtrip_consistent": 1.0}
+  assert [len(synthetic.split_sentences(t)) for t in seen] == [
+      min(2, len(synthetic.split_sentences(c))) for _, c in pairs]
+  # A renderer that garbles every sentence's last word loses every fact it carries.
+  garble = lambda t: " ".join(s.rsplit(" ", 1)[0] + " Zzz." for s in synthetic.split_sentences(t))
+  monkeypatch.setattr(evaluation.gen_lib, "roundtrip",
+                      lambda gen, texts: fake_roundtrip(gen, texts, garble))
+  assert evaluation.roundtrip_coherence(None, pairs, max_concepts=2) == {
+      "roundtrip_consistent": 0.0}
+
+
 def test_judge_prefers_its_own_training_text_to_shuffled_tokens(tiny_ar_run):
   judge = generate.load(tiny_ar_run)
   tok, rng = judge.tokenizer, np.random.default_rng(0)
@@ -105,7 +131,7 @@ def test_judge_prefers_its_own_training_text_to_shuffled_tokens(tiny_ar_run):
 
 def _check_ranges(metrics):
   for name in ("roundtrip_token_accuracy", "roundtrip_exact_match", "contrastive_accuracy",
-               "coherence_well_formed", "coherence_consistent", "gen_ended"):
+               "roundtrip_consistent", "coherence_well_formed", "coherence_consistent", "gen_ended"):
     if name in metrics:
       assert 0.0 <= metrics[name] <= 1.0, name
   assert all(math.isfinite(v) for v in metrics.values())
@@ -114,7 +140,7 @@ def _check_ranges(metrics):
 def test_evaluate_render_run_writes_eval_json(tiny_render_run):
   metrics = evaluation.evaluate(tiny_render_run, max_batches=1, batch_size=8)
   assert set(metrics) == {"roundtrip_token_accuracy", "roundtrip_exact_match",
-                          "elbo_bits_per_token"}
+                          "elbo_bits_per_token", "roundtrip_consistent"}
   _check_ranges(metrics)
   assert 0 < metrics["elbo_bits_per_token"] < 20
   with open(os.path.join(tiny_render_run, evaluation.EVAL_FILE)) as f:
@@ -124,7 +150,8 @@ def test_evaluate_render_run_writes_eval_json(tiny_render_run):
 def test_evaluate_concepts_run_with_judge(tiny_concepts_run, tiny_ar_run):
   metrics = evaluation.evaluate(tiny_concepts_run, judge_workdir=tiny_ar_run, num_prompts=4,
                                 max_batches=1, batch_size=8, max_tokens=16)
-  for name in ("next_concept_l2", "next_concept_cosine", "contrastive_accuracy", "gen_ppl",
+  for name in ("roundtrip_consistent", "next_concept_l2", "next_concept_cosine",
+               "contrastive_accuracy", "gen_ppl",
                "unigram_entropy", "coherence_well_formed", "coherence_consistent",
                "gen_tokens_per_sec", "gen_latency_s"):
     assert name in metrics, name

@@ -82,6 +82,13 @@ def concept_decorrelation(z_BxNxD, concept_mask_BxN):
 # ---------------------------------------------------------------- render
 
 
+def z_noise_std(r: ml_collections.ConfigDict, key, shape_BxN):
+  """Per-chunk std of the noise on z in render training (render.z_noise, z_noise_dist)."""
+  if r.get("z_noise_dist", "constant") == "uniform":  # .get: configs saved before the field.
+    return r.z_noise * jax.random.uniform(key, shape_BxN)
+  return jnp.full(shape_BxN, r.z_noise)
+
+
 def render_mask(concept_mask_BxN, concept_len: int):
   """Positions the renderer denoises: all L of every real chunk (its PAD tail too)."""
   return jnp.broadcast_to(concept_mask_BxN[..., None], (*concept_mask_BxN.shape, concept_len))
@@ -150,7 +157,8 @@ def render_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     if augment:
       # z has unit RMS per dimension (encoder layer-norm), so z_noise is relative to it:
       # the renderer learns to tolerate imperfect (generated) concepts.
-      z_in_BxNxD = z_BxNxD + r.z_noise * jax.random.normal(k_noise, z_BxNxD.shape)
+      std_BxN = z_noise_std(r, jax.random.fold_in(k_noise, 1), z_BxNxD.shape[:-1])
+      z_in_BxNxD = z_BxNxD + std_BxN[..., None] * jax.random.normal(k_noise, z_BxNxD.shape)
       if finetune:
         c = cm_config.concepts
         zgen_BxNxD, valid_BxN = generated_concepts(
