@@ -53,9 +53,10 @@ from concept_diffusion.models.renderer import previous_concepts
 
 EVAL_FILE = "eval.json"
 ORDER = ("roundtrip_token_accuracy", "roundtrip_exact_match", "elbo_bits_per_token",
-         "roundtrip_consistent", "next_concept_l2", "next_concept_cosine", "contrastive_accuracy", "bits_per_token",
-         "gen_ppl", "unigram_entropy", "coherence_well_formed", "coherence_consistent",
-         "gen_ended", "gen_tokens_per_sec", "gen_latency_s")
+         "roundtrip_consistent", "next_concept_l2", "next_concept_cosine",
+         "contrastive_accuracy", "bits_per_token", "gen_ppl", "unigram_entropy",
+         "coherence_well_formed", "coherence_consistent", "gen_ended", "gen_tokens_per_sec",
+         "gen_latency_s")
 
 
 # ---------------------------------------------------------------- metrics (pure)
@@ -346,7 +347,7 @@ def generation_metrics(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]],
   """Generation quality and speed on (prompt, true continuation) pairs -> (metrics, samples)."""
   prompts = [p for p, _ in pairs]
   if gen.kind == "concepts":
-    gen_kwargs.setdefault("num_concepts", max(1, max_tokens // gen.chunk_config.data.concept_len))
+    gen_kwargs.setdefault("num_concepts", concept_budget(gen, max_tokens))
   run = lambda: gen_lib.generate(gen, prompts, max_tokens=max_tokens, seed=seed, **gen_kwargs)
   run()  # Compiles.
   start = time.perf_counter()
@@ -363,12 +364,18 @@ def generation_metrics(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]],
   return out, samples
 
 
+def concept_budget(gen: gen_lib.Generator, max_tokens: int) -> int:
+  """Concepts a concepts run generates for max_tokens (a chunk holds concept_len tokens)."""
+  return max(1, max_tokens // gen.chunk_config.data.concept_len)
+
+
 def roundtrip_coherence(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]], *,
-                        max_concepts: int) -> dict:
-  """Coherence of the true continuations' first max_concepts sentences, rendered from their
-  own concepts (a render or concepts run): the render stage's bound on generation."""
+                        max_tokens: int) -> dict:
+  """Coherence of the true continuations' first concept_budget sentences, rendered from
+  their own concepts (a render or concepts run): the render stage's bound on generation."""
   prompts = [p for p, _ in pairs]
-  truth = [" ".join(segment.split_sentences(c)[:max_concepts]) for _, c in pairs]
+  budget = concept_budget(gen, max_tokens)
+  truth = [" ".join(segment.split_sentences(c)[:budget]) for _, c in pairs]
   scores = coherence_scores(prompts, [s.text for s in gen_lib.roundtrip(gen, truth)])
   return {"roundtrip_consistent": scores["coherence_consistent"]}
 
@@ -398,8 +405,7 @@ def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str 
   synthetic_data = config.data.source == "synthetic"
   pairs = eval_prompts(config, num_prompts) if num_prompts > 0 else []
   if pairs and synthetic_data and gen.kind in ("render", "concepts"):
-    metrics.update(roundtrip_coherence(
-        gen, pairs, max_concepts=max(1, max_tokens // gen.chunk_config.data.concept_len)))
+    metrics.update(roundtrip_coherence(gen, pairs, max_tokens=max_tokens))
   if pairs and gen.kind != "render":
     gen_out, _ = generation_metrics(gen, pairs, judge=judge, synthetic_data=synthetic_data,
                                     max_tokens=max_tokens, seed=seed, **gen_kwargs)

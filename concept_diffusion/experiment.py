@@ -312,8 +312,7 @@ def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dic
                                         guidance=s["guidance"], temperature=s["temperature"]))
   pairs = evaluation.eval_prompts(config, settings.num_prompts)
   if settings.source == "synthetic":
-    out.update(evaluation.roundtrip_coherence(
-        render_gen, pairs, max_concepts=settings.max_tokens // gen.chunk_config.data.concept_len))
+    out.update(evaluation.roundtrip_coherence(render_gen, pairs, max_tokens=settings.max_tokens))
   gen_out, samples = evaluation.generation_metrics(
       gen, pairs, judge=judge, synthetic_data=settings.source == "synthetic",
       max_tokens=settings.max_tokens, seed=settings.seed, **s)

@@ -1,6 +1,6 @@
 """The knobs of the concept-generation grid (issue 7): granularity, objective mixes,
-z-noise augmentation (its per-chunk std; off at evaluation), rendering from generated concepts, the
-contrastive term."""
+z-noise augmentation (its per-chunk std; off at evaluation), rendering from generated
+concepts, the contrastive term."""
 
 import jax
 import jax.numpy as jnp

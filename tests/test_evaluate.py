@@ -94,7 +94,10 @@ def test_roundtrip_coherence_scores_the_rendered_first_sentences_of_the_truth(mo
     return [types.SimpleNamespace(text=damage(t)) for t in texts]
 
   monkeypatch.setattr(evaluation.gen_lib, "roundtrip", fake_roundtrip)
-  assert evaluation.roundtrip_coherence(None, pairs, max_concepts=2) == {
+  # 16 tokens of 8-token chunks: the first 2 sentences of each truth.
+  data = types.SimpleNamespace(concept_len=8)
+  gen = types.SimpleNamespace(chunk_config=types.SimpleNamespace(data=data))
+  assert evaluation.roundtrip_coherence(gen, pairs, max_tokens=16) == {
       "roundtrip_consistent": 1.0}
   assert [len(synthetic.split_sentences(t)) for t in seen] == [
       min(2, len(synthetic.split_sentences(c))) for _, c in pairs]
@@ -102,7 +105,7 @@ def test_roundtrip_coherence_scores_the_rendered_first_sentences_of_the_truth(mo
   garble = lambda t: " ".join(s.rsplit(" ", 1)[0] + " Zzz." for s in synthetic.split_sentences(t))
   monkeypatch.setattr(evaluation.gen_lib, "roundtrip",
                       lambda gen, texts: fake_roundtrip(gen, texts, garble))
-  assert evaluation.roundtrip_coherence(None, pairs, max_concepts=2) == {
+  assert evaluation.roundtrip_coherence(gen, pairs, max_tokens=16) == {
       "roundtrip_consistent": 0.0}
 
 
@@ -131,7 +134,8 @@ def test_judge_prefers_its_own_training_text_to_shuffled_tokens(tiny_ar_run):
 
 def _check_ranges(metrics):
   for name in ("roundtrip_token_accuracy", "roundtrip_exact_match", "contrastive_accuracy",
-               "roundtrip_consistent", "coherence_well_formed", "coherence_consistent", "gen_ended"):
+               "roundtrip_consistent", "coherence_well_formed", "coherence_consistent",
+               "gen_ended"):
     if name in metrics:
       assert 0.0 <= metrics[name] <= 1.0, name
   assert all(math.isfinite(v) for v in metrics.values())
