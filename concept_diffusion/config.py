@@ -17,6 +17,7 @@ GRANULARITIES = ("sentence", "sentence_capped", "span")
 CONCEPT_OBJECTIVES = ("flow", "x0", "mse")
 MASK_RATES = ("uniform", "high")
 Z_NOISE_DISTS = ("constant", "uniform")
+ENCODER_POOLINGS = ("mean", "slots")
 SCHEDULES = ("cosine", "constant")
 TOKENIZER_MODELS = ("bpe", "unigram")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -58,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.concept_dim = 128  # D: concept vector width.
   c.model.encoder_layers = 2  # Concept encoder depth.
   c.model.renderer_layers = 2  # Renderer depth.
+  # How the encoder pools a chunk's token states into z: mean | slots (the mean plus a
+  # per-position readout, so z says which word stood where; see models/encoder.py).
+  c.model.encoder_pooling = "mean"
   c.model.concept_layers = 2  # Concept model (causal contextualiser) depth.
   c.model.diff_head_layers = 2  # Residual blocks of the concept diffusion head.
   c.model.diff_head_dim = 256  # Width of the concept diffusion head.
@@ -175,6 +179,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(config, "concepts.objective", CONCEPT_OBJECTIVES)
   _choice(config, "render.mask_rate", MASK_RATES)
   _choice(config, "render.z_noise_dist", Z_NOISE_DISTS)
+  if "encoder_pooling" in config.model:  # Configs saved before the field pooled by the mean.
+    _choice(config, "model.encoder_pooling", ENCODER_POOLINGS)
   _choice(config, "train.schedule", SCHEDULES)
   _choice(config, "model.remat", REMAT_POLICIES)
   _choice(config, "model.attention", ATTENTION_IMPLS)

@@ -2,6 +2,7 @@
 
   python -m concept_diffusion.evaluate --workdir=runs/concepts --judge_workdir=runs/ar
   python -m concept_diffusion.evaluate --workdir=runs/render --config.data.source=text:/data/*.txt
+  python -m concept_diffusion.evaluate --workdir=runs/render --by_kind  # Built-in corpus.
   python -m concept_diffusion.evaluate --judge_workdir=runs/ar --compare runs/concepts runs/ar \
       runs/mdm
 
@@ -28,6 +29,9 @@ _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "Token budget of every cont
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every sampler (same for every compared run).")
 _COMPARE = flags.DEFINE_list("compare", None, "Runs to compare side by side (space or comma "
                              "separated); each DIR/eval.json is read, or computed.")
+_BY_KIND = flags.DEFINE_bool("by_kind", False, "Built-in corpus, with --workdir: also print "
+                             "consistency per sentence kind, of the true continuations "
+                             "rendered back and (concepts runs) of generated ones.")
 _RECOMPUTE = flags.DEFINE_bool("recompute", False, "With --compare: evaluate even where "
                                "eval.json exists.")
 
@@ -58,6 +62,11 @@ def main(argv):
   print(evaluation.format_table(results), flush=True)
   if len(results) == 1:
     print(json.dumps(next(iter(results.values())), sort_keys=True), flush=True)
+  if _BY_KIND.value and _WORKDIR.value and not compare:
+    from concept_diffusion import experiment
+    by_kind = evaluation.kinds(_WORKDIR.value, num_prompts=_NUM_PROMPTS.value,
+                               max_tokens=_MAX_TOKENS.value, seed=_SEED.value)
+    print(experiment.kind_table({"rows": {_WORKDIR.value: by_kind}}), flush=True)
 
 
 if __name__ == "__main__":

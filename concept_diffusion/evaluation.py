@@ -32,6 +32,7 @@ and prompts are used for every run, so `--compare` tables are like for like.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -133,6 +134,18 @@ def coherence_scores(prompts: Sequence[str], continuations: Sequence[str]) -> di
   scores = [synthetic.check_continuation(p, c) for p, c in zip(prompts, continuations)]
   return {"coherence_well_formed": float(np.mean([s["well_formed"] for s in scores])),
           "coherence_consistent": float(np.mean([s["consistent"] for s in scores]))}
+
+
+def coherence_by_kind(prompts: Sequence[str], continuations: Sequence[str]) -> dict:
+  """Where consistency is lost: {kind: {"sentences", "consistent"}} over all continuation
+  sentences pooled, by the fact kind each parses as ("malformed" where none does)."""
+  counts, hits = collections.Counter(), collections.Counter()
+  for prompt, continuation in zip(prompts, continuations):
+    for kind, ok in synthetic.sentence_verdicts(prompt, continuation):
+      counts[kind or "malformed"] += 1
+      hits[kind or "malformed"] += ok
+  return {kind: {"sentences": n, "consistent": hits[kind] / n}
+          for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}
 
 
 def _ratio(num: float, den: float) -> float:
@@ -370,14 +383,18 @@ def concept_budget(gen: gen_lib.Generator, max_tokens: int) -> int:
 
 
 def roundtrip_coherence(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]], *,
-                        max_tokens: int) -> dict:
+                        max_tokens: int, by_kind: bool = False) -> dict:
   """Coherence of the true continuations' first concept_budget sentences, rendered from
-  their own concepts (a render or concepts run): the render stage's bound on generation."""
+  their own concepts (a render or concepts run): the render stage's bound on generation.
+  by_kind: also roundtrip_by_kind, its coherence_by_kind (not a flat metric)."""
   prompts = [p for p, _ in pairs]
   budget = concept_budget(gen, max_tokens)
   truth = [" ".join(segment.split_sentences(c)[:budget]) for _, c in pairs]
-  scores = coherence_scores(prompts, [s.text for s in gen_lib.roundtrip(gen, truth)])
-  return {"roundtrip_consistent": scores["coherence_consistent"]}
+  rendered = [s.text for s in gen_lib.roundtrip(gen, truth)]
+  out = {"roundtrip_consistent": coherence_scores(prompts, rendered)["coherence_consistent"]}
+  if by_kind:
+    out["roundtrip_by_kind"] = coherence_by_kind(prompts, rendered)
+  return out
 
 
 # ---------------------------------------------------------------- the entry
@@ -415,6 +432,28 @@ def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str 
     with open(os.path.join(workdir, EVAL_FILE), "w") as f:
       json.dump(metrics, f, indent=2, sort_keys=True)
   return metrics
+
+
+def kinds(workdir: str, *, num_prompts: int = 64, max_tokens: int = 64, seed: int = 0,
+          **gen_kwargs) -> dict:
+  """Built-in corpus, consistency per sentence kind (coherence_by_kind) of a render or
+  concepts run: roundtrip_by_kind, and for concepts runs by_kind of its generations."""
+  gen = gen_lib.load(workdir)
+  if gen.kind not in ("render", "concepts"):
+    raise gen_lib.GenerateError(f"{workdir} is an {gen.kind} run: per-kind consistency is "
+                                "measured for render and concepts runs")
+  config = eval_config(gen)
+  if config.data.source != "synthetic":
+    raise gen_lib.GenerateError(f"{workdir} was trained on {config.data.source}: sentence "
+                                "kinds exist on the built-in corpus (data.source=synthetic)")
+  pairs = eval_prompts(config, num_prompts)
+  out = {"roundtrip_by_kind": roundtrip_coherence(gen, pairs, max_tokens=max_tokens,
+                                                  by_kind=True)["roundtrip_by_kind"]}
+  if gen.kind == "concepts":
+    samples = gen_lib.generate(gen, [p for p, _ in pairs], max_tokens=max_tokens, seed=seed,
+                               num_concepts=concept_budget(gen, max_tokens), **gen_kwargs)
+    out["by_kind"] = coherence_by_kind([p for p, _ in pairs], [s.text for s in samples])
+  return out
 
 
 def load_metrics(workdir: str) -> list[dict]:

@@ -79,6 +79,9 @@ class Variant:
   concepts: dict = dataclasses.field(default_factory=dict)
   finetune: dict | None = None
   sample: dict = dataclasses.field(default_factory=dict)
+  # Give the concepts run as many steps as bring the row to the first row's training
+  # FLOPs (equal_flops_steps), whatever the render / concepts overrides cost.
+  equal_flops: bool = False
 
 
 @dataclasses.dataclass
@@ -228,6 +231,37 @@ def _variant_flops(plan: Plan, vocab_size: int) -> float:
   return total
 
 
+def equal_flops_steps(plan: Plan, vocab_size: int, budget: float) -> int:
+  """Concepts steps that bring a variant's training FLOPs (_variant_flops) to `budget`.
+
+  Its FLOPs are affine in the concepts run's steps (a concept cache is encoded once),
+  so two evaluations give the line; an error if the other runs alone exceed the budget.
+  """
+  def at(steps):
+    concepts = ml_collections.ConfigDict(plan.concepts[1].to_dict())
+    concepts.train.num_steps = steps
+    return _variant_flops(dataclasses.replace(plan, concepts=(plan.concepts[0], concepts)),
+                          vocab_size)
+  per_step = at(2) - at(1)
+  fixed = at(1) - per_step
+  steps = round((budget - fixed) / per_step)
+  if steps < 1:
+    raise ExperimentError(f"{plan.concepts[0]}: its other runs cost {fixed / 1e15:.4f} "
+                          f"PFLOPs, over the {budget / 1e15:.4f} of equal FLOPs")
+  return steps
+
+
+def match_flops(v: Variant, workdir: str, settings: Settings, vocab_size: int,
+                budget: float) -> Variant:
+  """The variant with its concepts steps set for equal FLOPs (if v.equal_flops)."""
+  if not v.equal_flops:
+    return v
+  steps = equal_flops_steps(plan_variant(v, workdir, settings), vocab_size, budget)
+  # Overrides are scaled by settings.steps_scale (<= 1) when planned: this comes back exact.
+  return dataclasses.replace(v, concepts={**v.concepts,
+                                          "train.num_steps": round(steps / settings.steps_scale)})
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -312,11 +346,15 @@ def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dic
                                         guidance=s["guidance"], temperature=s["temperature"]))
   pairs = evaluation.eval_prompts(config, settings.num_prompts)
   if settings.source == "synthetic":
-    out.update(evaluation.roundtrip_coherence(render_gen, pairs, max_tokens=settings.max_tokens))
+    out.update(evaluation.roundtrip_coherence(render_gen, pairs, max_tokens=settings.max_tokens,
+                                              by_kind=True))
   gen_out, samples = evaluation.generation_metrics(
       gen, pairs, judge=judge, synthetic_data=settings.source == "synthetic",
       max_tokens=settings.max_tokens, seed=settings.seed, **s)
   out.update(gen_out)
+  if settings.source == "synthetic":  # Where the row loses consistency (README "Results").
+    out["by_kind"] = evaluation.coherence_by_kind([p for p, _ in pairs],
+                                                  [x.text for x in samples])
   out["sample"] = f"{samples[0].prompt[-80:]} => {samples[0].text[:160]}"
   return out
 
@@ -425,6 +463,11 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
   judge = generate.load(baselines["judge"][0])
   for i, (v, plan) in enumerate(zip(grid, plans)):
     if i:
+      if v.equal_flops:  # Its steps depend on its render run's config: train that first.
+        train_once(plan.render[1], plan.render[0])
+        v = match_flops(v, workdir, settings, vocab, budget)
+        plan = plan_variant(v, workdir, settings)
+        result["variants"][v.name] = dataclasses.asdict(v)
       train_variant(plan)
     runs = [plan.render[0], plan.concepts[0]] + ([plan.finetune[0]] if plan.finetune else [])
     add_row(v.name, v.axis, (dataclasses.asdict(v), sampling(v, plan)), runs,
@@ -454,6 +497,10 @@ def _write_tables(result: dict, workdir: str) -> None:
     json.dump(result, f, indent=2, default=str)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(markdown_table(result) + "\n")
+  kinds = kind_table(result)
+  if kinds:
+    with open(os.path.join(workdir, "results_by_kind.md"), "w") as f:
+      f.write(kinds + "\n")
 
 
 def _vocab_size(render_dir: str) -> int:
@@ -478,4 +525,28 @@ def markdown_table(result: dict) -> str:
   for name, row in result["rows"].items():
     cells = [name, row.get("axis", "")] + [_fmt(row.get(k)) for k, _ in COLUMNS]
     lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def kind_table(result: dict) -> str:
+  """Consistency per sentence kind (built-in corpus): each concepts row's generated
+  sentences and its true continuations rendered back (the render stage's bound). The
+  malformed column is their share of the sentences (never consistent)."""
+  sources = [(f"{name} ({what})", row[key]) for name, row in result["rows"].items()
+             for key, what in (("by_kind", "generated"), ("roundtrip_by_kind", "round trip"))
+             if isinstance(row.get(key), dict)]
+  if not sources:
+    return ""
+  total = {}
+  for _, by_kind in sources:
+    for kind, cell in by_kind.items():
+      total[kind] = total.get(kind, 0) + cell["sentences"]
+  kinds = sorted(total, key=lambda k: (-total[k], k))
+  lines = ["| row | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+  for label, by_kind in sources:
+    n = sum(cell["sentences"] for cell in by_kind.values())
+    share = lambda k: by_kind.get(k, {"sentences": 0})["sentences"] / n if n else None  # noqa: E731
+    cells = [_fmt(share(k)) if k == "malformed" else
+             _fmt(by_kind[k]["consistent"]) if k in by_kind else "–" for k in kinds]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)

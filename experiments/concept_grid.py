@@ -6,12 +6,14 @@
 
 Each row changes one thing from a default and is trained and evaluated at the tiny
 preset: `default` is the shipped tiny presets (set to the best measured combination);
-`v3`, `v2` and `v1` are earlier defaults, and `v3_x` / `v2_x` / `v1_x` rows are one
+`v4`, `v3`, `v2` and `v1` are earlier defaults, and `v4_x` ... `v1_x` rows are one
 change from them (measured then, and kept so their tables can be reproduced). The ar
-and mdm rows get the same source and the training FLOPs of the `default` pipeline.
-Runs are shared and resumed: re-running only does what is missing (a row whose
-definition changed is evaluated again). Output: WORKDIR/results.json and
-WORKDIR/results.md (the README's "Results" tables). On 2 CPU cores: about 50 minutes
+and mdm rows get the same source and the training FLOPs of the `default` pipeline; so
+do rows marked equal_flops (their concepts run gets the steps that match). Runs are
+shared and resumed: re-running only does what is missing (a row whose definition
+changed is evaluated again). Output: WORKDIR/results.json, WORKDIR/results.md (the
+README's "Results" tables) and, on the built-in corpus, WORKDIR/results_by_kind.md
+(consistency per sentence kind, generated and rendered back). On 2 CPU cores: about 50 minutes
 for the default row and the baselines, ~8-12 minutes per row that trains, ~1-4
 minutes per sampling row.
 --only=v2,v2_t1s64 picks rows; --baselines=ar leaves out mdm (~20 minutes);
@@ -27,7 +29,11 @@ from concept_diffusion import experiment
 from concept_diffusion.experiment import Variant
 
 # Earlier defaults, as overrides of today's presets, so their rows still plan what was
-# measured. v3 (the first cache default): 25,600 examples over 5,310 steps.
+# measured. Every one of them mean-pooled the encoder's token states.
+MEAN = {"model.encoder_pooling": "mean"}
+# v4 (the default until slots pooling): a 12,800-example cache over 6,037 steps.
+V4 = {"train.num_steps": 6037}
+# v3 (the first cache default): 25,600 examples over 5,310 steps.
 V3 = {"concepts.cache_examples": 25_600, "train.num_steps": 5310}
 # v2 (the default until the concept cache): the encoder ran in each of 2,400 concept
 # steps, and the head was sampled at temperature 0.5 in 16 steps.
@@ -41,7 +47,13 @@ V1_SAMPLE = {**V2_SAMPLE, "reencode": False}
 def _from(v: Variant, tag: str, concepts: dict, sample: dict) -> Variant:
   name = tag if v.name == "default" else f"{tag}_{v.name}"
   return dataclasses.replace(v, name=name, axis=f"{v.axis} ({tag})",
-                             concepts={**concepts, **v.concepts}, sample={**sample, **v.sample})
+                             render={**MEAN, **v.render}, concepts={**concepts, **v.concepts},
+                             sample={**sample, **v.sample})
+
+
+def from_v4(v: Variant) -> Variant:
+  """The row `v` as one change from the v4 default (named v4_...)."""
+  return _from(v, "v4", V4, {})
 
 
 def from_v3(v: Variant) -> Variant:
@@ -61,29 +73,53 @@ def from_v1(v: Variant) -> Variant:
 
 # Sampling at temperature 1.0 with 64 steps, today's default, on a v2 row.
 T1S64 = {"temperature": 1.0, "concept_steps": 64}
+SEEDS = [Variant(f"seed{s}", "training seed", concepts={"train.seed": s, "data.seed": s})
+         for s in (1, 2)]
 FULL = [
     Variant("default"),  # The shipped tiny presets (configs/render.py, configs/concepts.py).
-    # One change from it per row.
-    Variant("ema0.999", "concept weights", concepts={"train.ema_decay": 0.999}),
-    # A smaller cache over more epochs (30), at equal FLOPs.
-    Variant("cache6400_eqflops", "concept cache", concepts={"concepts.cache_examples": 6400,
-                                                            "train.num_steps": 6401}),
     # The same default from other seeds (init, noise and data order): the noise of a row.
-    *[Variant(f"seed{s}", "training seed", concepts={"train.seed": s, "data.seed": s})
-      for s in (1, 2)],
-    # The contrastive term (concepts.contrastive_weight): h_n must also pick concept n+1
-    # out of the batch's next concepts; its projection and similarities cost 5% of the
-    # concept FLOPs, so 5,736 steps (equal FLOPs).
-    *[Variant(f"contrastive{w}_eqflops", "concept loss", concepts={
-        "concepts.contrastive_weight": w, "train.num_steps": 5736}) for w in (0.1, 1.0)],
-    # No guidance dropout: sampling never uses guidance (scale 1), so the 10% of positions
-    # trained on the null context are a tax on the conditional head.
-    Variant("cfg_dropout0", "concept loss", concepts={"concepts.cfg_dropout": 0.0}),
-    # Each chunk's z-noise std drawn in [0, z_noise] (render.z_noise_dist): rendered from
-    # its own concept, the truth keeps 0.876 of its consistency through constant unit
-    # noise; the renderer never saw a clean concept.
-    *[Variant(f"z_uniform{m:g}", "render z noise", render={
-        "render.z_noise_dist": "uniform", "render.z_noise": m}) for m in (1.0, 2.0)],
+    *SEEDS,
+    # More z noise in the render stage: slots pooling left the bound at 0.999, and the
+    # sentences it loses in generation are malformed ones (renders of concepts off the
+    # encoder's manifold), which a more tolerant renderer may read.
+    Variant("z_noise1.5", "render z noise", render={"render.z_noise": 1.5}),
+    *[dataclasses.replace(v, name=f"z_noise1.5_{v.name}", axis="render z noise, seed",
+                          render={"render.z_noise": 1.5}) for v in SEEDS],
+    Variant("z_noise2", "render z noise", render={"render.z_noise": 2.0}),
+    # The v4 default (mean pooling, 6,037 concept steps) and one change from it per row.
+    *map(from_v4, [
+        Variant("default"),
+        *SEEDS,
+        Variant("ema0.999", "concept weights", concepts={"train.ema_decay": 0.999}),
+        # A smaller cache over more epochs (30), at equal FLOPs.
+        Variant("cache6400_eqflops", "concept cache", concepts={"concepts.cache_examples": 6400,
+                                                                "train.num_steps": 6401}),
+        # The contrastive term (concepts.contrastive_weight): h_n must also pick concept n+1
+        # out of the batch's next concepts; its projection and similarities cost 5% of the
+        # concept FLOPs, so 5,736 steps (equal FLOPs).
+        *[Variant(f"contrastive{w}_eqflops", "concept loss", concepts={
+            "concepts.contrastive_weight": w, "train.num_steps": 5736}) for w in (0.1, 1.0)],
+        # No guidance dropout: sampling never uses guidance (scale 1), so the 10% of positions
+        # trained on the null context are a tax on the conditional head.
+        Variant("cfg_dropout0", "concept loss", concepts={"concepts.cfg_dropout": 0.0}),
+        # Each chunk's z-noise std drawn in [0, z_noise] (render.z_noise_dist): the renderer
+        # never saw a clean concept.
+        *[Variant(f"z_uniform{m:g}", "render z noise", render={
+            "render.z_noise_dist": "uniform", "render.z_noise": m}) for m in (1.0, 2.0)],
+        # Classifier-free guidance at today's sampling (temperature 1.0, 64 steps).
+        *[Variant(f"cfg{g:g}", "sampling", sample={"guidance": g}) for g in (1.5, 2.0, 3.0)],
+        # The render stage's bound by sentence kind (results_by_kind.md): a sentence with two
+        # values of one kind ("went from Delhi to Turku") comes back with one of them twice.
+        # Longer render training and a wider concept do not fix that (equal FLOPs: the
+        # concepts run gives up what the render run costs).
+        *[Variant(f"render{n}_eqflops", "render steps", render={"train.num_steps": n},
+                  equal_flops=True) for n in (1200, 2400)],
+        Variant("concept_dim256_eqflops", "concept width", render={"model.concept_dim": 256},
+                equal_flops=True),
+        # (A readout of each position besides the mean, model.encoder_pooling = "slots",
+        # at equal FLOPs, was measured from this default as rows slots_eqflops(_seedS): it
+        # is today's default, planned and named as such.)
+    ]),
     # The v3 default (25,600 cached examples, 5,310 steps) and one change from it per row.
     *map(from_v3, [
         Variant("default"),

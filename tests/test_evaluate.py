@@ -81,6 +81,18 @@ def test_checker_scores_a_true_continuation_one():
   assert garbled["coherence_well_formed"] == 0.0
 
 
+def test_coherence_by_kind_pools_sentences_over_prompts():
+  prompt = "Mara lives in Oslo. The lamp is in the attic."
+  by_kind = evaluation.coherence_by_kind(
+      [prompt, prompt, prompt],
+      ["Mara moved from Oslo to Lima. Mara moved from Lima to Rome.",
+       "Mara moved from Rome to Lima. Lives Oslo in the.",
+       "The lamp sits in the attic."])
+  assert by_kind == {"move": {"sentences": 3, "consistent": 2 / 3},
+                     "malformed": {"sentences": 1, "consistent": 0.0},
+                     "place": {"sentences": 1, "consistent": 1.0}}
+
+
 def test_roundtrip_coherence_scores_the_rendered_first_sentences_of_the_truth(monkeypatch):
   pairs = []
   for i in range(4):
@@ -107,6 +119,11 @@ def test_roundtrip_coherence_scores_the_rendered_first_sentences_of_the_truth(mo
                       lambda gen, texts: fake_roundtrip(gen, texts, garble))
   assert evaluation.roundtrip_coherence(gen, pairs, max_tokens=16) == {
       "roundtrip_consistent": 0.0}
+  by_kind = evaluation.roundtrip_coherence(gen, pairs, max_tokens=16,
+                                           by_kind=True)["roundtrip_by_kind"]
+  assert set(by_kind) == {"malformed"}  # Every garbled sentence, and only those.
+  assert by_kind["malformed"]["sentences"] == sum(
+      min(2, len(synthetic.split_sentences(c))) for _, c in pairs)
 
 
 def test_judge_prefers_its_own_training_text_to_shuffled_tokens(tiny_ar_run):
@@ -161,6 +178,20 @@ def test_evaluate_concepts_run_with_judge(tiny_concepts_run, tiny_ar_run):
     assert name in metrics, name
   _check_ranges(metrics)
   assert metrics["gen_ppl"] > 1 and metrics["gen_tokens_per_sec"] > 0
+
+
+def test_consistency_by_kind_of_render_and_concepts_runs(tiny_render_run, tiny_concepts_run,
+                                                         tiny_ar_run):
+  render = evaluation.kinds(tiny_render_run, num_prompts=4, max_tokens=16)
+  concepts = evaluation.kinds(tiny_concepts_run, num_prompts=4, max_tokens=16)
+  assert set(render) == {"roundtrip_by_kind"}
+  assert set(concepts) == {"roundtrip_by_kind", "by_kind"}
+  for by_kind in (render["roundtrip_by_kind"], concepts["roundtrip_by_kind"],
+                  concepts["by_kind"]):
+    assert all(0 <= c["consistent"] <= 1 for c in by_kind.values())
+  assert sum(c["sentences"] for c in render["roundtrip_by_kind"].values()) > 0
+  with pytest.raises(generate.GenerateError, match="render and concepts runs"):
+    evaluation.kinds(tiny_ar_run)
 
 
 @pytest.mark.parametrize("run", ["tiny_ar_run", "tiny_mdm_run"])

@@ -47,6 +47,13 @@ def test_grid_writes_one_table_row_per_variant_and_baseline(grid_run):
   table = open(os.path.join(workdir, "results.md")).read()
   assert all(heading in table for _, heading in experiment.COLUMNS)
   assert len(table.strip().splitlines()) == 2 + 7
+  # Consistency per sentence kind: generated and rendered-back truth of each concepts row.
+  for name in ("default", "temp0.5", "mse+generated"):
+    for key in ("by_kind", "roundtrip_by_kind"):
+      by_kind = saved["rows"][name][key]
+      assert all(0 <= c["consistent"] <= 1 and c["sentences"] > 0 for c in by_kind.values())
+  kinds = open(os.path.join(workdir, "results_by_kind.md")).read().strip().splitlines()
+  assert len(kinds) == 2 + 2 * 3 and kinds[2].startswith("| default (generated) |")
 
 
 def test_ar_is_also_sampled_at_a_lower_temperature(grid_run, monkeypatch):
@@ -147,6 +154,29 @@ def test_a_cached_variant_trains_on_the_cache_and_counts_encoding_once(grid_run,
   monkeypatch.setattr(train_lib, "train", lambda *a, **k: pytest.fail("re-running must not train"))
   monkeypatch.setattr(encoding, "encode_run", lambda *a, **k: pytest.fail("nor encode"))
   experiment.run_grid([GRID[0], cached], workdir, _settings())
+
+
+def test_an_equal_flops_variant_gets_the_concept_steps_that_match_the_budget(grid_run):
+  workdir, first = grid_run
+  # A render run twice as long: the concepts run gives up as many FLOPs as it costs.
+  longer = Variant("render2x", "render steps", render={"train.num_steps": 1200},
+                   equal_flops=True)
+  result = experiment.run_grid([GRID[0], longer], workdir, _settings())
+  budget = first["budget_pflops"]
+  vocab = experiment._vocab_size(experiment.plan_variant(GRID[0], workdir, _settings()).render[0])
+  override = result["variants"]["render2x"]["concepts"]["train.num_steps"]
+  plan = experiment.plan_variant(Variant("m", render=longer.render,
+                                         concepts={"train.num_steps": override}), workdir,
+                                 _settings())
+  matched = plan.concepts[1].train.num_steps
+  default = experiment.plan_variant(GRID[0], workdir, _settings()).concepts[1].train.num_steps
+  assert 1 <= matched < default
+  with open(os.path.join(plan.concepts[0], "config.json")) as f:
+    assert json.load(f)["train"]["num_steps"] == matched  # The run trained that many.
+  # Within half a concept step of the budget (a step costs less than budget / steps).
+  assert abs(result["rows"]["render2x"]["train_pflops"] - budget) <= 0.5 * budget / matched
+  with pytest.raises(experiment.ExperimentError, match="over the"):
+    experiment.equal_flops_steps(plan, vocab, budget=1e3)
 
 
 def test_grid_runs_checkpoint_periodically_and_reuse_ignores_how_often(grid_run):

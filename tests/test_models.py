@@ -50,7 +50,7 @@ def test_every_param_has_logical_axis_names(scan):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"num_kv_heads": 1, "scan_layers": True},
-                                       {"prev_concept": True}])
+                                       {"prev_concept": True}, {"encoder_pooling": "slots"}])
 def test_param_count_matches_real_tree(overrides):
   c = tiny_config(**{k: v for k, v in overrides.items() if k != "prev_concept"})
   c.render.prev_concept = overrides.get("prev_concept", False)
@@ -149,8 +149,9 @@ def test_attention_stays_inside_segments():
   np.testing.assert_allclose(out[:, 6:], a[:, :10], atol=1e-4)
 
 
-def test_encoder_scale_and_padding():
-  cfg = layers.ModelConfig.from_config(tiny_config())
+@pytest.mark.parametrize("pooling", ["mean", "slots"])
+def test_encoder_scale_and_padding(pooling):
+  cfg = layers.ModelConfig.from_config(tiny_config(encoder_pooling=pooling))
   enc = ConceptEncoder(cfg)
   tokens = jax.random.randint(jax.random.key(1), (2, 3, 8), 6, 96)
   mask = jnp.arange(8) < jnp.array([8, 5, 1])[:, None]
@@ -161,6 +162,29 @@ def test_encoder_scale_and_padding():
   np.testing.assert_allclose(jnp.linalg.norm(z, axis=-1), np.sqrt(16), rtol=1e-3)
   z2 = fwd(params, jnp.where(mask, tokens, 0), mask)
   np.testing.assert_allclose(z, z2, atol=1e-5)
+
+
+def test_slot_pooling_tells_where_each_token_stood():
+  # With no layers a mean of token embeddings is a bag: swapping two tokens keeps z.
+  tokens = jnp.array([[[7, 8, 9, 10, 11, 0, 0, 0]]])
+  swapped = jnp.array([[[7, 10, 9, 8, 11, 0, 0, 0]]])
+  mask = tokens > 0
+  z = {}
+  for pooling in ("mean", "slots"):
+    enc = ConceptEncoder(layers.ModelConfig.from_config(tiny_config(encoder_layers=0,
+                                                                    encoder_pooling=pooling)))
+    params = enc.init(jax.random.key(0), tokens, mask)
+    z[pooling] = [enc.apply(params, t, mask) for t in (tokens, swapped)]
+  np.testing.assert_allclose(*z["mean"], atol=1e-5)
+  assert float(jnp.abs(z["slots"][0] - z["slots"][1]).max()) > 1e-2
+  c = tiny_config(encoder_pooling="slots")
+  extra = c.data.concept_len * c.model.embed_dim * c.model.concept_dim
+  assert sizes.param_count(c, "render") == sizes.param_count(tiny_config(), "render") + extra
+  assert sizes.flops_per_token(c, "render") == pytest.approx(
+      sizes.flops_per_token(tiny_config(), "render") + 6 * extra / c.data.concept_len)
+  c.model.encoder_pooling = "max"
+  with pytest.raises(config_lib.ConfigError, match="model.encoder_pooling='max'"):
+    config_lib.validate(c)
 
 
 def test_renderer_reads_z_and_previous_concept():

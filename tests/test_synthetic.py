@@ -120,6 +120,18 @@ def test_state_changes_are_tracked():
   assert scores["consistent"] == pytest.approx(6 / 7)
 
 
+def test_verdicts_name_each_sentence_kind_and_judge_it_in_order():
+  continuation = ("Mara moved from Oslo to Oslo. Mara moved from Oslo to Lima. "
+                  "In Oslo, Mara took a walk. Lives Oslo in the. Now Mara has four apples.")
+  assert synthetic.sentence_verdicts(PROMPT, continuation) == [
+      ("move", False),  # Changes nothing.
+      ("move", True),
+      ("city_ref", False),  # Stale: she has just left Oslo.
+      (None, False),  # No template.
+      ("count_ref", True)]
+  assert synthetic.sentence_verdicts(PROMPT, "") == []
+
+
 def test_new_entities_are_consistent():
   scores = synthetic.check_continuation(
       PROMPT, "Tovin lives in Rome. Tovin has a pet goat. The key is in the study.")

@@ -292,6 +292,17 @@ def track_state(text: str) -> State:
   return state
 
 
+def sentence_verdicts(prompt: str, continuation: str) -> list[tuple[str | None, bool]]:
+  """(fact kind, consistent) of each continuation sentence, in order; kind None if no
+  template parses it. Consistency is judged against the prompt and the sentences before."""
+  state = track_state(prompt)
+  verdicts = []
+  for sentence in split_sentences(continuation):
+    fact = parse_sentence(sentence)
+    verdicts.append((None, False) if fact is None else (fact.kind, state.apply(fact)))
+  return verdicts
+
+
 def check_continuation(prompt: str, continuation: str) -> dict:
   """Scores a continuation against the facts of its prompt.
 
@@ -301,19 +312,11 @@ def check_continuation(prompt: str, continuation: str) -> dict:
   continuation has nothing coherent in it: num_sentences 0 and both rates 0.0,
   so a model cannot score well by stopping at once.
   """
-  state = track_state(prompt)
-  sentences = split_sentences(continuation)
-  well_formed = consistent = 0
-  for sentence in sentences:
-    fact = parse_sentence(sentence)
-    if fact is None:
-      continue
-    well_formed += 1
-    consistent += state.apply(fact)
-  n = len(sentences)
+  verdicts = sentence_verdicts(prompt, continuation)
+  n = len(verdicts)
   return {
-      "well_formed": well_formed / n if n else 0.0,
-      "consistent": consistent / n if n else 0.0,
+      "well_formed": sum(kind is not None for kind, _ in verdicts) / n if n else 0.0,
+      "consistent": sum(ok for _, ok in verdicts) / n if n else 0.0,
       "num_sentences": n,
   }
 

@@ -40,6 +40,7 @@ class ModelConfig:
   attention: str = "xla"
   rope_max_wavelength: float = 10_000.0
   prev_concept: bool = False
+  encoder_pooling: str = "mean"
 
   @classmethod
   def from_config(cls, config, vocab_size: int | None = None) -> "ModelConfig":
@@ -54,7 +55,9 @@ class ModelConfig:
         diff_head_layers=m.diff_head_layers, diff_head_dim=m.diff_head_dim,
         baseline_layers=m.baseline_layers, dtype=m.dtype, scan_layers=bool(m.scan_layers),
         remat=m.remat, attention=m.attention, rope_max_wavelength=float(m.rope_max_wavelength),
-        prev_concept=bool(config.render.prev_concept))
+        prev_concept=bool(config.render.prev_concept),
+        # .get: configs saved before the field pooled by the mean.
+        encoder_pooling=m.get("encoder_pooling", "mean"))
 
   @property
   def compute_dtype(self):

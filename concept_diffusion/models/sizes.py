@@ -49,11 +49,16 @@ def _head_biases(c: ModelConfig) -> int:
   return 4 * w + c.diff_head_layers * 5 * w + 2 * w + c.concept_dim
 
 
+def _slot_readout(c: ModelConfig) -> int:
+  """The encoder's per-position readout (encoder_pooling="slots"): L x E x D weights."""
+  return c.concept_len * c.embed_dim * c.concept_dim if c.encoder_pooling == "slots" else 0
+
+
 def component_params(c: ModelConfig) -> dict[str, int]:
   """Exact parameter count of each model."""
   v, e, d, l = c.vocab_size, c.embed_dim, c.concept_dim, c.concept_len
   return {
-      "encoder": v * e + _stack_params(c, c.encoder_layers) + e * d,
+      "encoder": v * e + _stack_params(c, c.encoder_layers) + e * d + _slot_readout(c),
       "renderer": (v * e + d * l * e * (1 + c.prev_concept) + _stack_params(c, c.renderer_layers)
                    + e * v),
       "concept_model": (d * e + _stack_params(c, c.concept_layers) + e + _head_matmuls(c)
@@ -93,7 +98,7 @@ def flops_per_token(config, stage: str, vocab_size: int | None = None,
   hk, e, d, l = c.num_heads * c.head_dim, c.embed_dim, c.concept_dim, c.concept_len
   if stage == "render":
     matmuls = (_layer_matmuls(c) * (c.encoder_layers + c.renderer_layers) + e * d / l
-               + d * e * (1 + c.prev_concept) + e * c.vocab_size)
+               + _slot_readout(c) / l + d * e * (1 + c.prev_concept) + e * c.vocab_size)
     attention = (c.encoder_layers + c.renderer_layers) * hk * l
   elif stage == "concepts":
     matmuls = d * e + _layer_matmuls(c) * c.concept_layers + _head_matmuls(c)
@@ -111,6 +116,7 @@ def flops_per_token(config, stage: str, vocab_size: int | None = None,
 def encoder_forward_flops_per_token(config, vocab_size: int | None = None) -> float:
   """Forward-only FLOPs per chunk token of the concept encoder (the concepts stage's frozen E)."""
   c = _cfg(config, vocab_size)
-  matmuls = _layer_matmuls(c) * c.encoder_layers + c.embed_dim * c.concept_dim / c.concept_len
+  matmuls = (_layer_matmuls(c) * c.encoder_layers + c.embed_dim * c.concept_dim / c.concept_len
+             + _slot_readout(c) / c.concept_len)
   attention = c.encoder_layers * c.num_heads * c.head_dim * c.concept_len
   return 2.0 * matmuls + 4.0 * attention
