@@ -56,7 +56,8 @@ def get_config(preset="tiny"):
     # 0.834 over two seeds). 6,400 examples over 6,401 steps gave 0.648 / 0.857 / 7.1.
     # With the render preset's slots pooling (its readout costs 47 steps' FLOPs), 5,990
     # steps keep the pipeline at 0.0415 PFLOPs: consistent 0.743 over three seeds (0.731 /
-    # 0.745 / 0.753) against 0.656 with mean pooling and 6,037 steps, measured beside it.
+    # 0.745 / 0.753) against 0.656 with mean pooling and 6,037 steps, measured beside it;
+    # 0.763 with the render stage's z noise at 1.5 (README "Results").
     c.concepts.cache_examples = 12_800
     c.train.num_steps = 5990
     # Measured: sampling the head's own distribution (temperature 1.0, the training
