@@ -53,6 +53,9 @@ def main(argv):
                  for d in compare}
     elif _WORKDIR.value:
       results = {_WORKDIR.value: evaluation.evaluate(_WORKDIR.value, **kwargs)}
+      if _BY_KIND.value:
+        by_kind = evaluation.kinds(_WORKDIR.value, num_prompts=_NUM_PROMPTS.value,
+                                   max_tokens=_MAX_TOKENS.value, seed=_SEED.value)
     else:
       raise app.UsageError("give --workdir=DIR or --compare DIR1 DIR2 ...")
   except (generate.GenerateError, checkpoint.CheckpointError, DataError,
@@ -62,10 +65,8 @@ def main(argv):
   print(evaluation.format_table(results), flush=True)
   if len(results) == 1:
     print(json.dumps(next(iter(results.values())), sort_keys=True), flush=True)
-  if _BY_KIND.value and _WORKDIR.value and not compare:
+  if _BY_KIND.value and not compare:
     from concept_diffusion import experiment
-    by_kind = evaluation.kinds(_WORKDIR.value, num_prompts=_NUM_PROMPTS.value,
-                               max_tokens=_MAX_TOKENS.value, seed=_SEED.value)
     print(experiment.kind_table({"rows": {_WORKDIR.value: by_kind}}), flush=True)
 
 

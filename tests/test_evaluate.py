@@ -219,6 +219,18 @@ def test_compare_cli_prints_one_table_of_every_run(tiny_render_run, tiny_ar_run,
   assert any(l.startswith("| bits_per_token") and "3.25" in l and "| -" in l for l in lines)
 
 
+def test_by_kind_cli_prints_the_kind_table_and_refuses_an_ar_run(tiny_render_run, tiny_ar_run):
+  base = [sys.executable, "-m", "concept_diffusion.evaluate", "--num_prompts=4",
+          "--max_batches=1", "--batch_size=8", "--max_tokens=16", "--by_kind"]
+  ok = subprocess.run(base + [f"--workdir={tiny_render_run}"], cwd=ROOT, env=subprocess_env(1),
+                      capture_output=True, text=True, timeout=300)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert any(l.startswith(f"| {tiny_render_run} (round trip) |") for l in ok.stdout.splitlines())
+  bad = subprocess.run(base + [f"--workdir={tiny_ar_run}"], cwd=ROOT, env=subprocess_env(1),
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1 and "render and concepts runs" in bad.stderr
+
+
 def test_format_table_orders_known_metrics_first():
   table = evaluation.format_table({"a": {"zeta": 1.0, "gen_ppl": 12.0}, "b": {"gen_ppl": 9.5}})
   rows = table.splitlines()
