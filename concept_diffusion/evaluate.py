@@ -52,10 +52,9 @@ def main(argv):
       results = {d: evaluation.read_or_evaluate(d, recompute=_RECOMPUTE.value, **kwargs)
                  for d in compare}
     elif _WORKDIR.value:
-      results = {_WORKDIR.value: evaluation.evaluate(_WORKDIR.value, **kwargs)}
-      if _BY_KIND.value:
-        by_kind = evaluation.kinds(_WORKDIR.value, num_prompts=_NUM_PROMPTS.value,
-                                   max_tokens=_MAX_TOKENS.value, seed=_SEED.value)
+      metrics = evaluation.evaluate(_WORKDIR.value, by_kind=_BY_KIND.value, **kwargs)
+      kinds = {k: metrics.pop(k) for k in ("roundtrip_by_kind", "by_kind") if k in metrics}
+      results = {_WORKDIR.value: metrics}
     else:
       raise app.UsageError("give --workdir=DIR or --compare DIR1 DIR2 ...")
   except (generate.GenerateError, checkpoint.CheckpointError, DataError,
@@ -67,7 +66,7 @@ def main(argv):
     print(json.dumps(next(iter(results.values())), sort_keys=True), flush=True)
   if _BY_KIND.value and not compare:
     from concept_diffusion import experiment
-    print(experiment.kind_table({"rows": {_WORKDIR.value: by_kind}}), flush=True)
+    print(experiment.kind_table({"rows": {_WORKDIR.value: kinds}}), flush=True)
 
 
 if __name__ == "__main__":

@@ -403,12 +403,24 @@ def roundtrip_coherence(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]]
 def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str | None = None,
              num_prompts: int = 64, max_batches: int = 8, batch_size: int = 32,
              max_tokens: int = 64, seed: int = 0, write: bool = True, gen=None,
-             judge=None, **gen_kwargs) -> dict:
-  """All metrics of one run (see the module docstring); writes WORKDIR/eval.json."""
+             judge=None, by_kind: bool = False, **gen_kwargs) -> dict:
+  """All metrics of one run (see the module docstring); writes WORKDIR/eval.json.
+
+  by_kind (built-in corpus, render and concepts runs): the result also holds
+  roundtrip_by_kind and, for concepts runs, by_kind (coherence_by_kind of the same
+  rendered truths and samples the metrics score); they are not flat numbers and are
+  not written to eval.json.
+  """
   gen = gen or gen_lib.load(workdir)
   if judge is None and judge_workdir:
     judge = gen_lib.load(judge_workdir, mesh=gen.mesh)
   config = eval_config(gen, overrides)
+  if by_kind and gen.kind not in ("render", "concepts"):
+    raise gen_lib.GenerateError(f"{workdir} is an {gen.kind} run: per-kind consistency is "
+                                "measured for render and concepts runs")
+  if by_kind and config.data.source != "synthetic":
+    raise gen_lib.GenerateError(f"{workdir} was trained on {config.data.source}: sentence "
+                                "kinds exist on the built-in corpus (data.source=synthetic)")
   key = jax.random.key(seed)
   b = gen_lib.padded_batch_size(gen, batch_size)
   view = "concepts" if gen.kind in ("render", "concepts") else "flat"
@@ -421,39 +433,23 @@ def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str 
     metrics = flat_bits(gen, batches, key)
   synthetic_data = config.data.source == "synthetic"
   pairs = eval_prompts(config, num_prompts) if num_prompts > 0 else []
+  kinds = {}
   if pairs and synthetic_data and gen.kind in ("render", "concepts"):
-    metrics.update(roundtrip_coherence(gen, pairs, max_tokens=max_tokens))
+    metrics.update(roundtrip_coherence(gen, pairs, max_tokens=max_tokens, by_kind=by_kind))
+    if by_kind:
+      kinds["roundtrip_by_kind"] = metrics.pop("roundtrip_by_kind")
   if pairs and gen.kind != "render":
-    gen_out, _ = generation_metrics(gen, pairs, judge=judge, synthetic_data=synthetic_data,
-                                    max_tokens=max_tokens, seed=seed, **gen_kwargs)
+    gen_out, samples = generation_metrics(gen, pairs, judge=judge,
+                                          synthetic_data=synthetic_data,
+                                          max_tokens=max_tokens, seed=seed, **gen_kwargs)
     metrics.update(gen_out)
+    if by_kind:
+      kinds["by_kind"] = coherence_by_kind([p for p, _ in pairs], [x.text for x in samples])
   metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
   if write:
     with open(os.path.join(workdir, EVAL_FILE), "w") as f:
       json.dump(metrics, f, indent=2, sort_keys=True)
-  return metrics
-
-
-def kinds(workdir: str, *, num_prompts: int = 64, max_tokens: int = 64, seed: int = 0,
-          **gen_kwargs) -> dict:
-  """Built-in corpus, consistency per sentence kind (coherence_by_kind) of a render or
-  concepts run: roundtrip_by_kind, and for concepts runs by_kind of its generations."""
-  gen = gen_lib.load(workdir)
-  if gen.kind not in ("render", "concepts"):
-    raise gen_lib.GenerateError(f"{workdir} is an {gen.kind} run: per-kind consistency is "
-                                "measured for render and concepts runs")
-  config = eval_config(gen)
-  if config.data.source != "synthetic":
-    raise gen_lib.GenerateError(f"{workdir} was trained on {config.data.source}: sentence "
-                                "kinds exist on the built-in corpus (data.source=synthetic)")
-  pairs = eval_prompts(config, num_prompts)
-  out = {"roundtrip_by_kind": roundtrip_coherence(gen, pairs, max_tokens=max_tokens,
-                                                  by_kind=True)["roundtrip_by_kind"]}
-  if gen.kind == "concepts":
-    samples = gen_lib.generate(gen, [p for p, _ in pairs], max_tokens=max_tokens, seed=seed,
-                               num_concepts=concept_budget(gen, max_tokens), **gen_kwargs)
-    out["by_kind"] = coherence_by_kind([p for p, _ in pairs], [s.text for s in samples])
-  return out
+  return {**metrics, **kinds}
 
 
 def load_metrics(workdir: str) -> list[dict]:

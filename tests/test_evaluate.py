@@ -182,16 +182,19 @@ def test_evaluate_concepts_run_with_judge(tiny_concepts_run, tiny_ar_run):
 
 def test_consistency_by_kind_of_render_and_concepts_runs(tiny_render_run, tiny_concepts_run,
                                                          tiny_ar_run):
-  render = evaluation.kinds(tiny_render_run, num_prompts=4, max_tokens=16)
-  concepts = evaluation.kinds(tiny_concepts_run, num_prompts=4, max_tokens=16)
-  assert set(render) == {"roundtrip_by_kind"}
-  assert set(concepts) == {"roundtrip_by_kind", "by_kind"}
+  kw = dict(num_prompts=4, max_batches=1, batch_size=8, max_tokens=16, write=False,
+            by_kind=True)
+  render = evaluation.evaluate(tiny_render_run, **kw)
+  concepts = evaluation.evaluate(tiny_concepts_run, **kw)
+  assert {"roundtrip_by_kind"} == {k for k, v in render.items() if isinstance(v, dict)}
+  assert {"roundtrip_by_kind", "by_kind"} == {
+      k for k, v in concepts.items() if isinstance(v, dict)}
   for by_kind in (render["roundtrip_by_kind"], concepts["roundtrip_by_kind"],
                   concepts["by_kind"]):
     assert all(0 <= c["consistent"] <= 1 for c in by_kind.values())
   assert sum(c["sentences"] for c in render["roundtrip_by_kind"].values()) > 0
   with pytest.raises(generate.GenerateError, match="render and concepts runs"):
-    evaluation.kinds(tiny_ar_run)
+    evaluation.evaluate(tiny_ar_run, **kw)
 
 
 @pytest.mark.parametrize("run", ["tiny_ar_run", "tiny_mdm_run"])
