@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   # How the encoder pools a chunk's token states into z: mean | slots (the mean plus a
   # per-position readout, so z says which word stood where; see models/encoder.py).
   c.model.encoder_pooling = "mean"
+  # Concepts stage: the diffusion head also cross-attends to the context's concepts, with
+  # queries from the noisy concept (concept_model.ContextRead).
+  c.model.head_reads_context = False
   c.model.concept_layers = 2  # Concept model (causal contextualiser) depth.
   c.model.diff_head_layers = 2  # Residual blocks of the concept diffusion head.
   c.model.diff_head_dim = 256  # Width of the concept diffusion head.
@@ -204,6 +207,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     one_allowed = field in ("render.full_mask_prob", "render.generated_prob")
     if not (0.0 <= value <= 1.0 if one_allowed else 0.0 <= value < 1.0):
       raise ConfigError(f"{field}={value!r} must lie in [0, 1]")
+  # .get: configs saved before the field.
+  if (config.model.get("head_reads_context", False)
+      and config.model.diff_head_dim % config.model.num_heads):
+    raise ConfigError(f"model.num_heads={config.model.num_heads} must divide "
+                      f"model.diff_head_dim={config.model.diff_head_dim} "
+                      "(model.head_reads_context splits the head's width into heads)")
   if config.model.num_heads % config.model.num_kv_heads:
     raise ConfigError(f"model.num_kv_heads={config.model.num_kv_heads} must divide "
                       f"model.num_heads={config.model.num_heads}")

@@ -252,9 +252,10 @@ def concept_metrics(gen: gen_lib.Generator, batches, key, *, steps: int | None =
     seg_BxN = batch["segment_ids"]
     h_BxNxE = cm.apply({"params": params["concept_model"]}, z_BxNxD, seg_BxN,
                        method=ConceptModel.context)
+    variables = {"params": params["concept_model"]}
     pred_BxNxD = concept_model.sample_from_context(
-        cm, {"params": params["concept_model"]}, h_BxNxE, key, objective=c.objective,
-        steps=steps, guidance=guidance, noise_scale=temperature)
+        cm, variables, h_BxNxE, key, objective=c.objective, steps=steps, guidance=guidance,
+        noise_scale=temperature, memory=cm.apply(variables, z_BxNxD, seg_BxN, method=cm.memory))
     target_BxNxD, valid_BxN = continuous.next_concept_targets(z_BxNxD, batch["concept_mask"],
                                                               seg_BxN)
     return pred_BxNxD, target_BxNxD, valid_BxN, z_BxNxD

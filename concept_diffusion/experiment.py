@@ -105,7 +105,10 @@ class Settings:
   # The ar baseline also trained from these seeds (train.seed and data.seed; rows
   # ar_seedS), so the baseline's spread between runs is measured as a row's is.
   ar_seeds: tuple = ()
-  baselines: tuple = ("ar", "mdm")  # Flat baselines trained and shown (the judge always is).
+  baselines: tuple = ("ar", "mdm")  # Flat baselines trained and shown.
+  # Train the judge and score gen-PPL. False: every other column, without the ~22 CPU
+  # minutes of the judge's run (rows so made are evaluated again once it is on).
+  judge: bool = True
   seed: int = 0
   # Every run checkpoints this often (and at its end), so a killed grid resumes mid-run.
   checkpoint_every: int = 500
@@ -361,7 +364,7 @@ def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dic
 
 def _evaluate_flat(workdir: str, judge, settings: Settings, **gen_kwargs) -> dict:
   from concept_diffusion import evaluation, generate
-  gen = generate.load(workdir, mesh=judge.mesh)
+  gen = generate.load(workdir, mesh=judge.mesh if judge else None)
   pairs = evaluation.eval_prompts(evaluation.eval_config(gen), settings.num_prompts)
   out, samples = evaluation.generation_metrics(
       gen, pairs, judge=judge, synthetic_data=settings.source == "synthetic",
@@ -370,13 +373,15 @@ def _evaluate_flat(workdir: str, judge, settings: Settings, **gen_kwargs) -> dic
   return out
 
 
-def _evaluate_reference(judge, settings: Settings) -> dict:
-  """The held-out continuations themselves, scored like generated ones."""
-  from concept_diffusion import evaluation
-  pairs = evaluation.eval_prompts(evaluation.eval_config(judge), settings.num_prompts)
+def _evaluate_reference(judge, settings: Settings, ar_workdir: str) -> dict:
+  """The held-out continuations themselves, scored like generated ones (gen-PPL only
+  with a judge; else tokenized as the ar run at `ar_workdir` reads them)."""
+  from concept_diffusion import evaluation, generate
+  gen = judge or generate.load(ar_workdir)
+  pairs = evaluation.eval_prompts(evaluation.eval_config(gen), settings.num_prompts)
   prompts, truth = [p for p, _ in pairs], [c for _, c in pairs]
-  out = {"gen_ppl": evaluation.judge_perplexity(judge, prompts, truth)}
-  ids = [judge.tokenizer.encode(c) for c in truth]
+  out = {"gen_ppl": evaluation.judge_perplexity(judge, prompts, truth)} if judge else {}
+  ids = [gen.tokenizer.encode(c) for c in truth]
   out["unigram_entropy"] = evaluation.mean_unigram_entropy(ids)
   if settings.source == "synthetic":
     out.update(evaluation.coherence_scores(prompts, truth))
@@ -430,7 +435,7 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
   def add_row(name, axis, spec, runs, compute):
     # The file name hashes all that defines the row, the saved configs of the runs it
     # reads included: a changed row, or one whose run was retrained, is evaluated anew.
-    runs = [*runs, baselines["judge"][0]]
+    runs = [*runs, baselines["judge"][0]] if settings.judge else list(runs)
     shared = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ROW_FREE}
     spec = (name, axis, spec, shared, runs, [_saved(r) for r in runs])
     path = os.path.join(workdir, "results", f"{name}-{_run_name('row', *spec)}.json")
@@ -443,7 +448,8 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
   result["budget_pflops"] = budget / 1e15
   baselines = {}
   # name -> (run kind, preset, seed overrides), in training (and row) order.
-  specs = {"judge": ("judge", settings.ar_preset, {"train.seed": settings.judge_seed})}
+  specs = {"judge": ("judge", settings.ar_preset, {"train.seed": settings.judge_seed})
+           } if settings.judge else {}
   presets = {"ar": settings.ar_preset, "mdm": settings.mdm_preset}
   specs.update({name: (name, presets[name], {"train.seed": settings.seed})
                 for name in settings.baselines})
@@ -460,7 +466,7 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
     train_once(config, run_dir)
     baselines[name] = (run_dir, config)
 
-  judge = generate.load(baselines["judge"][0])
+  judge = generate.load(baselines["judge"][0]) if settings.judge else None
   for i, (v, plan) in enumerate(zip(grid, plans)):
     if i:
       if v.equal_flops:  # Its steps depend on its render run's config: train that first.
@@ -487,8 +493,10 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
         add_row(f"ar_temp{temp}", "baseline, sampling", {"temperature": temp}, [run_dir],
                 lambda: {**_evaluate_flat(run_dir, judge, settings, temperature=temp),
                          "train_pflops": training_flops(config, vocab) / 1e15})
-  add_row("reference", "held-out text itself", None, [],
-          lambda: _evaluate_reference(judge, settings))
+  ref = baselines.get("judge") or baselines.get("ar")  # Its tokenizer counts the text.
+  if ref:
+    add_row("reference", "held-out text itself", None, [],
+            lambda: _evaluate_reference(judge, settings, ref[0]))
   return result
 
 

@@ -311,9 +311,14 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
     h_Bx1xE = jnp.take_along_axis(h_BxMxE, last_Bx1[..., None], axis=1)
     k_sample, k_snap = jax.random.split(jax.random.fold_in(key, i))
     c = num_candidates  # Candidate-major rows: example j's candidates are rows j*C..j*C+C-1.
+    memory = None
+    if model.cfg.head_reads_context:  # The head reads the written concepts 0..last.
+      memory = (buf_BxMxD, (seg_BxM > 0)[:, None, :], last_Bx1,
+                jnp.broadcast_to(pos_M, seg_BxM.shape))
     z_BCx1xD = concept_model.sample_from_context(
         model, {"params": params}, jnp.repeat(h_Bx1xE, c, axis=0), k_sample,
-        objective=objective, steps=steps, guidance=guidance, noise_scale=noise_scale)
+        objective=objective, steps=steps, guidance=guidance, noise_scale=noise_scale,
+        memory=concept_model.repeat_memory(memory, c))
     z_ctx_BCx1xD, outs = z_BCx1xD, []
     if snap is not None:
       prev_Bx1xD = jnp.take_along_axis(buf_BxMxD, last_Bx1[..., None], axis=1)

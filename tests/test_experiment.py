@@ -90,6 +90,32 @@ def test_ar_is_also_sampled_at_a_lower_temperature(grid_run, monkeypatch):
     experiment.run_grid(GRID[:1], workdir, dataclasses.replace(_settings(), baselines=("gpt",)))
 
 
+def test_a_grid_without_the_judge_scores_all_but_gen_ppl(grid_run, monkeypatch):
+  workdir, first = grid_run
+  from concept_diffusion import generate
+  loaded, trained = [], []
+  load, train_once = generate.load, experiment.train_once
+  monkeypatch.setattr(generate, "load", lambda w, **k: loaded.append(w) or load(w, **k))
+  monkeypatch.setattr(experiment, "train_once", lambda c, w: trained.append(w) or train_once(c, w))
+  result = experiment.run_grid(GRID[:1], workdir, dataclasses.replace(
+      _settings(), judge=False, baselines=("ar",)))
+  assert list(result["rows"]) == ["default", "ar", "ar_temp0.5", "reference"]
+  assert not any(os.path.basename(w).startswith("judge-") for w in loaded + trained)
+  for name, row in result["rows"].items():
+    assert "gen_ppl" not in row, name
+  # Evaluated anew (a row's file names its judge), to the same figures but gen-PPL (and
+  # the wall clock's timings).
+  drop = lambda row: {k: v for k, v in row.items() if k not in ("gen_ppl", "gen_tokens_per_sec",
+                                                               "gen_latency_s")}
+  for name in ("default", "ar"):
+    assert drop(first["rows"][name]) == drop(result["rows"][name]), name
+  assert result["rows"]["reference"]["coherence_consistent"] == 1.0
+  # Neither a judge nor an ar run: no tokenizer to score the reference in, so no row.
+  alone = experiment.run_grid(GRID[:1], workdir, dataclasses.replace(
+      _settings(), judge=False, baselines=()))
+  assert list(alone["rows"]) == ["default"]
+
+
 def test_baselines_get_the_default_pipelines_flops(grid_run):
   _, result = grid_run
   budget = result["budget_pflops"]

@@ -1,8 +1,10 @@
 """Generation: the sample CLI, stopping at end-of-document, restore onto another device count."""
 
+import dataclasses
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from concept_diffusion import generate
 from concept_diffusion.data import segment
 from concept_diffusion.data.tokenizer import BOS_ID, EOD_ID, MASK_ID, PAD_ID
+from concept_diffusion.models import concept_model
 from concept_diffusion.train import checkpoint
 
 from conftest import ROOT, subprocess_env
@@ -112,6 +115,42 @@ def test_reencode_feeds_the_encoders_concept_of_each_rendered_chunk(concepts_gen
   assert extras == ()
   np.testing.assert_allclose(raw_BxNxD[:, 0], z_BxNxD[:, 0], atol=1e-5)
   assert float(jnp.max(jnp.abs(raw_BxNxD[:, 1] - z_BxNxD[:, 1]))) > 1e-3
+
+
+def test_loop_gives_a_reading_head_the_memory_training_gives_it(concepts_gen):
+  gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
+  mods = generate.build_modules(gen)
+  cm = concept_model.ConceptModel(dataclasses.replace(mods["concept_model"].cfg,
+                                                 head_reads_context=True))
+  encode = lambda c: mods["encoder"].apply({"params": gen.params["encoder"]}, c, c != PAD_ID)
+  chunks_BxNxL, counts_B = generate.prompt_chunks(gen, PROMPTS)
+  chunks_BxNxL = np.pad(chunks_BxNxL, ((0, 0), (0, 2), (0, 0)), constant_values=PAD_ID)
+  z_BxNxD = encode(chunks_BxNxL)
+  seg_BxN = (np.arange(z_BxNxD.shape[1]) < counts_B[:, None]).astype(np.int32)
+  params = nn.unbox(cm.init(jax.random.key(0), z_BxNxD, seg_BxN, z_BxNxD, seg_BxN * 0.5))
+  read = params["params"]["diffusion_head"]["context_read"]
+  read["out"]["kernel"] = jax.random.normal(jax.random.key(1), read["out"]["kernel"].shape)
+  kw = dict(objective="flow", steps=4, guidance=1.0)
+  # Noise scale 0: deterministic, so the loop's samples can be recomputed teacher-forced.
+  new_BxNxD, _, _ = generate.concept_loop(
+      cm, params["params"], z_BxNxD, counts_B, jnp.zeros(z_BxNxD.shape[-1]), jax.random.key(2),
+      num_new=2, noise_scale=0.0, end_cosine=2.0, **kw)
+  rows = np.arange(len(PROMPTS))
+  for i in range(2):
+    full_BxNxD = z_BxNxD.at[rows, counts_B].set(new_BxNxD[:, 0])
+    seg = (np.arange(z_BxNxD.shape[1]) < (counts_B + i)[:, None]).astype(np.int32)
+    h_BxNxE = cm.apply(params, full_BxNxD, seg, method=cm.context)
+    pred_BxNxD = concept_model.sample_from_context(
+        cm, params, h_BxNxE, jax.random.key(3), noise_scale=0.0,
+        memory=cm.apply(params, full_BxNxD, seg, method=cm.memory), **kw)
+    np.testing.assert_allclose(pred_BxNxD[rows, counts_B + i - 1], new_BxNxD[:, i], atol=1e-4)
+  # Without its memory (as a null context reads) the head samples otherwise: it reads.
+  h_BxNxE = cm.apply(params, z_BxNxD, seg_BxN, method=cm.context)
+  memory = cm.apply(params, z_BxNxD, seg_BxN, method=cm.memory)
+  blind_BxNxD = concept_model.sample_from_context(
+      cm, params, h_BxNxE, jax.random.key(3), noise_scale=0.0,
+      memory=concept_model.null_memory(memory), **kw)
+  assert float(jnp.abs(blind_BxNxD[rows, counts_B - 1] - new_BxNxD[:, 0]).max()) > 1e-3
 
 
 def test_reencode_generation_is_bounded_and_reproducible(concepts_gen):

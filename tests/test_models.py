@@ -50,7 +50,8 @@ def test_every_param_has_logical_axis_names(scan):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"num_kv_heads": 1, "scan_layers": True},
-                                       {"prev_concept": True}, {"encoder_pooling": "slots"}])
+                                       {"prev_concept": True}, {"encoder_pooling": "slots"},
+                                       {"head_reads_context": True}])
 def test_param_count_matches_real_tree(overrides):
   c = tiny_config(**{k: v for k, v in overrides.items() if k != "prev_concept"})
   c.render.prev_concept = overrides.get("prev_concept", False)
@@ -202,6 +203,41 @@ def test_renderer_reads_z_and_previous_concept():
   assert float(jnp.abs(a[0, 0, 0] - a[0, 0, 1]).max()) > 1e-3  # Slots differ per position.
 
 
+def test_head_reads_its_own_documents_past_concepts_only():
+  cfg = layers.ModelConfig.from_config(tiny_config(head_reads_context=True))
+  cm = ConceptModel(cfg)
+  z = jax.random.normal(jax.random.key(1), (1, 5, 16))
+  seg = jnp.array([[1, 1, 1, 2, 2]])
+  params = jax.jit(cm.init)(jax.random.key(0), z, seg, z, jnp.zeros((1, 5)))
+  params = nn.unbox(params)
+  read = params["params"]["diffusion_head"]["context_read"]
+  assert float(jnp.abs(read["out"]["kernel"]).max()) == 0.0  # Zero-initialised: reads nothing.
+  read["out"]["kernel"] = jax.random.normal(jax.random.key(3), read["out"]["kernel"].shape)
+  h = cm.apply(params, z, seg, method=cm.context)
+  zt, t = jax.random.normal(jax.random.key(2), z.shape), jnp.full((1, 5), 0.4)
+  head = jax.jit(lambda mem_z, mask=None: cm.apply(
+      params, zt, t, h, (mem_z, *cm.apply(params, z, seg, method=cm.memory)[1:])
+      if mask is None else (mem_z, mask, *cm.apply(params, z, seg, method=cm.memory)[2:]),
+      method=cm.head))
+  out = head(z)
+  changed = head(z.at[:, 2].set(5.0))  # Concept 2 of document 1.
+  np.testing.assert_allclose(out[:, :2], changed[:, :2], atol=1e-5)  # Not read before it.
+  np.testing.assert_allclose(out[:, 3:], changed[:, 3:], atol=1e-5)  # Nor by document 2.
+  assert float(jnp.abs(out[:, 2] - changed[:, 2]).max()) > 1e-3  # Read from position 2 on.
+  # With nothing to read (guidance's null branch) the head is finite and ignores memory.
+  empty = jnp.zeros((1, 5, 5), bool)
+  np.testing.assert_allclose(head(z, empty), head(-z, empty), atol=1e-6)
+  assert bool(jnp.all(jnp.isfinite(head(z, empty))))
+  with pytest.raises(ValueError, match="head_reads_context"):
+    cm.apply(params, zt, t, h, method=cm.head)
+
+
+def test_head_reads_context_is_validated():
+  c = tiny_config(head_reads_context=True, diff_head_dim=30)
+  with pytest.raises(config_lib.ConfigError, match="model.diff_head_dim=30"):
+    config_lib.validate(c)
+
+
 def test_concept_model_is_causal_and_drops_context():
   cfg = layers.ModelConfig.from_config(tiny_config())
   cm = ConceptModel(cfg)
@@ -240,8 +276,9 @@ def test_build_models_per_stage():
     build.build_models(c, stage="nope")
 
 
-def test_concept_objectives_and_guided_sampling_run():
-  cfg = layers.ModelConfig.from_config(tiny_config())
+@pytest.mark.parametrize("reads", [False, True])
+def test_concept_objectives_and_guided_sampling_run(reads):
+  cfg = layers.ModelConfig.from_config(tiny_config(head_reads_context=reads))
   cm = ConceptModel(cfg)
   z = jax.random.normal(jax.random.key(1), (2, 4, 16))
   seg = jnp.array([[1, 1, 2, 2], [1, 1, 1, 0]])

@@ -43,12 +43,71 @@ class HeadBlock(nn.Module):
     return x_BxNxW + gate * h_BxNxW.astype(jnp.float32)
 
 
-class DiffusionHead(nn.Module):
-  """MLP denoiser of one concept: (z_t, t, h) -> velocity / x0 / direct prediction."""
+class ContextRead(nn.Module):
+  """Cross-attention of the head's stream over the context's concepts (head_reads_context).
+
+  Queries come from the noisy concept being denoised, so what is read depends on the
+  sample: once z_t says whose sentence it is, the head can look up that person's
+  concept (an MLP on h alone must carry every fact; README "Results"). Keys and values
+  are the context's concepts themselves, with RoPE on both sides for recency. A fixed
+  zero logit with a zero value lets a query read nothing (and a row with no memory,
+  the null context of guidance, stays finite).
+  """
   cfg: layers.ModelConfig
 
   @nn.compact
-  def __call__(self, zt_BxNxD, t_BxN, h_BxNxE):
+  def __call__(self, x_BxNxW, memory):
+    cfg, w = self.cfg, self.cfg.diff_head_dim
+    mem_BxMxD, mask_BxNxM, qpos_BxN, kpos_BxM = memory
+    h = cfg.num_heads
+    k = w // h
+    q_BxNxHxK = layers.dense((h, k), ("head_mlp", "heads", "kv"), cfg, name="query")(
+        layers.layer_norm(x_BxNxW).astype(cfg.compute_dtype))
+    mem_BxMxD = mem_BxMxD.astype(cfg.compute_dtype)
+    k_BxMxHxK = layers.dense((h, k), ("concept_embed", "heads", "kv"), cfg, name="key")(mem_BxMxD)
+    v_BxMxHxK = layers.dense((h, k), ("concept_embed", "heads", "kv"), cfg, name="value")(mem_BxMxD)
+    q_BxNxHxK = layers.rope(q_BxNxHxK, qpos_BxN, cfg.rope_max_wavelength)
+    k_BxMxHxK = layers.rope(k_BxMxHxK, kpos_BxM, cfg.rope_max_wavelength)
+    logits_BxHxNxM = jnp.einsum("bnhk,bmhk->bhnm", q_BxNxHxK, k_BxMxHxK,
+                                preferred_element_type=jnp.float32) / np.sqrt(k)
+    logits_BxHxNxM = jnp.where(mask_BxNxM[:, None], logits_BxHxNxM, layers.NEG_INF)
+    sink_BxHxNx1 = jnp.zeros((*logits_BxHxNxM.shape[:-1], 1), jnp.float32)
+    probs_BxHxNxM = jax.nn.softmax(jnp.concatenate([logits_BxHxNxM, sink_BxHxNx1], -1),
+                                   axis=-1)[..., :-1]
+    out_BxNxHxK = jnp.einsum("bhnm,bmhk->bnhk", probs_BxHxNxM.astype(v_BxMxHxK.dtype), v_BxMxHxK)
+    out_BxNxW = layers.dense(w, ("heads", "kv", "head_mlp"), cfg, axis=(-2, -1), init=ZEROS,
+                             name="out")(out_BxNxHxK)
+    return x_BxNxW + out_BxNxW.astype(jnp.float32)
+
+
+def context_memory(z_BxNxD, segment_ids_BxN):
+  """The head's memory for every context position n: concepts 0..n of its document."""
+  positions_BxN = layers.segment_positions(segment_ids_BxN)
+  mask_BxNxN = layers.segment_mask(segment_ids_BxN, causal=True) & (segment_ids_BxN > 0)[:, None]
+  return z_BxNxD, mask_BxNxN, positions_BxN, positions_BxN
+
+
+def null_memory(memory):
+  """The memory with nothing to read (the unconditional branch of guidance)."""
+  mem, mask, qpos, kpos = memory
+  return mem, jnp.zeros_like(mask), qpos, kpos
+
+
+def repeat_memory(memory, c: int):
+  """Each example's memory repeated c times along the batch (candidate-major rows)."""
+  return None if memory is None else tuple(jnp.repeat(x, c, axis=0) for x in memory)
+
+
+class DiffusionHead(nn.Module):
+  """MLP denoiser of one concept: (z_t, t, h) -> velocity / x0 / direct prediction.
+
+  With cfg.head_reads_context, a ContextRead after the first block reads `memory`
+  (context_memory: the context's concepts, a mask per position and RoPE positions).
+  """
+  cfg: layers.ModelConfig
+
+  @nn.compact
+  def __call__(self, zt_BxNxD, t_BxN, h_BxNxE, memory=None):
     cfg, w = self.cfg, self.cfg.diff_head_dim
     x_BxNxW = layers.dense(w, ("concept_embed", "head_mlp"), cfg, use_bias=True, name="in_proj")(
         zt_BxNxD.astype(cfg.compute_dtype)).astype(jnp.float32)
@@ -62,8 +121,13 @@ class DiffusionHead(nn.Module):
     # product of zero-initialised modulations at init.
     x_BxNxW = x_BxNxW + c_BxNxW.astype(jnp.float32)
     c_BxNxW = nn.silu(c_BxNxW)
+    if cfg.head_reads_context and memory is None:
+      raise ValueError("model.head_reads_context: the head needs its memory of the context "
+                       "(concept_model.context_memory)")
     for i in range(cfg.diff_head_layers):
       x_BxNxW = HeadBlock(cfg, name=f"block_{i}")(x_BxNxW, c_BxNxW)
+      if i == 0 and cfg.head_reads_context:
+        x_BxNxW = ContextRead(cfg, name="context_read")(x_BxNxW, memory)
     mod_BxNx2xW = layers.dense((2, w), ("head_mlp", None, "mlp"), cfg, use_bias=True, init=ZEROS,
                                name="final_modulation")(c_BxNxW).astype(jnp.float32)
     x_BxNxW = modulate(x_BxNxW, mod_BxNx2xW[..., 0, :], mod_BxNx2xW[..., 1, :])
@@ -92,7 +156,7 @@ class ConceptModel(nn.Module):
 
   def __call__(self, z_BxNxD, segment_ids_BxN, zt_BxNxD, t_BxN, drop_context_BxN=None):
     h_BxNxE = self.context(z_BxNxD, segment_ids_BxN, drop_context_BxN)
-    return self.head(zt_BxNxD, t_BxN, h_BxNxE)
+    return self.head(zt_BxNxD, t_BxN, h_BxNxE, self.memory(z_BxNxD, segment_ids_BxN))
 
   def context(self, z_BxNxD, segment_ids_BxN, drop_context_BxN=None):
     """h_BxNxE; where drop_context is True, h is the learned null context (for CFG)."""
@@ -112,9 +176,13 @@ class ConceptModel(nn.Module):
     """The null context broadcast to shape [..., E] (unconditional branch of CFG)."""
     return jnp.broadcast_to(self.null_context, (*shape, self.cfg.embed_dim))
 
-  def head(self, zt_BxNxD, t_BxN, h_BxNxE):
-    """Denoiser output for noisy concepts zt at times t given contexts h."""
-    return self.diffusion_head(zt_BxNxD, t_BxN, h_BxNxE)
+  def head(self, zt_BxNxD, t_BxN, h_BxNxE, memory=None):
+    """Denoiser output for noisy concepts zt at times t given contexts h (and memory)."""
+    return self.diffusion_head(zt_BxNxD, t_BxN, h_BxNxE, memory)
+
+  def memory(self, z_BxNxD, segment_ids_BxN):
+    """What the head reads beside h: context_memory if cfg.head_reads_context, else None."""
+    return context_memory(z_BxNxD, segment_ids_BxN) if self.cfg.head_reads_context else None
 
 
 class ContrastiveProjection(nn.Module):
@@ -145,13 +213,17 @@ def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN,
   """
   k_drop, k_loss = jax.random.split(key)
   h_BxNxE = model.apply(variables, z_BxNxD, segment_ids_BxN, method=model.context)
+  memory = model.memory(z_BxNxD, segment_ids_BxN)
   head_h_BxNxE = h_BxNxE
   if cfg_dropout > 0:
     drop_BxN = jax.random.bernoulli(k_drop, cfg_dropout, segment_ids_BxN.shape)
     head_h_BxNxE = model.apply(variables, h_BxNxE, drop_BxN, method=model.drop)
+    if memory is not None:  # The null context reads nothing either.
+      memory = (memory[0], memory[1] & ~drop_BxN[..., None], *memory[2:])
   target_BxNxD, mask_BxN = continuous.next_concept_targets(z_BxNxD, concept_mask_BxN,
                                                            segment_ids_BxN)
-  pred_fn = lambda zt, t: model.apply(variables, zt, t, head_h_BxNxE, method=model.head)  # noqa: E731
+  pred_fn = lambda zt, t: model.apply(variables, zt, t, head_h_BxNxE, memory,  # noqa: E731
+                                      method=model.head)
   out = continuous.concept_loss(objective, pred_fn, target_BxNxD, mask_BxN, k_loss,
                                 with_estimate=with_estimate, time_shift=time_shift)
   if context_loss is None:
@@ -162,17 +234,20 @@ def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN,
   return (loss, {**out[1], **extra_metrics, "diffusion_loss": out[0], "loss": loss}, *out[2:])
 
 
-def guided_head(model: ConceptModel, variables, h_BxNxE, guidance: float):
-  """pred_fn(zt, t) of the diffusion head given contexts h, with classifier-free guidance."""
-  head = lambda zt, t, h: model.apply(variables, zt, t, h, method=model.head)  # noqa: E731
+def guided_head(model: ConceptModel, variables, h_BxNxE, guidance: float, memory=None):
+  """pred_fn(zt, t) of the diffusion head given contexts h (and the head's memory, see
+  ConceptModel.memory), with classifier-free guidance."""
+  head = lambda zt, t, h, m: model.apply(variables, zt, t, h, m, method=model.head)  # noqa: E731
   if guidance == 1.0:
-    return lambda zt_BxNxD, t_BxN: head(zt_BxNxD, t_BxN, h_BxNxE)
+    return lambda zt_BxNxD, t_BxN: head(zt_BxNxD, t_BxN, h_BxNxE, memory)
   null_BxNxE = model.apply(variables, h_BxNxE.shape[:-1], method=model.null)
+  both_memory = None if memory is None else tuple(
+      jnp.concatenate([a, b]) for a, b in zip(memory, null_memory(memory)))
 
   def pred_fn(zt_BxNxD, t_BxN):
     # Conditional and unconditional branches in one call (batch doubled).
     both = head(jnp.concatenate([zt_BxNxD, zt_BxNxD]), jnp.concatenate([t_BxN, t_BxN]),
-                jnp.concatenate([h_BxNxE, null_BxNxE]))
+                jnp.concatenate([h_BxNxE, null_BxNxE]), both_memory)
     cond, uncond = jnp.split(both, 2)
     return uncond + guidance * (cond - uncond)
 
@@ -181,11 +256,12 @@ def guided_head(model: ConceptModel, variables, h_BxNxE, guidance: float):
 
 def sample_from_context(model: ConceptModel, variables, h_BxNxE, key, *, objective: str = "flow",
                         steps: int = 16, guidance: float = 1.0, method: str = "euler",
-                        noise_scale: float = 1.0):
-  """A sample of concept n+1 for every context h_n (noise_scale: the sampler's temperature)."""
+                        noise_scale: float = 1.0, memory=None):
+  """A sample of concept n+1 for every context h_n (noise_scale: the sampler's temperature;
+  memory: the head's, ConceptModel.memory, where the model reads its context)."""
   noise_BxNxD = noise_scale * jax.random.normal(key, (*h_BxNxE.shape[:-1],
                                                       model.cfg.concept_dim))
-  return continuous.sample(objective, guided_head(model, variables, h_BxNxE, guidance),
+  return continuous.sample(objective, guided_head(model, variables, h_BxNxE, guidance, memory),
                            noise_BxNxD, steps, method)
 
 
@@ -195,4 +271,6 @@ def sample_next_concepts(model: ConceptModel, variables, z_BxNxD, segment_ids_Bx
   """A sample of concept n+1 for every context position n (use the last real one to extend)."""
   h_BxNxE = model.apply(variables, z_BxNxD, segment_ids_BxN, method=model.context)
   return sample_from_context(model, variables, h_BxNxE, key, objective=objective, steps=steps,
-                             guidance=guidance, method=method)
+                             guidance=guidance, method=method,
+                             memory=model.apply(variables, z_BxNxD, segment_ids_BxN,
+                                                method=model.memory))

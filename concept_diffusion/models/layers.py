@@ -41,6 +41,7 @@ class ModelConfig:
   rope_max_wavelength: float = 10_000.0
   prev_concept: bool = False
   encoder_pooling: str = "mean"
+  head_reads_context: bool = False
 
   @classmethod
   def from_config(cls, config, vocab_size: int | None = None) -> "ModelConfig":
@@ -57,7 +58,8 @@ class ModelConfig:
         remat=m.remat, attention=m.attention, rope_max_wavelength=float(m.rope_max_wavelength),
         prev_concept=bool(config.render.prev_concept),
         # .get: configs saved before the field pooled by the mean.
-        encoder_pooling=m.get("encoder_pooling", "mean"))
+        encoder_pooling=m.get("encoder_pooling", "mean"),
+        head_reads_context=bool(m.get("head_reads_context", False)))
 
   @property
   def compute_dtype(self):

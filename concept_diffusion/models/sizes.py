@@ -41,7 +41,15 @@ def _stack_params(c: ModelConfig, num_layers: int) -> int:
 
 def _head_matmuls(c: ModelConfig) -> int:
   d, e, w = c.concept_dim, c.embed_dim, c.diff_head_dim
-  return d * w + 2 * w * w + e * w + c.diff_head_layers * 5 * w * w + 2 * w * w + w * d
+  return (d * w + 2 * w * w + e * w + c.diff_head_layers * 5 * w * w + 2 * w * w + w * d
+          + _context_read(c))
+
+
+def _context_read(c: ModelConfig) -> int:
+  """The head's cross-attention (head_reads_context): query and output W x W, key and
+  value D x W (once per memory concept, and each concept is one position's memory)."""
+  d, w = c.concept_dim, c.diff_head_dim
+  return 2 * w * w + 2 * d * w if c.head_reads_context else 0
 
 
 def _head_biases(c: ModelConfig) -> int:
@@ -103,6 +111,8 @@ def flops_per_token(config, stage: str, vocab_size: int | None = None,
   elif stage == "concepts":
     matmuls = d * e + _layer_matmuls(c) * c.concept_layers + _head_matmuls(c)
     attention = c.concept_layers * hk * num_concepts
+    if c.head_reads_context:  # The head's read: W-wide q.k and p.v over the context.
+      attention += c.diff_head_dim * num_concepts
     if _contrastive(config):  # Projection of h, then B x N similarities per concept.
       matmuls += e * d + config.train.batch_size * num_concepts * d
   elif stage in ("ar", "mdm"):

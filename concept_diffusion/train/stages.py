@@ -103,9 +103,9 @@ def generated_concepts(cm: concept_model.ConceptModel, variables, z_BxNxD, conce
   of a document has no context: valid is False there (and at padding).
   """
   h_BxNxE = cm.apply(variables, z_BxNxD, segment_ids_BxN, method=cm.context)
-  pred_BxNxD = concept_model.sample_from_context(cm, variables, h_BxNxE, key,
-                                                 objective=objective, steps=steps,
-                                                 guidance=guidance)
+  pred_BxNxD = concept_model.sample_from_context(
+      cm, variables, h_BxNxE, key, objective=objective, steps=steps, guidance=guidance,
+      memory=cm.apply(variables, z_BxNxD, segment_ids_BxN, method=cm.memory))
   _, has_next_BxN = continuous.next_concept_targets(z_BxNxD, concept_mask_BxN, segment_ids_BxN)
   # The prediction made at n is concept n + 1's: shift both one step right.
   zgen_BxNxD = jnp.pad(pred_BxNxD[:, :-1], ((0, 0), (1, 0), (0, 0)))
