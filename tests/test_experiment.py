@@ -285,10 +285,15 @@ def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
   plans = {v.name: (v, experiment.plan_variant(v, str(tmp_path), Settings())) for v in grid.FULL}
   render = {name: (plans[name][1].render[1].model.encoder_pooling,
                    plans[name][1].render[1].render.z_noise)
-            for name in ("default", "v5", "v4", "v1")}
-  assert render == {"default": ("slots", 1.5), "v5": ("slots", 1.0), "v4": ("mean", 1.0),
-                    "v1": ("mean", 1.0)}  # Each earlier default's render stage as measured.
-  assert plans["v4"][1].concepts[1].train.num_steps == 6037
+            for name in ("default", "v6", "v5", "v4", "v1")}
+  # Each earlier default's render stage and concept head, as measured.
+  assert render == {"default": ("slots", 1.5), "v6": ("slots", 1.5), "v5": ("slots", 1.0),
+                    "v4": ("mean", 1.0), "v1": ("mean", 1.0)}
+  heads = {name: (plans[name][1].concepts[1].model.diff_head_layers,
+                  plans[name][1].concepts[1].train.num_steps)
+           for name in ("default", "v6", "v5", "v4", "v3", "v2", "v1")}
+  assert heads == {"default": (6, 3260), "v6": (2, 5990), "v5": (2, 5990), "v4": (2, 6037),
+                   "v3": (2, 5310), "v2": (2, 2400), "v1": (2, 2400)}
   default, v2 = plans["default"][1].concepts[1], plans["v2"][1].concepts[1]
   assert default.concepts.cache_examples > 0 and v2.concepts.cache_examples == 0
   v3 = plans["v3"][1].concepts[1]  # The first cache default, as it was trained.
