@@ -40,6 +40,11 @@ KINDS = ("concepts", "render", "ar", "mdm")
 # Token ids a baseline may never emit (EOD stays allowed: it ends the document).
 _FORBIDDEN_IDS = (PAD_ID, BOS_ID, EOS_ID, MASK_ID)
 _PROMPT_BUCKET = 8  # Prompt lengths are rounded up to this, so few shapes compile.
+# A flat (ar / mdm) call's batch x length^2, the size of one head's attention scores: a
+# call over more is split into calls over consecutive prompts. Every row is padded to
+# the batch's longest prompt, so one long prompt among 128 short ones (a real-text
+# paragraph: 1,607 tokens among a median of 26) would otherwise cost 128 x 1,672^2.
+FLAT_MAX_ATTENTION = 1 << 24
 
 
 class GenerateError(ValueError):
@@ -176,11 +181,16 @@ def prompt_chunks(gen: Generator, prompts: Sequence[str]) -> tuple[np.ndarray, n
   return chunks_BxNxL, counts_B
 
 
+def prompt_rows(gen: Generator, prompts: Sequence[str]) -> list[list[int]]:
+  """BOS + each prompt's tokens as a flat document that goes on (no EOD)."""
+  return [segment.flat_document(segment.tokenize_document(gen.tokenizer, p))[:-1]
+          for p in prompts]
+
+
 def prompt_tokens(gen: Generator, prompts: Sequence[str],
                   extra: int) -> tuple[np.ndarray, np.ndarray]:
   """Flat rows BOS + prompt tokens (left-aligned, room for `extra` more), lengths_B."""
-  rows = [segment.flat_document(segment.tokenize_document(gen.tokenizer, p))[:-1]
-          for p in prompts]  # flat_document ends with EOD: the prompt goes on.
+  rows = prompt_rows(gen, prompts)
   b = padded_batch_size(gen, len(prompts))
   t = _round_up(max(len(r) for r in rows), _PROMPT_BUCKET) + extra
   tokens_BxT = np.full((b, t), PAD_ID, np.int32)
@@ -672,12 +682,35 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
   if gen.kind == "ar":
     if show_steps:
       logging.info("ar runs have no denoising steps to show")
-    return _generate_ar(gen, list(prompts), int(max_tokens), float(temperature), key)
-  if gen.kind == "mdm":
-    return _generate_mdm(gen, list(prompts), int(max_tokens), int(render_steps or max_tokens),
-                         float(temperature), block_size, bool(show_steps), key)
-  raise GenerateError(f"{gen.workdir} is a render run: it can only round-trip text "
-                      "(roundtrip / --roundtrip); generate from a concepts run")
+    run = lambda part, k: _generate_ar(gen, part, int(max_tokens), float(temperature), k)  # noqa: E731
+  elif gen.kind == "mdm":
+    run = lambda part, k: _generate_mdm(  # noqa: E731
+        gen, part, int(max_tokens), int(render_steps or max_tokens), float(temperature),
+        block_size, bool(show_steps), k)
+  else:
+    raise GenerateError(f"{gen.workdir} is a render run: it can only round-trip text "
+                        "(roundtrip / --roundtrip); generate from a concepts run")
+  parts = flat_parts(gen, list(prompts), int(max_tokens))
+  # One part (the usual case) samples with `key` itself: the same samples as before parts.
+  return [x for i, part in enumerate(parts)
+          for x in run(part, key if i == 0 else jax.random.fold_in(key, i))]
+
+
+def flat_parts(gen: Generator, prompts: list[str], extra: int,
+               max_attention: int | None = None) -> list[list[str]]:
+  """Consecutive groups of prompts, each padded batch x length^2 <= max_attention
+  (default FLAT_MAX_ATTENTION; a prompt alone may exceed it: a group of its own)."""
+  max_attention = max_attention or FLAT_MAX_ATTENTION
+  lengths = [len(r) for r in prompt_rows(gen, prompts)]
+  parts, start, longest = [], 0, 0
+  for i, n in enumerate(lengths):
+    longest_i = max(longest, n)
+    t = _round_up(longest_i, _PROMPT_BUCKET) + extra
+    if i > start and padded_batch_size(gen, i + 1 - start) * t * t > max_attention:
+      parts.append(prompts[start:i])
+      start, longest_i = i, n
+    longest = longest_i
+  return parts + [prompts[start:]]
 
 
 def format_samples(samples: Sequence[Sample], show_steps: bool = False) -> str:

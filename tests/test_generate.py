@@ -279,6 +279,29 @@ def test_ar_run_generates_and_stops(tiny_ar_run):
     assert s.ended or len(s.token_ids) == 12
 
 
+def test_a_long_prompt_among_short_ones_gets_a_call_of_its_own(tiny_ar_run, monkeypatch):
+  gen = generate.load(tiny_ar_run)
+  long = " ".join(["Mara lives in Oslo. Mara has a cat."] * 12)
+  prompts = [*PROMPTS, long, *PROMPTS]
+  padded = lambda ps: generate._round_up(max(map(len, generate.prompt_rows(gen, ps))),
+                                         generate._PROMPT_BUCKET) + 12
+  # Room for the short prompts' calls at their own length, not for a long one beside them.
+  cap = len(PROMPTS) * padded(PROMPTS) ** 2
+  assert 2 * padded([long]) ** 2 > cap
+  parts = generate.flat_parts(gen, prompts, 12, max_attention=cap)
+  assert parts == [PROMPTS, [long], PROMPTS]
+  assert generate.flat_parts(gen, prompts, 12) == [prompts]  # Under the default cap.
+  whole = generate.generate(gen, prompts, max_tokens=12, temperature=0.0)
+  monkeypatch.setattr(generate, "FLAT_MAX_ATTENTION", cap)
+  split = generate.generate(gen, prompts, max_tokens=12, temperature=0.0)
+  assert [s.prompt for s in split] == prompts
+  assert [s.text for s in split] == [s.text for s in whole]  # Greedy: the call's shape aside.
+  # One call samples with the seed's key itself, as before calls were split.
+  key_samples = generate._generate_ar(gen, PROMPTS, 12, 1.0, jax.random.key(3))
+  assert [s.text for s in generate.generate(gen, PROMPTS, max_tokens=12, seed=3)] == [
+      s.text for s in key_samples]
+
+
 def test_mdm_run_generates_with_steps(tiny_mdm_run):
   gen = generate.load(tiny_mdm_run)
   samples = generate.generate(gen, PROMPTS[:1], max_tokens=8, render_steps=4, show_steps=True)
