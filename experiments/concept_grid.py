@@ -270,8 +270,22 @@ SHORT_CLEAN = from_v1(Variant("sentence_capped8_z0.1", "granularity + z noise",
 SHORT_CLEAN_LONG = dataclasses.replace(
     SHORT_CLEAN, name="v1_capped8_z0.1_render4x", axis=f"{SHORT_CLEAN.axis}, render steps x4",
     render={**SHORT_CLEAN.render, "train.num_steps": 2400})
+# The current default round-trips documentation sentences 0.26 (slots pooling, z noise
+# 1.5): less noise (0.5 round-trips 0.84 but generates worse), a render run twice as
+# long, or 8-token chunks, each at equal FLOPs (the concepts run pays; render runs of
+# 2,400 steps alone exceed the budget).
+TEXT_RENDER = [
+    *[Variant(f"z_noise{z:g}", "render z noise", render={"render.z_noise": z})
+      for z in (0.5, 1.0)],
+    Variant("render1200_eqflops", "render steps", render={"train.num_steps": 1200},
+            equal_flops=True),
+    Variant("capped8_eqflops", "granularity", render={"data.concept_len": 8,
+                                                      "data.num_concepts": 16},
+            equal_flops=True),
+]
 TEXT = [v for v in FULL if v.name in ("default", "v2", "v1", "v1_temp1.0",
-                                      "v1_z_noise0.1")] + [SHORT_CLEAN, SHORT_CLEAN_LONG]
+                                      "v1_z_noise0.1")] + [SHORT_CLEAN, SHORT_CLEAN_LONG,
+                                                           *TEXT_RENDER]
 GRIDS = {"full": FULL, "text": TEXT}
 
 
