@@ -9,7 +9,7 @@ render preset of the same name (plan.py does, to size the frozen encoder).
 
 Presets (examples x N concepts per step; tokens = concepts x the render run's L):
   tiny   ~2.9M params   32 x 16  =    512 concepts,     8,192 tokens / step; 2 CPU cores
-         (12,800 examples encoded once into a concept cache, then 3,260 steps).
+         (12,800 examples encoded once into a concept cache, then 2,234 steps).
   small  ~133M params  256 x 64  = 16,384 concepts,   262,144 tokens / step; 8 chips.
   base   ~1.08B params 128 x 256 = 32,768 concepts,   524,288 tokens / step; 64 chips, FSDP
          (plan: 3.7 GiB/chip on 64 x tpu-v5p):
@@ -66,9 +66,10 @@ def get_config(preset="tiny"):
     # steps keep the pipeline at 0.0415 PFLOPs: consistent 0.743 over three seeds (0.731 /
     # 0.745 / 0.753) against 0.656 with mean pooling and 6,037 steps, measured beside it;
     # 0.763 with the render stage's z noise at 1.5 (README "Results"). The 6-block head
-    # (above) costs 1.84x a step: 3,260 steps.
+    # (above) costs 1.84x a step: 3,260 steps. The render preset's 1,200 steps (twice
+    # the 600 above; better on real text) leave 2,234.
     c.concepts.cache_examples = 12_800
-    c.train.num_steps = 3260
+    c.train.num_steps = 2234
     # Measured: sampling the head's own distribution (temperature 1.0, the training
     # noise) and integrating it finely (64 Euler steps) is what makes it consistent:
     # 0.562 -> 0.646 on the previous default, where temperature 0.5 had the better

@@ -6,9 +6,9 @@
 
 Each row changes one thing from a default and is trained and evaluated at the tiny
 preset: `default` is the shipped tiny presets (set to the best measured combination);
-`v5`, `v4`, `v3`, `v2` and `v1` are earlier defaults, and `v5_x` ... `v1_x` rows are one
-change from them (measured then, and kept so their tables can be reproduced). The ar
-and mdm rows get the same source and the training FLOPs of the `default` pipeline; so
+`v7`, `v6`, `v5`, `v4`, `v3`, `v2` and `v1` are earlier defaults, and `v7_x` ... `v1_x`
+rows are one change from them (measured then, and kept so their tables can be
+reproduced). The ar and mdm rows get the same source and the training FLOPs of the `default` pipeline; so
 do rows marked equal_flops (their concepts run gets the steps that match). Runs are
 shared and resumed: re-running only does what is missing (a row whose definition
 changed is evaluated again). Output: WORKDIR/results.json, WORKDIR/results.md (the
@@ -30,11 +30,15 @@ from concept_diffusion import experiment
 from concept_diffusion.experiment import Variant
 
 # Earlier defaults, as overrides of today's presets, so their rows still plan what was
-# measured. v6 (the default until the 6-block head): a 2-block head over 5,990 steps.
+# measured. v7 (the default until the 1,200-step render run): 600 render steps, and the
+# concepts run 3,260.
+V7_RENDER = {"train.num_steps": 600}
+V7 = {"train.num_steps": 3260}
+# v6 (the default until the 6-block head): a 2-block head over 5,990 steps.
 HEAD2 = {"model.diff_head_layers": 2}
 V6 = {**HEAD2, "train.num_steps": 5990}
 # v5 (slots pooling under unit z noise):
-V5_RENDER = {"render.z_noise": 1.0}
+V5_RENDER = {**V7_RENDER, "render.z_noise": 1.0}
 # Every earlier one mean-pooled the encoder's token states, under unit z noise.
 MEAN = {"model.encoder_pooling": "mean", **V5_RENDER}
 # v4 (the default until slots pooling): a 12,800-example cache over 6,037 steps.
@@ -57,9 +61,14 @@ def _from(v: Variant, tag: str, concepts: dict, sample: dict, render: dict = MEA
                              sample={**sample, **v.sample})
 
 
+def from_v7(v: Variant) -> Variant:
+  """The row `v` as one change from the v7 default (named v7_...)."""
+  return _from(v, "v7", V7, {}, render=V7_RENDER)
+
+
 def from_v6(v: Variant) -> Variant:
   """The row `v` as one change from the v6 default (named v6_...)."""
-  return _from(v, "v6", V6, {}, render={})
+  return _from(v, "v6", V6, {}, render=V7_RENDER)
 
 
 def from_v5(v: Variant) -> Variant:
@@ -91,48 +100,64 @@ def from_v1(v: Variant) -> Variant:
 T1S64 = {"temperature": 1.0, "concept_steps": 64}
 SEEDS = [Variant(f"seed{s}", "training seed", concepts={"train.seed": s, "data.seed": s})
          for s in (1, 2)]
-RENDER1200 = {"train.num_steps": 1200}
+
+
+def seeded(v: Variant) -> list[Variant]:
+  """The row `v` from the other training seeds (named v.name_seedS)."""
+  return [dataclasses.replace(v, name=f"{v.name}_{s.name}", axis=f"{v.axis}, seed",
+                              concepts={**v.concepts, **s.concepts}) for s in SEEDS]
+
+
+Z_NOISE2 = Variant("z_noise2", "render z noise", render={"render.z_noise": 2.0})
+LAYERS4 = Variant("layers4_eqflops", "concept model", concepts={"model.concept_layers": 4},
+                  equal_flops=True)
 FULL = [
     Variant("default"),  # The shipped tiny presets (configs/render.py, configs/concepts.py).
     # The same default from other seeds (init, noise and data order): the noise of a row.
+    # (Measured as v7's rows render1200_eqflops(_seedS): 1,200 render steps, 2,234 concept
+    # steps.)
     *SEEDS,
-    # The render stage's z noise, with fewer off-manifold samples to tolerate (bound 0.997
-    # at 1.0, 0.786 at 2.0).
-    *[Variant(f"z_noise{z:g}", "render z noise", render={"render.z_noise": z}) for z in (1.0, 2.0)],
-    # The context's concepts as the head's memory (model.head_reads_context): h holds little
-    # of the state (a linear probe finds a context's colours 0.21 of the time from h, 0.73
-    # from the mean of its concepts), so the head looks values up itself, with queries
-    # from the noisy concept it denoises.
-    Variant("head_reads_eqflops", "concept head", concepts={"model.head_reads_context": True},
-            equal_flops=True),
-    Variant("layers4_eqflops", "concept model", concepts={"model.concept_layers": 4},
-            equal_flops=True),
+    # A deeper concept model (4 layers, 1,885 steps at equal FLOPs): level (0.781 / 0.777
+    # consistent against 0.767 / 0.795 from seeds 0 / 1).
+    LAYERS4, *seeded(LAYERS4)[:1],
     # h_n must also pick concept n+1 out of the batch's (concepts.contrastive_weight): a
-    # direct signal to carry the values the head samples (under mean pooling and a
-    # 2-block head, one seed: 0.687 against that seed's 0.714, within the seeds' spread).
+    # direct signal to carry the values the head samples. Level: 0.773 against 0.767
+    # (seed 0; under mean pooling and a 2-block head 0.687 against that seed's 0.714).
     Variant("contrastive1.0_eqflops", "concept loss",
             concepts={"concepts.contrastive_weight": 1.0}, equal_flops=True),
-    # A render run twice as long; the concepts run gives up the 600 steps' FLOPs (2,234
-    # steps instead of 3,260). On real text it generates better (gen-PPL 602.9 -> 403.7
-    # from seed 1, 535.7 -> 447.7 from seed 0 on another machine); on this corpus it is
-    # level (0.784 against 0.789 consistent, three seeds each; bound 0.953 -> 0.994).
-    Variant("render1200_eqflops", "render steps", render=RENDER1200, equal_flops=True),
-    *[dataclasses.replace(v, name=f"render1200_eqflops_{v.name}", axis="render steps, seed",
-                          render=RENDER1200, equal_flops=True) for v in SEEDS],
-    # The learning rate was set for a 2-block head (3e-3).
-    *[Variant(f"lr{name}", "concept learning rate", concepts={"train.learning_rate": lr})
-      for name, lr in (("2e-3", 2e-3), ("5e-3", 5e-3))],
-    # Sampling: rendering one token per step instead of two (a chunk's 16 positions in 16
-    # steps, each conditioned on the ones unmasked before), and a cooler head.
-    Variant("render_steps16", "sampling", sample={"render_steps": 16}),
-    Variant("temp0.9", "sampling", sample={"temperature": 0.9}),
+    # The v7 default (600 render steps, 3,260 concept steps) and one change from it per row.
+    *map(from_v7, [
+        Variant("default"),
+        *SEEDS,
+        # The render stage's z noise, with fewer off-manifold samples to tolerate (bound
+        # 0.997 at 1.0, 0.786 at 2.0).
+        *[Variant(f"z_noise{z:g}", "render z noise", render={"render.z_noise": z})
+          for z in (1.0, 2.0)],
+        # The context's concepts as the head's memory (model.head_reads_context): h holds
+        # little of the state (a linear probe finds a context's colours 0.21 of the time
+        # from h, 0.73 from the mean of its concepts), so the head looks values up itself,
+        # with queries from the noisy concept it denoises.
+        Variant("head_reads_eqflops", "concept head",
+                concepts={"model.head_reads_context": True}, equal_flops=True),
+        # A render run twice as long; the concepts run gives up the 600 steps' FLOPs (2,234
+        # steps instead of 3,260): better on real text (gen-PPL 602.9 -> 403.7 from seed 1,
+        # 535.7 -> 447.7 from seed 0 on another machine), level on this corpus (0.784
+        # against 0.789 consistent, three seeds each; bound 0.953 -> 0.994). It is today's
+        # default (rows default, seed1, seed2).
+        #
+        # The learning rate was set for a 2-block head (3e-3).
+        *[Variant(f"lr{name}", "concept learning rate", concepts={"train.learning_rate": lr})
+          for name, lr in (("2e-3", 2e-3), ("5e-3", 5e-3))],
+        # Sampling: rendering one token per step instead of two (a chunk's 16 positions in
+        # 16 steps, each conditioned on the ones unmasked before), and a cooler head.
+        Variant("render_steps16", "sampling", sample={"render_steps": 16}),
+        Variant("temp0.9", "sampling", sample={"temperature": 0.9}),
+    ]),
     # The v6 default (a 2-block head, 5,990 steps) and one change from it per row.
     *map(from_v6, [
         Variant("default"),
         *SEEDS,
-        Variant("z_noise2", "render z noise", render={"render.z_noise": 2.0}),
-        *[dataclasses.replace(v, name=f"z_noise2_{v.name}", axis="render z noise, seed",
-                              render={"render.z_noise": 2.0}) for v in SEEDS],
+        Z_NOISE2, *seeded(Z_NOISE2),
         # Copy errors are per draw (a context gives the right value in some draws of the
         # head, an invented one in others): the head's size and objective, at equal FLOPs.
         # The head is 2/3 of the concept FLOPs, so a narrower one trains 1.9x the steps.
@@ -142,9 +167,8 @@ FULL = [
         *[Variant(f"head_layers{n}_eqflops", "concept head", concepts={
             "model.diff_head_layers": n, "train.num_steps": steps})
           for n, steps in ((4, 4222), (8, 2655))],
-        *[dataclasses.replace(v, name=f"head_layers4_eqflops_{v.name}", axis="concept head, seed",
-                              concepts={**v.concepts, "model.diff_head_layers": 4,
-                                        "train.num_steps": 4222}) for v in SEEDS],
+        *seeded(Variant("head_layers4_eqflops", "concept head", concepts={
+            "model.diff_head_layers": 4, "train.num_steps": 4222})),
         # (The 6-block head, from seeds 0, 1, 2, and with z noise 1.0 / 2.0 or reading the
         # context, was measured as rows head_layers6_eqflops(_seedS, _z_noiseZ, _reads): it
         # is today's default, and those are today's seedS, z_noiseZ, head_reads_eqflops.)
@@ -287,15 +311,15 @@ SHORT_CLEAN_LONG = dataclasses.replace(
 # 1.5). Less noise, 8-token chunks or a render run twice as long (equal FLOPs: the
 # concepts run pays; 2,400 render steps alone exceed the budget) raise the round trip;
 # measured, the first two generate worse (the README's real-text table).
-TEXT_RENDER = [
+TEXT_RENDER = [from_v7(v) for v in (
     Variant("z_noise0.5", "render z noise", render={"render.z_noise": 0.5}),
     Variant("capped8_eqflops", "granularity", render={"data.concept_len": 8,
                                                       "data.num_concepts": 16},
             equal_flops=True),
-]
-TEXT = [v for v in FULL if v.name in ("default", "seed1", "z_noise1", "z_noise2",
-                                      "render1200_eqflops", "render1200_eqflops_seed1",
-                                      "v2", "v1", "v1_temp1.0", "v1_z_noise0.1")] + [
+)]
+TEXT = [v for v in FULL if v.name in ("default", "seed1", "v7", "v7_seed1", "v7_z_noise1",
+                                      "v7_z_noise2", "v2", "v1", "v1_temp1.0",
+                                      "v1_z_noise0.1")] + [
                                           SHORT_CLEAN, SHORT_CLEAN_LONG, *TEXT_RENDER]
 GRIDS = {"full": FULL, "text": TEXT}
 

@@ -3,9 +3,9 @@
 This is the README's first command (`python -m concept_diffusion.pipeline`), run as users
 run it (its CLI, XLA's optimised code) at the presets it ships with, shortened to keep
 the suite inside CI's time (the full presets take ~20 minutes of 2 CPU cores): the
-render stage trains 100 steps (50 of warmup) instead of 600 (held-out round-trip 0.67
-there, ~0.97 at 600), and the concepts stage encodes a concept cache of 1,024 examples
-instead of 12,800 and trains 200 steps over it instead of 3,260 (loss 1.88 -> 0.69).
+render stage trains 100 steps (50 of warmup) instead of 1,200 (held-out round-trip 0.67
+there, ~0.997 at 1,200), and the concepts stage encodes a concept cache of 1,024 examples
+instead of 12,800 and trains 200 steps over it instead of 2,234 (loss 1.88 -> 0.69).
 It is the check that the tiny pipeline learns, through the cache the preset trains
 from; the full presets' figures are the README's ("Results").
 """
@@ -18,9 +18,9 @@ from concept_diffusion import evaluation
 
 from conftest import ROOT, subprocess_env
 
-SHORTENED = ["--render_config.train.num_steps=100",  # Of 600 (its cosine then ends at 100),
+SHORTENED = ["--render_config.train.num_steps=100",  # Of 1,200 (its cosine then ends at 100),
              "--render_config.train.warmup_steps=50",  # of 100, so the cosine has room.
-             "--concepts_config.train.num_steps=200",  # Of 3,260.
+             "--concepts_config.train.num_steps=200",  # Of 2,234.
              "--concepts_config.train.log_every=20",  # Of 50: enough points to see the loss fall.
              "--concepts_config.concepts.cache_examples=1024"]  # Of 12,800 (6 epochs).
 
