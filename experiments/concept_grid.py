@@ -8,10 +8,10 @@ Each row changes one thing from a default and is trained and evaluated at the ti
 preset: `default` is the shipped tiny presets (set to the best measured combination);
 `v7`, `v6`, `v5`, `v4`, `v3`, `v2` and `v1` are earlier defaults, and `v7_x` ... `v1_x`
 rows are one change from them (measured then, and kept so their tables can be
-reproduced). The ar and mdm rows get the same source and the training FLOPs of the `default` pipeline; so
-do rows marked equal_flops (their concepts run gets the steps that match). Runs are
-shared and resumed: re-running only does what is missing (a row whose definition
-changed is evaluated again). Output: WORKDIR/results.json, WORKDIR/results.md (the
+reproduced). The ar and mdm rows get the same source and the training FLOPs of the
+`default` pipeline; so do rows marked equal_flops (their concepts run gets the steps
+that match). Runs are shared and resumed: re-running only does what is missing (a
+row whose definition changed is evaluated again). Output: WORKDIR/results.json, WORKDIR/results.md (the
 README's "Results" tables) and, on the built-in corpus, WORKDIR/results_by_kind.md
 (consistency per sentence kind, generated and rendered back). On 2 CPU cores: about 50 minutes
 for the default row and the baselines, ~8-12 minutes per row that trains, ~1-4
