@@ -12,6 +12,7 @@ the first `num_prompts` documents of iterate_documents(config, "eval")):
 | `roundtrip_exact_match` | render | share of real chunks rendered exactly, all `concept_len` positions (so the chunk's length too) |
 | `elbo_bits_per_token` | render | masked-diffusion ELBO (Monte-Carlo, `diffusion.masked.elbo_bits`) of a chunk's real tokens given its true concept, bits per real token (padding positions are given, so the chunk's length is known); an upper bound on -log2 p(chunk given z) per token |
 | `roundtrip_consistent` | render, concepts; synthetic data | `coherence_consistent` of the true continuations (their first `max_tokens // concept_len` sentences) encoded and rendered back, `R(E(truth))`: what a perfect concept model would score through this render stage |
+| `roundtrip_gen_ppl` | render, concepts; with a judge | `gen_ppl` of the same rendered-back truths `R(E(truth))` given their prompts: the render stage's bound on a concepts run's gen-PPL |
 | `next_concept_l2` | concepts | RMS error per dimension of the sampled next concept, mean over positions: ‖ẑ − z‖₂ / √D (concepts have unit RMS, so 0 is exact and ≈1.41 an unrelated concept) |
 | `next_concept_cosine` | concepts | mean cosine between the sampled and the true next concept |
 | `contrastive_accuracy` | concepts | share of positions whose sampled next concept is closer (L2) to the true next concept than to every concept of the other documents in the batch (copies of the true concept excluded) |
@@ -54,7 +55,7 @@ from concept_diffusion.models.renderer import previous_concepts
 
 EVAL_FILE = "eval.json"
 ORDER = ("roundtrip_token_accuracy", "roundtrip_exact_match", "elbo_bits_per_token",
-         "roundtrip_consistent", "next_concept_l2", "next_concept_cosine",
+         "roundtrip_consistent", "roundtrip_gen_ppl", "next_concept_l2", "next_concept_cosine",
          "contrastive_accuracy", "bits_per_token", "gen_ppl", "unigram_entropy",
          "coherence_well_formed", "coherence_consistent", "gen_ended", "gen_tokens_per_sec",
          "gen_latency_s")
@@ -383,18 +384,28 @@ def concept_budget(gen: gen_lib.Generator, max_tokens: int) -> int:
   return max(1, max_tokens // gen.chunk_config.data.concept_len)
 
 
-def roundtrip_coherence(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]], *,
-                        max_tokens: int, by_kind: bool = False) -> dict:
-  """Coherence of the true continuations' first concept_budget sentences, rendered from
-  their own concepts (a render or concepts run): the render stage's bound on generation.
-  by_kind: also roundtrip_by_kind, its coherence_by_kind (not a flat metric)."""
+def roundtrip_metrics(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]], *,
+                      max_tokens: int, synthetic_data: bool = True,
+                      judge: gen_lib.Generator | None = None, by_kind: bool = False) -> dict:
+  """The true continuations' first concept_budget sentences, rendered from their own
+  concepts (a render or concepts run), scored as generations are: the render stage's
+  bound on generation. roundtrip_consistent on synthetic data, roundtrip_gen_ppl with a
+  judge; by_kind: also roundtrip_by_kind, its coherence_by_kind (not a flat metric)."""
   prompts = [p for p, _ in pairs]
   budget = concept_budget(gen, max_tokens)
   truth = [" ".join(segment.split_sentences(c)[:budget]) for _, c in pairs]
-  rendered = [s.text for s in gen_lib.roundtrip(gen, truth)]
-  out = {"roundtrip_consistent": coherence_scores(prompts, rendered)["coherence_consistent"]}
-  if by_kind:
-    out["roundtrip_by_kind"] = coherence_by_kind(prompts, rendered)
+  # A one-sentence document leaves its continuation empty: nothing to render.
+  kept = [i for i, t in enumerate(truth) if t.strip()]
+  rendered = [""] * len(truth)
+  for i, s in zip(kept, gen_lib.roundtrip(gen, [truth[i] for i in kept]) if kept else []):
+    rendered[i] = s.text
+  out = {}
+  if synthetic_data:
+    out["roundtrip_consistent"] = coherence_scores(prompts, rendered)["coherence_consistent"]
+    if by_kind:
+      out["roundtrip_by_kind"] = coherence_by_kind(prompts, rendered)
+  if judge is not None:
+    out["roundtrip_gen_ppl"] = judge_perplexity(judge, prompts, rendered)
   return out
 
 
@@ -435,8 +446,10 @@ def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str 
   synthetic_data = config.data.source == "synthetic"
   pairs = eval_prompts(config, num_prompts) if num_prompts > 0 else []
   kinds = {}
-  if pairs and synthetic_data and gen.kind in ("render", "concepts"):
-    metrics.update(roundtrip_coherence(gen, pairs, max_tokens=max_tokens, by_kind=by_kind))
+  if pairs and (synthetic_data or judge) and gen.kind in ("render", "concepts"):
+    metrics.update(roundtrip_metrics(gen, pairs, max_tokens=max_tokens,
+                                     synthetic_data=synthetic_data, judge=judge,
+                                     by_kind=by_kind))
     if by_kind:
       kinds["roundtrip_by_kind"] = metrics.pop("roundtrip_by_kind")
   if pairs and gen.kind != "render":

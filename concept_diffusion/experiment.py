@@ -40,6 +40,7 @@ from concept_diffusion.models import sizes
 COLUMNS = (  # (results key, table heading)
     ("roundtrip_token_accuracy", "round-trip acc"),
     ("roundtrip_consistent", "round-trip consistent"),
+    ("roundtrip_gen_ppl", "round-trip gen-PPL"),
     ("next_concept_cosine", "next cos"),
     ("contrastive_accuracy", "contrastive acc"),
     ("gen_ppl", "gen-PPL"),
@@ -348,14 +349,16 @@ def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dic
   out.update(evaluation.concept_metrics(gen, batches(), key, steps=s["concept_steps"],
                                         guidance=s["guidance"], temperature=s["temperature"]))
   pairs = evaluation.eval_prompts(config, settings.num_prompts)
-  if settings.source == "synthetic":
-    out.update(evaluation.roundtrip_coherence(render_gen, pairs, max_tokens=settings.max_tokens,
-                                              by_kind=True))
+  synthetic_data = settings.source == "synthetic"
+  if synthetic_data or judge:
+    out.update(evaluation.roundtrip_metrics(render_gen, pairs, max_tokens=settings.max_tokens,
+                                            synthetic_data=synthetic_data, judge=judge,
+                                            by_kind=synthetic_data))
   gen_out, samples = evaluation.generation_metrics(
-      gen, pairs, judge=judge, synthetic_data=settings.source == "synthetic",
+      gen, pairs, judge=judge, synthetic_data=synthetic_data,
       max_tokens=settings.max_tokens, seed=settings.seed, **s)
   out.update(gen_out)
-  if settings.source == "synthetic":  # Where the row loses consistency (README "Results").
+  if synthetic_data:  # Where the row loses consistency (README "Results").
     out["by_kind"] = evaluation.coherence_by_kind([p for p, _ in pairs],
                                                   [x.text for x in samples])
   out["sample"] = f"{samples[0].prompt[-80:]} => {samples[0].text[:160]}"

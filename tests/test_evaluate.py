@@ -93,7 +93,7 @@ def test_coherence_by_kind_pools_sentences_over_prompts():
                      "place": {"sentences": 1, "consistent": 1.0}}
 
 
-def test_roundtrip_coherence_scores_the_rendered_first_sentences_of_the_truth(monkeypatch):
+def test_roundtrip_metrics_score_the_rendered_first_sentences_of_the_truth(monkeypatch):
   pairs = []
   for i in range(4):
     sentences = synthetic.split_sentences(synthetic.generate_document(0, i))
@@ -109,7 +109,7 @@ def test_roundtrip_coherence_scores_the_rendered_first_sentences_of_the_truth(mo
   # 16 tokens of 8-token chunks: the first 2 sentences of each truth.
   data = types.SimpleNamespace(concept_len=8)
   gen = types.SimpleNamespace(chunk_config=types.SimpleNamespace(data=data))
-  assert evaluation.roundtrip_coherence(gen, pairs, max_tokens=16) == {
+  assert evaluation.roundtrip_metrics(gen, pairs, max_tokens=16) == {
       "roundtrip_consistent": 1.0}
   assert [len(synthetic.split_sentences(t)) for t in seen] == [
       min(2, len(synthetic.split_sentences(c))) for _, c in pairs]
@@ -117,13 +117,43 @@ def test_roundtrip_coherence_scores_the_rendered_first_sentences_of_the_truth(mo
   garble = lambda t: " ".join(s.rsplit(" ", 1)[0] + " Zzz." for s in synthetic.split_sentences(t))
   monkeypatch.setattr(evaluation.gen_lib, "roundtrip",
                       lambda gen, texts: fake_roundtrip(gen, texts, garble))
-  assert evaluation.roundtrip_coherence(gen, pairs, max_tokens=16) == {
+  assert evaluation.roundtrip_metrics(gen, pairs, max_tokens=16) == {
       "roundtrip_consistent": 0.0}
-  by_kind = evaluation.roundtrip_coherence(gen, pairs, max_tokens=16,
-                                           by_kind=True)["roundtrip_by_kind"]
+  by_kind = evaluation.roundtrip_metrics(gen, pairs, max_tokens=16,
+                                         by_kind=True)["roundtrip_by_kind"]
   assert set(by_kind) == {"malformed"}  # Every garbled sentence, and only those.
   assert by_kind["malformed"]["sentences"] == sum(
       min(2, len(synthetic.split_sentences(c))) for _, c in pairs)
+
+
+def test_roundtrip_gen_ppl_is_the_judge_perplexity_of_the_rendered_truth(monkeypatch,
+                                                                          tiny_ar_run):
+  judge = generate.load(tiny_ar_run)
+  pairs = []
+  for i in range(4):
+    sentences = synthetic.split_sentences(synthetic.generate_document(0, i))
+    half = len(sentences) // 2
+    pairs.append((" ".join(sentences[:half]), " ".join(sentences[half:])))
+  pairs.append(("A document of one sentence.", ""))  # Its continuation is not rendered.
+  prompts = [p for p, _ in pairs]
+  truth = [" ".join(synthetic.split_sentences(c)[:2]) for _, c in pairs]
+  data = types.SimpleNamespace(concept_len=8)
+  gen = types.SimpleNamespace(chunk_config=types.SimpleNamespace(data=data))
+  # A perfect renderer: the bound is the judge's perplexity of the truth itself.
+  def perfect(gen, texts):
+    assert all(texts)
+    return [types.SimpleNamespace(text=t) for t in texts]
+
+  monkeypatch.setattr(evaluation.gen_lib, "roundtrip", perfect)
+  exact = evaluation.roundtrip_metrics(gen, pairs, max_tokens=16, synthetic_data=False,
+                                       judge=judge)
+  assert exact == {"roundtrip_gen_ppl": evaluation.judge_perplexity(judge, prompts, truth)}
+  # Every sentence rendered as its words reversed: the judge finds it far less likely.
+  monkeypatch.setattr(evaluation.gen_lib, "roundtrip", lambda gen, texts: [
+      types.SimpleNamespace(text=" ".join(t.split()[::-1])) for t in texts])
+  garbled = evaluation.roundtrip_metrics(gen, pairs, max_tokens=16, judge=judge)
+  assert set(garbled) == {"roundtrip_consistent", "roundtrip_gen_ppl"}
+  assert garbled["roundtrip_gen_ppl"] > 2 * exact["roundtrip_gen_ppl"]
 
 
 def test_judge_prefers_its_own_training_text_to_shuffled_tokens(tiny_ar_run):
@@ -171,8 +201,8 @@ def test_evaluate_render_run_writes_eval_json(tiny_render_run):
 def test_evaluate_concepts_run_with_judge(tiny_concepts_run, tiny_ar_run):
   metrics = evaluation.evaluate(tiny_concepts_run, judge_workdir=tiny_ar_run, num_prompts=4,
                                 max_batches=1, batch_size=8, max_tokens=16)
-  for name in ("roundtrip_consistent", "next_concept_l2", "next_concept_cosine",
-               "contrastive_accuracy", "gen_ppl",
+  for name in ("roundtrip_consistent", "roundtrip_gen_ppl", "next_concept_l2",
+               "next_concept_cosine", "contrastive_accuracy", "gen_ppl",
                "unigram_entropy", "coherence_well_formed", "coherence_consistent",
                "gen_tokens_per_sec", "gen_latency_s"):
     assert name in metrics, name
