@@ -131,6 +131,12 @@ FULL = [
     # More of the budget to the render stage (1,800 steps; the concepts run gives up the
     # extra 600 steps' FLOPs): 600 -> 1,200 steps was the one change that helped on text.
     RENDER1800,
+    # The same render run with the cooler head, and (over the budget, a diagnostic: which
+    # half limits) with the default's 2,234 concept steps instead of 1,208.
+    dataclasses.replace(RENDER1800, name="render1800_temp0.5", axis="render steps, sampling",
+                        sample={"temperature": 0.5}),
+    Variant("render1800_concepts2234", "render steps (over budget)",
+            render={"train.num_steps": 1800}, concepts={"train.num_steps": 2234}),
     # A cooler head: mode-seeking, which on this corpus blends facts (v2's runs: 0.562
     # consistent at 0.5 and 16 steps, 0.646 at 1.0 and 64), while the judge's perplexity
     # on text rewards it.
@@ -327,7 +333,8 @@ TEXT_RENDER = [from_v7(v) for v in (
                                                       "data.num_concepts": 16},
             equal_flops=True),
 )]
-TEXT = [v for v in FULL if v.name in ("default", "seed1", "render1800_eqflops", "temp0.5",
+TEXT = [v for v in FULL if v.name in ("default", "seed1", "render1800_eqflops",
+                                      "render1800_temp0.5", "render1800_concepts2234", "temp0.5",
                                       "temp0.7", "v7", "v7_seed1", "v7_z_noise1",
                                       "v7_z_noise2", "v2", "v1", "v1_temp1.0",
                                       "v1_z_noise0.1")] + [
