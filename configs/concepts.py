@@ -73,7 +73,9 @@ def get_config(preset="tiny"):
     # Measured: sampling the head's own distribution (temperature 1.0, the training
     # noise) and integrating it finely (64 Euler steps) is what makes it consistent:
     # 0.562 -> 0.646 on the previous default, where temperature 0.5 had the better
-    # gen-PPL (6.7 against 11.0); 256 steps are no better than 64.
+    # gen-PPL (6.7 against 11.0); 256 steps are no better than 64. Under today's presets
+    # 0.5 still loses facts (consistent 0.757 -> 0.592) and reads better on real text
+    # (gen-PPL 441.4 -> 386.5): sample real text at --temperature=0.5.
     c.concepts.temperature = 1.0
     c.concepts.sample_steps = 64
     # Measured: feeding the concept model the encoder's concept of each rendered chunk

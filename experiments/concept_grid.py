@@ -113,6 +113,8 @@ LAYERS4 = Variant("layers4_eqflops", "concept model", concepts={"model.concept_l
                   equal_flops=True)
 RENDER1800 = Variant("render1800_eqflops", "render steps", render={"train.num_steps": 1800},
                      equal_flops=True)
+R1800_T05 = dataclasses.replace(RENDER1800, name="render1800_temp0.5",
+                                axis="render steps, sampling", sample={"temperature": 0.5})
 COOL = [Variant(f"temp{t:g}", "sampling", sample={"temperature": t}) for t in (0.5, 0.7)]
 FULL = [
     Variant("default"),  # The shipped tiny presets (configs/render.py, configs/concepts.py).
@@ -133,8 +135,7 @@ FULL = [
     RENDER1800,
     # The same render run with the cooler head, and (over the budget, a diagnostic: which
     # half limits) with the default's 2,234 concept steps instead of 1,208.
-    dataclasses.replace(RENDER1800, name="render1800_temp0.5", axis="render steps, sampling",
-                        sample={"temperature": 0.5}),
+    R1800_T05, *seeded(R1800_T05)[:1],
     Variant("render1800_concepts2234", "render steps (over budget)",
             render={"train.num_steps": 1800}, concepts={"train.num_steps": 2234}),
     # A cooler head: mode-seeking, which on this corpus blends facts (v2's runs: 0.562
@@ -334,7 +335,8 @@ TEXT_RENDER = [from_v7(v) for v in (
             equal_flops=True),
 )]
 TEXT = [v for v in FULL if v.name in ("default", "seed1", "render1800_eqflops",
-                                      "render1800_temp0.5", "render1800_concepts2234", "temp0.5",
+                                      "render1800_temp0.5", "render1800_temp0.5_seed1",
+                                      "render1800_concepts2234", "temp0.5",
                                       "temp0.7", "v7", "v7_seed1", "v7_z_noise1",
                                       "v7_z_noise2", "v2", "v1", "v1_temp1.0",
                                       "v1_z_noise0.1")] + [
