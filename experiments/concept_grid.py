@@ -136,8 +136,9 @@ FULL = [
     # The same render run with the cooler head, and (over the budget, a diagnostic: which
     # half limits) with the default's 2,234 concept steps instead of 1,208.
     R1800_T05, *seeded(R1800_T05)[:1],
-    Variant("render1800_concepts2234", "render steps (over budget)",
-            render={"train.num_steps": 1800}, concepts={"train.num_steps": 2234}),
+    dataclasses.replace(RENDER1800, name="render1800_concepts2234",
+                        axis="render steps (over budget)",
+                        concepts={"train.num_steps": 2234}, equal_flops=False),
     # A cooler head: mode-seeking, which on this corpus blends facts (v2's runs: 0.562
     # consistent at 0.5 and 16 steps, 0.646 at 1.0 and 64), while the judge's perplexity
     # on text rewards it.
