@@ -397,7 +397,9 @@ def roundtrip_metrics(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]], 
   # A one-sentence document leaves its continuation empty: nothing to render.
   kept = [i for i, t in enumerate(truth) if t.strip()]
   rendered = [""] * len(truth)
-  for i, s in zip(kept, gen_lib.roundtrip(gen, [truth[i] for i in kept]) if kept else []):
+  samples = gen_lib.roundtrip(gen, [truth[i] for i in kept],
+                              contexts=[prompts[i] for i in kept]) if kept else []
+  for i, s in zip(kept, samples):
     rendered[i] = s.text
   out = {}
   if synthetic_data:

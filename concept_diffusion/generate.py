@@ -490,30 +490,51 @@ def encode_chunks(gen: Generator, chunks_BxNxL) -> jax.Array:
   return fn(gen.params["encoder"], jnp.asarray(chunks_BxNxL, jnp.int32))
 
 
-def roundtrip(gen: Generator, texts: Sequence[str], *, render_steps: int | None = None,
-              seed: int = 0, show_steps: bool = False) -> list[Sample]:
-  """Encodes each text's chunks and renders them back (render or concepts runs), one jit."""
+def previous_with_context(encoder: ConceptEncoder, params, z_BxNxD, last_Bx1xL):
+  """Each chunk's previous concept: the one before it, or E(last_Bx1xL) (zeros if all PAD)."""
+  before_Bx1xD = encoder.apply({"params": params}, last_Bx1xL, last_Bx1xL != PAD_ID)
+  before_Bx1xD = jnp.where(jnp.any(last_Bx1xL != PAD_ID, -1, keepdims=True), before_Bx1xD, 0.0)
+  return jnp.concatenate([before_Bx1xD.astype(z_BxNxD.dtype), z_BxNxD[:, :-1]], axis=1)
+
+
+def roundtrip(gen: Generator, texts: Sequence[str], *, contexts: Sequence[str] | None = None,
+              render_steps: int | None = None, seed: int = 0,
+              show_steps: bool = False) -> list[Sample]:
+  """Encodes each text's chunks and renders them back (render or concepts runs), one jit.
+
+  contexts: the text each one continues; a render.prev_concept renderer then reads its last
+  chunk's concept as the first chunk's previous one, as in generation (else zeros).
+  """
   if gen.kind not in ("render", "concepts"):
     raise GenerateError(f"roundtrip needs a render or concepts run, not {gen.kind!r}")
+  if contexts is not None and len(contexts) != len(texts):
+    raise GenerateError(f"roundtrip got {len(contexts)} contexts for {len(texts)} texts")
   chunks_BxNxL, counts_B = prompt_chunks(gen, texts)
+  # The concept before each text's first chunk: its context's last chunk (PAD: zeros).
+  last_BxL = np.full((chunks_BxNxL.shape[0], chunks_BxNxL.shape[2]), PAD_ID, np.int32)
+  if contexts is not None:
+    ctx_BxNxL, ctx_counts_B = prompt_chunks(gen, contexts)
+    last_BxL = ctx_BxNxL[np.arange(len(ctx_BxNxL)), ctx_counts_B - 1]
+    last_BxL[len(texts):] = PAD_ID
   mods = build_modules(gen)
   concept_len = gen.chunk_config.data.concept_len
   opts = ConceptOptions(render_steps=render_steps or gen.chunk_config.render.sample_steps,
                         end_cosine=0.999, show_steps=show_steps)
 
-  def program(enc_params, ren_params, chunks_BxNxL, counts_B, key):
-    prompt_BxNxD = mods["encoder"].apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
-    z_end_D = end_concept(mods["encoder"], enc_params, concept_len)
+  def program(enc_params, ren_params, chunks_BxNxL, counts_B, last_Bx1xL, key):
+    encoder = mods["encoder"]
+    prompt_BxNxD = encoder.apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
+    z_end_D = end_concept(encoder, enc_params, concept_len)
     # Padding chunks become END concepts, so the cut drops them.
     real_BxN = jnp.arange(prompt_BxNxD.shape[1]) < counts_B[:, None]
     prompt_BxNxD = jnp.where(real_BxN[..., None], prompt_BxNxD, z_end_D)
-    prev_BxNxD = jnp.pad(prompt_BxNxD[:, :-1], ((0, 0), (1, 0), (0, 0)))
+    prev_BxNxD = previous_with_context(encoder, enc_params, prompt_BxNxD, last_Bx1xL)
     return _render_program(mods["renderer"], ren_params, prompt_BxNxD, prev_BxNxD, z_end_D, key, opts)
 
   renderer_params = gen.render_params if gen.kind == "concepts" else gen.params
   fn = gen.jitted("roundtrip", (opts,), lambda: program)
   out = fn(gen.params["encoder"], renderer_params["renderer"], shard_batch(gen, chunks_BxNxL),
-           shard_batch(gen, counts_B), jax.random.key(seed))
+           shard_batch(gen, counts_B), shard_batch(gen, last_BxL[:, None]), jax.random.key(seed))
   samples = _chunk_samples(gen, texts, *jax.device_get(out))
   for s, count in zip(samples, counts_B):
     s.ended = s.num_chunks < count  # A real chunk came back as END (padding always does).

@@ -101,7 +101,9 @@ def test_roundtrip_metrics_score_the_rendered_first_sentences_of_the_truth(monke
     pairs.append((" ".join(sentences[:half]), " ".join(sentences[half:])))
   seen = []
 
-  def fake_roundtrip(gen, texts, damage=lambda t: t):
+  def fake_roundtrip(gen, texts, contexts, damage=lambda t: t):
+    # Each truth comes with its prompt: a prev_concept renderer reads the prompt's last chunk.
+    assert contexts == [p for p, c in pairs if c]
     seen.extend(texts)
     return [types.SimpleNamespace(text=damage(t)) for t in texts]
 
@@ -116,7 +118,7 @@ def test_roundtrip_metrics_score_the_rendered_first_sentences_of_the_truth(monke
   # A renderer that garbles every sentence's last word loses every fact it carries.
   garble = lambda t: " ".join(s.rsplit(" ", 1)[0] + " Zzz." for s in synthetic.split_sentences(t))
   monkeypatch.setattr(evaluation.gen_lib, "roundtrip",
-                      lambda gen, texts: fake_roundtrip(gen, texts, garble))
+                      lambda gen, texts, contexts: fake_roundtrip(gen, texts, contexts, garble))
   assert evaluation.roundtrip_metrics(gen, pairs, max_tokens=16) == {
       "roundtrip_consistent": 0.0}
   by_kind = evaluation.roundtrip_metrics(gen, pairs, max_tokens=16,

@@ -54,6 +54,30 @@ def test_checkpoint_written_on_four_devices_restores_on_one(tiny_render_run):
   assert all(s.token_ids for s in samples)
 
 
+def test_roundtrip_reads_each_contexts_last_chunk_as_the_first_previous_concept(tiny_render_run):
+  gen = generate.load(tiny_render_run, mesh=generate.local_mesh(jax.devices()[:1]))
+  encoder = generate.build_modules(gen)["encoder"]
+  enc = gen.params["encoder"]
+  texts = ["Mara works as a baker.", "Tovin has a cat. Tovin lives in Rome."]
+  contexts = ["Mara lives in Oslo. Mara has a dog.", "Ilse paints."]
+  chunks_BxNxL, _ = generate.prompt_chunks(gen, texts)
+  ctx_BxNxL, ctx_counts_B = generate.prompt_chunks(gen, contexts)
+  z_BxNxD = encoder.apply({"params": enc}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
+  last_Bx1xL = ctx_BxNxL[np.arange(len(ctx_BxNxL)), ctx_counts_B - 1][:, None]
+  last_Bx1xL[len(texts):] = PAD_ID  # Batch padding: no context.
+  prev_BxNxD = generate.previous_with_context(encoder, enc, z_BxNxD, last_Bx1xL)
+  # Mara's context ends with the sentence "Mara has a dog.", encoded on its own here.
+  last_1x1xL = generate.prompt_chunks(gen, ["Mara has a dog."])[0][:1, :1]
+  want_0 = encoder.apply({"params": enc}, last_1x1xL, last_1x1xL != PAD_ID)
+  np.testing.assert_allclose(prev_BxNxD[0, 0], want_0[0, 0], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(prev_BxNxD[0, 0], prev_BxNxD[1, 0])
+  np.testing.assert_array_equal(prev_BxNxD[len(texts):, 0], 0.0)
+  np.testing.assert_array_equal(prev_BxNxD[:, 1:], z_BxNxD[:, :-1])
+  assert len(generate.roundtrip(gen, texts, contexts=contexts)) == len(texts)
+  with pytest.raises(generate.GenerateError, match="1 contexts for 2 texts"):
+    generate.roundtrip(gen, texts, contexts=contexts[:1])
+
+
 def test_concepts_generation_is_batched_bounded_and_reproducible(concepts_gen):
   kwargs = dict(num_concepts=3, seed=1, show_steps=True, temperature=1.0)
   a = generate.generate(concepts_gen, PROMPTS, **kwargs)
