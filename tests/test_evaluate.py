@@ -142,8 +142,8 @@ def test_roundtrip_gen_ppl_is_the_judge_perplexity_of_the_rendered_truth(monkeyp
   data = types.SimpleNamespace(concept_len=8)
   gen = types.SimpleNamespace(chunk_config=types.SimpleNamespace(data=data))
   # A perfect renderer: the bound is the judge's perplexity of the truth itself.
-  def perfect(gen, texts):
-    assert all(texts)
+  def perfect(gen, texts, contexts):
+    assert all(texts) and contexts == [p for p, c in pairs if c]
     return [types.SimpleNamespace(text=t) for t in texts]
 
   monkeypatch.setattr(evaluation.gen_lib, "roundtrip", perfect)
@@ -151,7 +151,7 @@ def test_roundtrip_gen_ppl_is_the_judge_perplexity_of_the_rendered_truth(monkeyp
                                        judge=judge)
   assert exact == {"roundtrip_gen_ppl": evaluation.judge_perplexity(judge, prompts, truth)}
   # Every sentence rendered as its words reversed: the judge finds it far less likely.
-  monkeypatch.setattr(evaluation.gen_lib, "roundtrip", lambda gen, texts: [
+  monkeypatch.setattr(evaluation.gen_lib, "roundtrip", lambda gen, texts, contexts: [
       types.SimpleNamespace(text=" ".join(t.split()[::-1])) for t in texts])
   garbled = evaluation.roundtrip_metrics(gen, pairs, max_tokens=16, judge=judge)
   assert set(garbled) == {"roundtrip_consistent", "roundtrip_gen_ppl"}
