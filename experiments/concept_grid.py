@@ -132,6 +132,8 @@ RENDER16 = Variant("render_steps16", "sampling", sample={"render_steps": 16})
 # Guidance 2: 0.82x the default's gen-PPL on text from both seeds; here 0.640 consistent.
 # With temperature 0.5 on 1,800 render steps: 246.3 on text (seed 0), the best row.
 CFG2 = Variant("cfg2", "sampling", sample={"guidance": 2.0})
+R1800_T05_CFG2 = dataclasses.replace(R1800_T05, name="render1800_temp0.5_cfg2",
+                                     sample={**R1800_T05.sample, **CFG2.sample})
 FULL = [
     Variant("default"),  # The shipped tiny presets (configs/render.py, configs/concepts.py).
     # The same default from other seeds (init, noise and data order): the noise of a row.
@@ -164,8 +166,7 @@ FULL = [
     # Guidance: mode-seeking like a cooler head (under v4 on this corpus it lost facts:
     # 0.597 / 0.577 / 0.559 consistent at 1.5 / 2 / 3, against 0.68 at 1).
     CFG2, *seeded(CFG2)[:1],
-    dataclasses.replace(R1800_T05, name="render1800_temp0.5_cfg2",
-                        sample={**R1800_T05.sample, **CFG2.sample}),
+    R1800_T05_CFG2, *seeded(R1800_T05_CFG2)[:1],
     dataclasses.replace(R1800_T05, name="render1800_temp0.5_render16",
                         sample={**R1800_T05.sample, **RENDER16.sample}),
     # The v7 default (600 render steps, 3,260 concept steps) and one change from it per row.
@@ -366,7 +367,7 @@ TEXT = [v for v in FULL if v.name in ("default", "seed1", "render1800_eqflops",
                                       "prev_concept_eqflops", "prev_concept_eqflops_seed1",
                                       "render_steps16", "render1800_prev_temp0.5",
                                       "render1800_prev_temp0.5_seed1", "cfg2", "cfg2_seed1",
-                                      "render1800_temp0.5_cfg2",
+                                      "render1800_temp0.5_cfg2", "render1800_temp0.5_cfg2_seed1",
                                       "render1800_temp0.5_render16",
                                       "temp0.7", "v7", "v7_seed1", "v7_z_noise1",
                                       "v7_z_noise2", "v2", "v1", "v1_temp1.0",
