@@ -130,7 +130,8 @@ R1800_PREV_T05 = dataclasses.replace(R1800_T05, name="render1800_prev_temp0.5",
 # One token committed per render step (16) instead of two (8): a sampling option.
 RENDER16 = Variant("render_steps16", "sampling", sample={"render_steps": 16})
 # Guidance 2: 0.82x the default's gen-PPL on text from both seeds; here 0.640 consistent.
-# With temperature 0.5 on 1,800 render steps: 246.3 on text (seed 0), the best row.
+# With temperature 0.5 on 1,800 render steps: 246.3 / 273.0 on text (seeds 0 / 1), the best
+# row.
 CFG2 = Variant("cfg2", "sampling", sample={"guidance": 2.0})
 R1800_T05_CFG2 = dataclasses.replace(R1800_T05, name="render1800_temp0.5_cfg2",
                                      sample={**R1800_T05.sample, **CFG2.sample})
