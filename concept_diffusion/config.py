@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Concepts stage: the diffusion head also cross-attends to the context's concepts, with
   # queries from the noisy concept (concept_model.ContextRead).
   c.model.head_reads_context = False
+  # Concepts stage: the head works around a mean. mu(h), a projection of the context,
+  # is regressed onto the next concept (concepts.mean_weight) and the flow models the
+  # rest: the head predicts mu + f(z_t - t mu, t, h) (ConceptModel.head).
+  c.model.head_mean = False
   c.model.concept_layers = 2  # Concept model (causal contextualiser) depth.
   c.model.diff_head_layers = 2  # Residual blocks of the concept diffusion head.
   c.model.diff_head_dim = 256  # Width of the concept diffusion head.
@@ -120,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Memory and FLOPs grow with (batch x num_concepts)^2 per step.
   c.concepts.contrastive_weight = 0.0
   c.concepts.contrastive_temperature = 0.1
+  # Weight of the regression of mu(h) onto concept n+1 (model.head_mean only): the
+  # conditional mean, so facts the context fixes are carried by h itself.
+  c.concepts.mean_weight = 1.0
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
@@ -199,7 +206,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field in ("train.learning_rate", "train.warmup_steps", "train.weight_decay",
                 "train.grad_clip", "render.z_noise", "render.concept_reg", "train.eval_every",
                 "concepts.render_weight", "concepts.temperature", "concepts.cache_examples",
-                "concepts.contrastive_weight"):
+                "concepts.contrastive_weight", "concepts.mean_weight"):
     _positive(config, field, allow_zero=True)
   for field in ("render.full_mask_prob", "concepts.cfg_dropout", "train.ema_decay",
                 "data.eval_fraction", "render.generated_prob"):

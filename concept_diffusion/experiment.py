@@ -279,30 +279,42 @@ def _flat(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+def _differences(config: ml_collections.ConfigDict, workdir: str, strict: bool = False):
+  """[(field, trained, planned)] where `workdir`'s saved config differs from `config`.
+
+  Fields that only steer generation (SAMPLING_FIELDS) and how often it checkpoints are
+  not compared. A field the saved config lacks (added since) is skipped, or, if strict,
+  compared as its base_config value: what a run trained before the field ran as.
+  """
+  from concept_diffusion.train import stages
+  resolved = stages.resolve_config(ml_collections.ConfigDict(config.to_dict()))
+  planned = _flat(json.loads(json.dumps(resolved.to_dict(), default=str)))
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = _flat(json.load(f))
+  if strict:
+    base = _flat(json.loads(json.dumps(config_lib.base_config().to_dict(), default=str)))
+    saved = {**{k: base.get(k, "(missing)") for k in planned}, **saved}
+  return [(k, saved[k], planned[k]) for k in sorted(planned.keys() & saved.keys())
+          if k not in SAMPLING_FIELDS and not k.startswith("checkpoint.")
+          and planned[k] != saved[k]]
+
+
 def check_reuse(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises if `workdir` holds a run trained with other settings than `config`.
 
   Run names hash the overrides, not the presets: after a preset edit, the same name
-  would silently reuse a run trained the old way. Fields that only steer generation
-  (SAMPLING_FIELDS), how often it checkpoints, and fields the saved config lacks (added
-  since) may differ.
+  would silently reuse a run trained the old way (`adopt_runs` moves runs to the names
+  a changed grid plans). Fields that only steer generation (SAMPLING_FIELDS), how often
+  it checkpoints, and fields the saved config lacks (added since) may differ.
   """
-  saved_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(saved_path):
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
     return
-  from concept_diffusion.train import stages
-  resolved = stages.resolve_config(ml_collections.ConfigDict(config.to_dict()))
-  planned = _flat(json.loads(json.dumps(resolved.to_dict(), default=str)))
-  with open(saved_path) as f:
-    saved = _flat(json.load(f))
-  differ = sorted(k for k in planned.keys() & saved.keys()
-                  if k not in SAMPLING_FIELDS and not k.startswith("checkpoint.")
-                  and planned[k] != saved[k])
+  differ = _differences(config, workdir)
   if differ:
-    shown = ", ".join(f"{k}: trained {saved[k]!r}, planned {planned[k]!r}" for k in differ[:5])
+    shown = ", ".join(f"{k}: trained {a!r}, planned {b!r}" for k, a, b in differ[:5])
     raise ExperimentError(f"{workdir} was trained with other settings than this grid plans "
-                          f"({shown}); a preset changed since. Delete that run or use "
-                          "another --workdir")
+                          f"({shown}); a preset changed since. Delete that run, use "
+                          "another --workdir, or move runs to their new names (--adopt)")
 
 
 def train_once(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -323,6 +335,66 @@ def train_once(config: ml_collections.ConfigDict, workdir: str) -> None:
                           "re-run the grid to resume it")
   with open(done, "w") as f:
     json.dump({"seconds": time.time() - start, "last": summary}, f, default=float)
+
+
+def adopt_runs(grid: Sequence[Variant], workdir: str, settings: Settings | None = None,
+               **kwargs) -> list[tuple[str, str]]:
+  """Moves finished runs to the names a changed grid plans for them -> [(from, to)].
+
+  Run names hash overrides, so a new default (a preset edit) plans the old default's
+  name for itself, and the old default, now a row of overrides, a name nothing holds.
+  Each planned run whose name holds no matching run takes the finished run of the same
+  kind whose saved config matches its plan (strictly: a field the run predates counts
+  as its base_config value); a run under a planned name that does not match is moved
+  aside first (NAME.parked-I), so another row can take it. Nothing is trained or
+  deleted. Equal-FLOPs rows are planned after their render runs (if trained).
+  """
+  settings = settings or Settings(**kwargs)
+  plans = [plan_variant(v, workdir, settings) for v in grid]
+  vocab = budget = None
+  if any(v.equal_flops for v in grid) and _finished(plans[0].render[0]):
+    vocab = _vocab_size(plans[0].render[0])
+    budget = _variant_flops(plans[0], vocab)
+  by_stage = ({}, {}, {})  # name -> config per stage: render runs first (the others name them).
+  for v, plan in zip(grid, plans):
+    if v.equal_flops:
+      if budget is None or not _finished(plan.render[0]):
+        continue
+      plan = plan_variant(match_flops(v, workdir, settings, vocab, budget), workdir, settings)
+    for stage, run in zip(by_stage, (plan.render, plan.concepts, plan.finetune)):
+      if run is not None:
+        stage.setdefault(run[0], run[1])
+  planned = {k: v for stage in by_stage for k, v in stage.items()}
+  moves = []
+  for run_dir, config in planned.items():
+    source = (config.concepts.render_workdir if config.stage == "concepts"
+              else config.render.get("generated_from", ""))
+    if source and not _finished(source):  # Its config cannot be resolved: nothing to match.
+      continue
+    here = _finished(run_dir)
+    if here and not _differences(config, run_dir, strict=True):
+      continue
+    kind = os.path.basename(run_dir).split("-")[0] + "-"
+    taken = {d for d, c in planned.items() if d != run_dir and _finished(d)
+             and not _differences(c, d, strict=True)}
+    found = next((d for d in sorted(os.listdir(workdir)) if d.startswith(kind)
+                  and os.path.join(workdir, d) not in taken | {run_dir}
+                  and _finished(os.path.join(workdir, d))
+                  and not _differences(config, os.path.join(workdir, d), strict=True)), None)
+    if found is None:
+      continue
+    if os.path.exists(run_dir):
+      parked = next(f"{run_dir}.parked-{i}" for i in range(1000)
+                    if not os.path.exists(f"{run_dir}.parked-{i}"))
+      os.rename(run_dir, parked)
+      moves.append((run_dir, parked))
+    os.rename(os.path.join(workdir, found), run_dir)
+    moves.append((os.path.join(workdir, found), run_dir))
+  return moves
+
+
+def _finished(run_dir: str) -> bool:
+  return os.path.isfile(os.path.join(run_dir, DONE_FILE))
 
 
 # ---------------------------------------------------------------- evaluation

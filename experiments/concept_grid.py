@@ -6,8 +6,8 @@
 
 Each row changes one thing from a default and is trained and evaluated at the tiny
 preset: `default` is the shipped tiny presets (set to the best measured combination);
-`v7`, `v6`, `v5`, `v4`, `v3`, `v2` and `v1` are earlier defaults, and `v7_x` ... `v1_x`
-rows are one change from them (measured then, and kept so their tables can be
+`v8`, `v7`, `v6`, `v5`, `v4`, `v3`, `v2` and `v1` are earlier defaults, and `v8_x` ...
+`v1_x` rows are one change from them (measured then, and kept so their tables can be
 reproduced). The ar and mdm rows get the same source and the training FLOPs of the
 `default` pipeline; so do rows marked equal_flops (their concepts run gets the steps
 that match). Runs are shared and resumed: re-running only does what is missing (a
@@ -19,7 +19,9 @@ minutes for the default row and the baselines, ~8-12 minutes per row that trains
 minutes per sampling row.
 --only=v2,v2_t1s64 picks rows; --baselines=ar leaves out mdm (~20 minutes);
 --ar_seeds=2 adds an ar run from another seed (row ar_seed2); --nojudge skips the judge's
-run (~22 minutes) and the gen-PPL column, for a first look at rows.
+run (~22 minutes) and the gen-PPL column, for a first look at rows. After a preset edit
+(a new default), --adopt moves the runs already trained to the names the grid now plans
+for them (experiment.adopt_runs) instead of refusing them.
 """
 
 import dataclasses
@@ -31,12 +33,16 @@ from concept_diffusion import experiment
 from concept_diffusion.experiment import Variant
 
 # Earlier defaults, as overrides of today's presets, so their rows still plan what was
-# measured. v7 (the default until the 1,200-step render run): 600 render steps, and the
-# concepts run 3,260.
+# measured. Every one of them had a plain flow head (no mean, model.head_mean); v8 (the
+# default until the head's mean) trained it 2,234 concept steps.
+PLAIN_HEAD = {"model.head_mean": False}
+V8 = {**PLAIN_HEAD, "train.num_steps": 2234}
+# v7 (the default until the 1,200-step render run): 600 render steps, and the concepts
+# run 3,260.
 V7_RENDER = {"train.num_steps": 600}
-V7 = {"train.num_steps": 3260}
+V7 = {**PLAIN_HEAD, "train.num_steps": 3260}
 # v6 (the default until the 6-block head): a 2-block head over 5,990 steps.
-HEAD2 = {"model.diff_head_layers": 2}
+HEAD2 = {**PLAIN_HEAD, "model.diff_head_layers": 2}
 V6 = {**HEAD2, "train.num_steps": 5990}
 # v5 (slots pooling under unit z noise):
 V5_RENDER = {**V7_RENDER, "render.z_noise": 1.0}
@@ -60,6 +66,11 @@ def _from(v: Variant, tag: str, concepts: dict, sample: dict, render: dict = MEA
   return dataclasses.replace(v, name=name, axis=f"{v.axis} ({tag})",
                              render={**render, **v.render}, concepts={**concepts, **v.concepts},
                              sample={**sample, **v.sample})
+
+
+def from_v8(v: Variant) -> Variant:
+  """The row `v` as one change from the v8 default (named v8_...)."""
+  return _from(v, "v8", V8, {}, render={})
 
 
 def from_v7(v: Variant) -> Variant:
@@ -135,11 +146,25 @@ RENDER16 = Variant("render_steps16", "sampling", sample={"render_steps": 16})
 CFG2 = Variant("cfg2", "sampling", sample={"guidance": 2.0})
 R1800_T05_CFG2 = dataclasses.replace(R1800_T05, name="render1800_temp0.5_cfg2",
                                      sample={**R1800_T05.sample, **CFG2.sample})
+# Stronger guidance on the same row (sampling only).
+R1800_T05_CFG = [dataclasses.replace(R1800_T05, name=f"render1800_temp0.5_cfg{g}",
+                                     sample={**R1800_T05.sample, "guidance": float(g)})
+                 for g in (3, 4, 6, 8)]
 FULL = [
     Variant("default"),  # The shipped tiny presets (configs/render.py, configs/concepts.py).
     # The same default from other seeds (init, noise and data order): the noise of a row.
-    # (Measured as v7's rows render1200_eqflops(_seedS): 1,200 render steps, 2,234 concept
-    # steps.)
+    # (Measured as v8's rows head_mean_eqflops(_seedS): the head works around a mean mu(h)
+    # regressed onto the next concept, model.head_mean; 2,209 steps at equal FLOPs.)
+    *SEEDS,
+    # The weight of mu's regression (concepts.mean_weight; 1 in the preset).
+    *[Variant(f"mean_weight{w:g}", "concept loss", concepts={"concepts.mean_weight": w})
+      for w in (0.3, 3.0)],
+    # The best text row of v8 (1,800 render steps, temperature 0.5, guidance 4) on it
+    # (measured as v8's row render1800_head_mean_temp0.5_cfg4).
+    RENDER1800, R1800_T05_CFG[1], *seeded(R1800_T05_CFG[1])[:1],
+    # The v8 default (a plain flow head, 2,234 concept steps) and one change from it per row.
+    *map(from_v8, [
+    Variant("default"),
     *SEEDS,
     # A deeper concept model (4 layers, 1,885 steps at equal FLOPs): level (0.781 / 0.777
     # consistent against 0.767 / 0.795 from seeds 0 / 1).
@@ -149,6 +174,9 @@ FULL = [
     # (seed 0; under mean pooling and a 2-block head 0.687 against that seed's 0.714).
     Variant("contrastive1.0_eqflops", "concept loss",
             concepts={"concepts.contrastive_weight": 1.0}, equal_flops=True),
+    # (The head working around a mean mu(h) regressed onto the next concept,
+    # model.head_mean, from seeds 0 / 1 / 2, was measured as rows head_mean_eqflops(_seedS):
+    # it is today's default, and those are today's default and seedS.)
     # More of the budget to the render stage (1,800 steps; the concepts run gives up the
     # extra 600 steps' FLOPs): 600 -> 1,200 steps was the one change that helped on text.
     RENDER1800,
@@ -167,9 +195,11 @@ FULL = [
     # Guidance: mode-seeking like a cooler head (under v4 on this corpus it lost facts:
     # 0.597 / 0.577 / 0.559 consistent at 1.5 / 2 / 3, against 0.68 at 1).
     CFG2, *seeded(CFG2)[:1],
-    R1800_T05_CFG2, *seeded(R1800_T05_CFG2)[:1],
+    R1800_T05_CFG2, *seeded(R1800_T05_CFG2)[:1], *R1800_T05_CFG,
+    *[s for v in R1800_T05_CFG[:2] for s in seeded(v)[:1]],
     dataclasses.replace(R1800_T05, name="render1800_temp0.5_render16",
                         sample={**R1800_T05.sample, **RENDER16.sample}),
+    ]),
     # The v7 default (600 render steps, 3,260 concept steps) and one change from it per row.
     *map(from_v7, [
         Variant("default"),
@@ -362,18 +392,21 @@ TEXT_RENDER = [from_v7(v) for v in (
                                                       "data.num_concepts": 16},
             equal_flops=True),
 )]
-TEXT = [v for v in FULL if v.name in ("default", "seed1", "render1800_eqflops",
-                                      "render1800_temp0.5", "render1800_temp0.5_seed1",
-                                      "render1800_concepts2234", "temp0.5",
-                                      "prev_concept_eqflops", "prev_concept_eqflops_seed1",
-                                      "render_steps16", "render1800_prev_temp0.5",
-                                      "render1800_prev_temp0.5_seed1", "cfg2", "cfg2_seed1",
-                                      "render1800_temp0.5_cfg2", "render1800_temp0.5_cfg2_seed1",
-                                      "render1800_temp0.5_render16",
-                                      "temp0.7", "v7", "v7_seed1", "v7_z_noise1",
-                                      "v7_z_noise2", "v2", "v1", "v1_temp1.0",
-                                      "v1_z_noise0.1")] + [
-                                          SHORT_CLEAN, SHORT_CLEAN_LONG, *TEXT_RENDER]
+# The v8 rows measured on text, by their names under v8.
+V8_TEXT = ("default", "seed1", "render1800_eqflops", "render1800_temp0.5",
+           "render1800_temp0.5_seed1", "render1800_concepts2234", "temp0.5", "temp0.7",
+           "prev_concept_eqflops", "prev_concept_eqflops_seed1", "render_steps16",
+           "render1800_prev_temp0.5", "render1800_prev_temp0.5_seed1", "cfg2", "cfg2_seed1",
+           "render1800_temp0.5_cfg2", "render1800_temp0.5_cfg2_seed1",
+           *[f"render1800_temp0.5_cfg{g}" for g in (3, 4, 6, 8)],
+           "render1800_temp0.5_cfg3_seed1", "render1800_temp0.5_cfg4_seed1",
+           "render1800_temp0.5_render16")
+TEXT = [v for v in FULL if v.name in (
+    "default", "seed1", "render1800_eqflops", "render1800_temp0.5_cfg4",
+    "render1800_temp0.5_cfg4_seed1",
+    *("v8" if n == "default" else f"v8_{n}" for n in V8_TEXT),
+    "v7", "v7_seed1", "v7_z_noise1", "v7_z_noise2", "v2", "v1", "v1_temp1.0",
+    "v1_z_noise0.1")] + [SHORT_CLEAN, SHORT_CLEAN_LONG, *TEXT_RENDER]
 GRIDS = {"full": FULL, "text": TEXT}
 
 
@@ -388,6 +421,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("judge", True, "Train the judge ar run and score gen-PPL.")
   flags.DEFINE_list("ar_seeds", [], "The ar baseline also trained from these seeds (rows "
                     "ar_seedS).")
+  flags.DEFINE_bool("adopt", False, "First move finished runs to the names the whole grid "
+                    "plans for them (after a preset change; experiment.adopt_runs).")
 
 
 def main(argv):
@@ -396,11 +431,15 @@ def main(argv):
   if not f["verbosity"].present:  # Library INFO logs drown the progress lines.
     logging.set_verbosity(logging.WARNING)
   grid = GRIDS[f.grid]
+  settings = experiment.Settings(source=f.source, num_prompts=f.num_prompts,
+                                 baselines=tuple(f.baselines),
+                                 ar_seeds=tuple(int(s) for s in f.ar_seeds), judge=f.judge)
+  if f.adopt:  # Over every row, so a run displaced by a new default finds its new name.
+    for src, dst in experiment.adopt_runs(grid, f.workdir, settings):
+      print(f"moved {src} -> {dst}")
   if f.only:
     grid = [v for v in grid if v.name == "default" or v.name in f.only]
-  result = experiment.run_grid(grid, f.workdir, source=f.source, num_prompts=f.num_prompts,
-                               baselines=tuple(f.baselines),
-                               ar_seeds=tuple(int(s) for s in f.ar_seeds), judge=f.judge)
+  result = experiment.run_grid(grid, f.workdir, settings)
   print(experiment.markdown_table(result))
 
 

@@ -271,11 +271,13 @@ def test_contrastive_term_trains_the_context_through_its_own_projection(tiny_ren
   for name in p_off:  # The term's key is its own: the other subtrees init as before.
     for a, b in zip(jax.tree.leaves(p_off[name]), jax.tree.leaves(p_on[name])):
       np.testing.assert_array_equal(a, b)
-  loss_off, _ = stage_off.loss_fn(p_off, batch, key)
+  _, m_off = stage_off.loss_fn(p_off, batch, key)
   loss_on, m = stage_on.loss_fn(p_on, batch, key)
-  assert float(m["diffusion_loss"]) == pytest.approx(float(loss_off), rel=1e-6)
-  assert float(loss_on) == pytest.approx(float(m["diffusion_loss"] + 0.5 * m["contrastive_loss"]),
-                                          rel=1e-6)
+  # Beside the preset's regression of the head's mean (model.head_mean), unchanged by it.
+  assert float(m["diffusion_loss"]) == pytest.approx(float(m_off["diffusion_loss"]), rel=1e-6)
+  assert float(m["mean_loss"]) == pytest.approx(float(m_off["mean_loss"]), rel=1e-6)
+  assert float(loss_on) == pytest.approx(
+      float(m["diffusion_loss"] + 0.5 * m["contrastive_loss"] + m["mean_loss"]), rel=1e-6)
   assert float(m["contrastive_loss"]) > 0 and 0 <= float(m["contrastive_acc"]) <= 1
   # Its gradient reaches the context transformer, never the diffusion head.
   term = lambda p: stage_on.loss_fn(p, batch, key)[1]["contrastive_loss"]  # noqa: E731
@@ -306,10 +308,42 @@ def test_contrastive_run_trains_and_restores(tiny_render_run, tmp_path):
   workdir = str(tmp_path / "contrastive")
   train.train(config, workdir)
   logged = evaluation.load_metrics(workdir)[-1]
-  assert logged["loss"] == pytest.approx(logged["diffusion_loss"]
-                                         + 0.5 * logged["contrastive_loss"], rel=1e-4)
+  assert logged["loss"] == pytest.approx(logged["diffusion_loss"] + 0.5 * logged[
+      "contrastive_loss"] + logged["mean_loss"], rel=1e-4)  # The preset's head mean too.
   _, _, params = train.restore_params(workdir)
   assert "contrastive" in params
   # Generation loads the run; it samples through the concept model's subtree alone.
   gen = generate.load(workdir, render_workdir=tiny_render_run)
   assert set(generate.build_modules(gen)) == {"encoder", "renderer", "concept_model"}
+
+
+def test_head_mean_run_trains_restores_and_generates(tiny_render_run, tmp_path):
+  from concept_diffusion import evaluation, generate, plan, train
+  from concept_diffusion.models import sizes
+  over = {"concepts.render_workdir": tiny_render_run, "model.head_mean": True,
+          "concepts.mean_weight": 0.5, "train.num_steps": 2, "train.log_every": 1,
+          "checkpoint.every_steps": 2}
+  config = tiny_config("concepts", **over)
+  base = tiny_config("concepts", **{**over, "model.head_mean": False})
+  stage = stages.build_stage(stages.resolve_config(config), _Tok(), for_training=False)
+  real = plan.real_param_counts(stage)
+  assert sizes.param_count(config, "concepts") == sum(v for k, v in real.items() if k != "encoder")
+  assert sizes.flops_per_token(config, "concepts") > sizes.flops_per_token(base, "concepts")
+  workdir = str(tmp_path / "head_mean")
+  train.train(config, workdir)
+  logged = evaluation.load_metrics(workdir)[-1]
+  assert logged["mean_loss"] > 0
+  assert logged["loss"] == pytest.approx(logged["diffusion_loss"] + 0.5 * logged["mean_loss"],
+                                         rel=1e-4)
+  _, _, params = train.restore_params(workdir)
+  assert "mean_proj" in params["concept_model"]
+  gen = generate.load(workdir, render_workdir=tiny_render_run)
+  assert gen.config.model.head_mean
+  assert len(generate.generate(gen, ["Mara lives in Oslo."], num_concepts=2, guidance=2.0)) == 1
+
+
+def test_bad_mean_weight_is_a_config_error():
+  config = tiny_config("concepts", **{"concepts.render_workdir": "/tmp/r",
+                                      "concepts.mean_weight": -1.0})
+  with pytest.raises(config_lib.ConfigError, match="concepts.mean_weight=-1.0"):
+    config_lib.validate(config)

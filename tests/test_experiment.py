@@ -207,6 +207,54 @@ def test_an_equal_flops_variant_gets_the_concept_steps_that_match_the_budget(gri
     experiment.equal_flops_steps(plan, vocab, budget=1e3)
 
 
+def test_adopt_runs_moves_runs_to_the_names_a_new_default_plans(grid_run, tmp_path,
+                                                                monkeypatch):
+  import pathlib
+  import shutil
+  workdir = str(tmp_path / "grid")
+  shutil.copytree(grid_run[0], workdir)
+  # A new default: the concepts preset now turns the head's mean on; the old default
+  # becomes a row of overrides. Its run predates the field (as runs trained before it).
+  preset = tmp_path / "new_concepts.py"
+  preset.write_text(
+      "import importlib.util\n"
+      "spec = importlib.util.spec_from_file_location('c', "
+      f"{str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'concepts.py')!r})\n"
+      "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+      "def get_config(preset='tiny'):\n"
+      "  c = mod.get_config(preset); c.model.head_mean = True; return c\n")
+  settings = dataclasses.replace(_settings(), concepts_preset=f"{preset}:tiny")
+  grid = [Variant("default"), Variant("old", "old default", concepts={"model.head_mean": False})]
+  old_dir = experiment.plan_variant(GRID[0], workdir, _settings()).concepts[0]
+  saved = json.load(open(os.path.join(old_dir, "config.json")))
+  del saved["model"]["head_mean"]
+  saved["concepts"]["render_workdir"] = saved["concepts"]["render_workdir"].replace(
+      grid_run[0], workdir)  # As trained in this copy of the grid.
+  json.dump(saved, open(os.path.join(old_dir, "config.json"), "w"))
+  new = [experiment.plan_variant(v, workdir, settings) for v in grid]
+  assert new[0].concepts[0] == old_dir  # The new default plans the old one's name...
+  experiment.check_reuse(new[0].concepts[1], old_dir)  # ...and the lax check passes it.
+  moves = experiment.adopt_runs(grid, workdir, settings)
+  assert moves == [(old_dir, new[1].concepts[0])]  # Strictly, it is the old default's.
+  assert not os.path.exists(old_dir)  # The new default is left to train.
+  experiment.check_reuse(new[1].concepts[1], new[1].concepts[0])
+  assert experiment.adopt_runs(grid, workdir, settings) == []  # Settled: nothing moves.
+  # Had the new default been trained as a row of the old grid, the two swap names.
+  shutil.move(new[1].concepts[0], old_dir)
+  mean = experiment.plan_variant(Variant("mean", concepts={"model.head_mean": True}), workdir,
+                                 _settings())
+  experiment.train_once(*reversed(mean.concepts))
+  moves = experiment.adopt_runs(grid, workdir, settings)
+  parked = old_dir + ".parked-0"
+  assert moves == [(old_dir, parked), (mean.concepts[0], old_dir),
+                   (parked, new[1].concepts[0])]
+  import concept_diffusion.train as train_lib
+  monkeypatch.setattr(train_lib, "train", lambda *a, **k: pytest.fail("adopted runs train"))
+  for plan in new:  # Each row finds its run, finished and trained as it plans.
+    assert not experiment._differences(plan.concepts[1], plan.concepts[0], strict=True)
+    experiment.train_once(plan.concepts[1], plan.concepts[0])
+
+
 def test_grid_runs_checkpoint_periodically_and_reuse_ignores_how_often(grid_run):
   plan = experiment.plan_variant(GRID[0], "/tmp/unused", Settings(checkpoint_every=500))
   assert plan.concepts[1].checkpoint.every_steps == 500  # Of 2,400 steps: a killed run resumes.
@@ -288,16 +336,19 @@ def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
   render = {name: (plans[name][1].render[1].model.encoder_pooling,
                    plans[name][1].render[1].render.z_noise,
                    plans[name][1].render[1].train.num_steps)
-            for name in ("default", "v7", "v6", "v5", "v4", "v1")}
+            for name in ("default", "v8", "v7", "v6", "v5", "v4", "v1")}
   # Each earlier default's render stage and concept head, as measured.
-  assert render == {"default": ("slots", 1.5, 1200), "v7": ("slots", 1.5, 600),
+  assert render == {"default": ("slots", 1.5, 1200), "v8": ("slots", 1.5, 1200),
+                    "v7": ("slots", 1.5, 600),
                     "v6": ("slots", 1.5, 600), "v5": ("slots", 1.0, 600),
                     "v4": ("mean", 1.0, 600), "v1": ("mean", 1.0, 600)}
   heads = {name: (plans[name][1].concepts[1].model.diff_head_layers,
+                  plans[name][1].concepts[1].model.head_mean,
                   plans[name][1].concepts[1].train.num_steps)
-           for name in ("default", "v7", "v6", "v5", "v4", "v3", "v2", "v1")}
-  assert heads == {"default": (6, 2234), "v7": (6, 3260), "v6": (2, 5990), "v5": (2, 5990),
-                   "v4": (2, 6037), "v3": (2, 5310), "v2": (2, 2400), "v1": (2, 2400)}
+           for name in ("default", "v8", "v7", "v6", "v5", "v4", "v3", "v2", "v1")}
+  assert heads == {"default": (6, True, 2209), "v8": (6, False, 2234), "v7": (6, False, 3260),
+                   "v6": (2, False, 5990), "v5": (2, False, 5990), "v4": (2, False, 6037),
+                   "v3": (2, False, 5310), "v2": (2, False, 2400), "v1": (2, False, 2400)}
   # A render-steps row of an earlier default keeps its own steps over the 600.
   assert plans["v4_render1200_eqflops"][1].render[1].train.num_steps == 1200
   default, v2 = plans["default"][1].concepts[1], plans["v2"][1].concepts[1]

@@ -51,7 +51,7 @@ def test_every_param_has_logical_axis_names(scan):
 
 @pytest.mark.parametrize("overrides", [{}, {"num_kv_heads": 1, "scan_layers": True},
                                        {"prev_concept": True}, {"encoder_pooling": "slots"},
-                                       {"head_reads_context": True}])
+                                       {"head_reads_context": True}, {"head_mean": True}])
 def test_param_count_matches_real_tree(overrides):
   c = tiny_config(**{k: v for k, v in overrides.items() if k != "prev_concept"})
   c.render.prev_concept = overrides.get("prev_concept", False)
@@ -230,6 +230,54 @@ def test_head_reads_its_own_documents_past_concepts_only():
   assert bool(jnp.all(jnp.isfinite(head(z, empty))))
   with pytest.raises(ValueError, match="head_reads_context"):
     cm.apply(params, zt, t, h, method=cm.head)
+
+
+def test_head_mean_regresses_h_and_shifts_the_flow():
+  cfg = layers.ModelConfig.from_config(tiny_config(head_mean=True))
+  cm, plain = ConceptModel(cfg), ConceptModel(dataclasses.replace(cfg, head_mean=False))
+  z = jax.random.normal(jax.random.key(1), (2, 4, 16))
+  seg = jnp.array([[1, 1, 1, 1], [1, 1, 2, 2]])
+  params = nn.unbox(jax.jit(cm.init)(jax.random.key(0), z, seg, z, jnp.zeros((2, 4))))
+  p = params["params"]
+  zt, t = jax.random.normal(jax.random.key(2), z.shape), jnp.full((2, 4), 0.3)
+  h = cm.apply(params, z, seg, method=cm.context)
+  head = jax.jit(lambda v, m: m.apply(v, zt, t, h, method=m.head), static_argnums=1)
+  # Zero-initialised mean: at init the head is the plain one.
+  without = {"params": {k: v for k, v in p.items() if k != "mean_proj"}}
+  np.testing.assert_allclose(head(params, cm), head(without, plain), atol=1e-6)
+  p["mean_proj"]["kernel"] = jax.random.normal(jax.random.key(3), p["mean_proj"]["kernel"].shape)
+  mu = cm.apply(params, h, method=cm.mean)
+  assert float(jnp.abs(mu).min()) > 0
+  # The denoiser sees the residual's path: z_t + t mu under the mean is z_t without it.
+  shifted = cm.apply(params, zt + t[..., None] * mu, t, h, method=cm.head)
+  np.testing.assert_allclose(shifted - mu, head(without, plain), atol=1e-5)
+  # A silent denoiser (zero output layer) leaves mu: the velocity is mu - z_t's noise
+  # part, so the flow from zero noise lands on it and mse predicts it.
+  silent = jax.tree.map(lambda x: x, params)
+  silent["params"]["diffusion_head"]["out_proj"] = jax.tree.map(
+      jnp.zeros_like, p["diffusion_head"]["out_proj"])
+  for objective in ("flow", "x0", "mse"):
+    out = concept_model.sample_from_context(cm, silent, h, jax.random.key(4),
+                                            objective=objective, steps=4, noise_scale=0.0)
+    np.testing.assert_allclose(out, mu, atol=1e-5, err_msg=objective)
+  # The regression term: loss = the head's loss + weight x mean_loss, and it trains mu.
+  key = jax.random.key(5)
+  loss_fn = lambda v, w: concept_model.concept_objective(  # noqa: E731
+      cm, v, z, seg > 0, seg, key, "flow", mean_weight=w)[:2]
+  base, _ = loss_fn(params, 0.0)
+  loss, metrics = loss_fn(params, 0.5)
+  target, mask = concept_model.continuous.next_concept_targets(z, seg > 0, seg)
+  want = jnp.sum(jnp.mean((mu - target) ** 2, -1) * mask) / jnp.sum(mask)
+  np.testing.assert_allclose(metrics["mean_loss"], want, rtol=1e-5)
+  np.testing.assert_allclose(metrics["diffusion_loss"], base, rtol=1e-6)
+  np.testing.assert_allclose(loss, base + 0.5 * want, rtol=1e-5)
+  grad = jax.grad(lambda v: loss_fn(v, 1.0)[0] - loss_fn(v, 0.0)[0])(params)
+  assert float(jnp.abs(grad["params"]["mean_proj"]["kernel"]).max()) > 0
+  # Without a mean the weight is ignored.
+  plain_params = plain.init(jax.random.key(0), z, seg, z, jnp.zeros((2, 4)))
+  plain_loss = lambda w: concept_model.concept_objective(  # noqa: E731
+      plain, plain_params, z, seg > 0, seg, key, "flow", mean_weight=w)[0]
+  assert float(plain_loss(1.0)) == float(plain_loss(0.0))
 
 
 def test_head_reads_context_is_validated():

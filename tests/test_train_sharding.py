@@ -38,6 +38,7 @@ for stage, module in (("render", render), ("concepts", concepts)):
       over["concepts.cache_examples"] = "0"
       # The contrastive term compares every concept with the whole (sharded) batch.
       over["concepts.contrastive_weight"] = "0.1"
+      over["model.head_mean"] = "true"  # The head's mean (the preset's): a sharded weight.
     trainer.train(build(module, over), workdir)
     losses[f"{stage}{mesh}"] = [json.loads(l)["loss"] for l in open(workdir + "/metrics.jsonl")]
 print("LOSSES", json.dumps(losses))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -141,7 +143,8 @@ class ConceptModel(nn.Module):
   """Causal, document-aware transformer over concepts (`context`) + diffusion `head`.
 
   h at position n conditions the prediction of concept n+1. `__call__` runs both
-  (used by `init`); training and sampling call the two methods separately.
+  (used by `init`); training and sampling call the two methods separately. With
+  cfg.head_mean the head works around mu(h) (`mean`, see `head`).
   """
   cfg: layers.ModelConfig
 
@@ -153,6 +156,9 @@ class ConceptModel(nn.Module):
                                    layers.partitioned(nn.initializers.normal(1.0), ("embed",)),
                                    (cfg.embed_dim,), jnp.float32)
     self.diffusion_head = DiffusionHead(cfg)
+    if cfg.head_mean:  # Zero-initialised: at init the head is the plain one.
+      self.mean_proj = layers.dense(cfg.concept_dim, ("embed", "concept_embed"), cfg,
+                                    use_bias=True, init=ZEROS)
 
   def __call__(self, z_BxNxD, segment_ids_BxN, zt_BxNxD, t_BxN, drop_context_BxN=None):
     h_BxNxE = self.context(z_BxNxD, segment_ids_BxN, drop_context_BxN)
@@ -177,8 +183,24 @@ class ConceptModel(nn.Module):
     return jnp.broadcast_to(self.null_context, (*shape, self.cfg.embed_dim))
 
   def head(self, zt_BxNxD, t_BxN, h_BxNxE, memory=None):
-    """Denoiser output for noisy concepts zt at times t given contexts h (and memory)."""
-    return self.diffusion_head(zt_BxNxD, t_BxN, h_BxNxE, memory)
+    """Denoiser output for noisy concepts zt at times t given contexts h (and memory).
+
+    With cfg.head_mean, mu + f(zt - t mu): the denoiser f sees the path of the residual
+    z1 - mu (z_t = (1 - t) noise + t z1 is (1 - t) noise + t (z1 - mu) + t mu), and mu is
+    added back to its velocity / clean estimate, so every objective and sampler runs
+    unchanged and a silent f samples mu plus the noise.
+    """
+    if not self.cfg.head_mean:
+      return self.diffusion_head(zt_BxNxD, t_BxN, h_BxNxE, memory)
+    mu_BxNxD = self.mean(h_BxNxE)
+    out_BxNxD = self.diffusion_head(zt_BxNxD - t_BxN[..., None] * mu_BxNxD, t_BxN, h_BxNxE,
+                                    memory)
+    return out_BxNxD + mu_BxNxD
+
+  def mean(self, h_BxNxE):
+    """mu(h): the regressed next concept of cfg.head_mean (concepts.mean_weight)."""
+    mu_BxNxD = self.mean_proj(h_BxNxE.astype(self.cfg.compute_dtype)).astype(jnp.float32)
+    return nn.with_logical_constraint(mu_BxNxD, ("batch", "concepts", "concept_embed"))
 
   def memory(self, z_BxNxD, segment_ids_BxN):
     """What the head reads beside h: context_memory if cfg.head_reads_context, else None."""
@@ -200,7 +222,7 @@ class ContrastiveProjection(nn.Module):
 def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN, segment_ids_BxN,
                       key, objective: str = "flow", cfg_dropout: float = 0.0,
                       with_estimate: bool = False, time_shift: float = 1.0,
-                      context_loss=None):
+                      context_loss=None, mean_weight: float = 0.0):
   """Next-concept loss of the concept model on a batch of concepts -> (loss, metrics).
 
   The context at position n predicts concept n+1 of the same document; with
@@ -208,9 +230,13 @@ def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN,
   (classifier-free guidance training). with_estimate: also returns the head's
   clean estimate of concept n+1 at every n; time_shift: see continuous.concept_loss.
   context_loss(h_BxNxE, target_BxNxD, mask_BxN) -> (loss, metrics), if given, is
-  added to the loss (the contrastive term); metrics then hold the head's own loss
-  as diffusion_loss.
+  added to the loss (the contrastive term); so is mean_weight times the squared error
+  of mu(h) where the model has a mean (cfg.head_mean); metrics then hold the head's
+  own loss as diffusion_loss.
   """
+  if mean_weight > 0 and model.cfg.head_mean:
+    mean_loss = functools.partial(_mean_loss, model, variables, mean_weight)
+    context_loss = mean_loss if context_loss is None else _both(context_loss, mean_loss)
   k_drop, k_loss = jax.random.split(key)
   h_BxNxE = model.apply(variables, z_BxNxD, segment_ids_BxN, method=model.context)
   memory = model.memory(z_BxNxD, segment_ids_BxN)
@@ -232,6 +258,21 @@ def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN,
   extra, extra_metrics = context_loss(h_BxNxE, target_BxNxD, mask_BxN)
   loss = out[0] + extra
   return (loss, {**out[1], **extra_metrics, "diffusion_loss": out[0], "loss": loss}, *out[2:])
+
+
+def _mean_loss(model: ConceptModel, variables, weight: float, h_BxNxE, target_BxNxD, mask_BxN):
+  """weight x the per-dimension squared error of mu(h) against concept n+1."""
+  mu_BxNxD = model.apply(variables, h_BxNxE, method=model.mean)
+  loss = continuous.masked_mean(jnp.mean(jnp.square(mu_BxNxD - target_BxNxD), -1), mask_BxN)
+  return weight * loss, {"mean_loss": loss}
+
+
+def _both(loss_a, loss_b):
+  """The sum of two context losses (their metrics merged)."""
+  def loss_fn(*args):
+    (a, metrics_a), (b, metrics_b) = loss_a(*args), loss_b(*args)
+    return a + b, {**metrics_a, **metrics_b}
+  return loss_fn
 
 
 def guided_head(model: ConceptModel, variables, h_BxNxE, guidance: float, memory=None):

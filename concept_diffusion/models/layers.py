@@ -42,6 +42,7 @@ class ModelConfig:
   prev_concept: bool = False
   encoder_pooling: str = "mean"
   head_reads_context: bool = False
+  head_mean: bool = False
 
   @classmethod
   def from_config(cls, config, vocab_size: int | None = None) -> "ModelConfig":
@@ -59,7 +60,8 @@ class ModelConfig:
         prev_concept=bool(config.render.prev_concept),
         # .get: configs saved before the field pooled by the mean.
         encoder_pooling=m.get("encoder_pooling", "mean"),
-        head_reads_context=bool(m.get("head_reads_context", False)))
+        head_reads_context=bool(m.get("head_reads_context", False)),
+        head_mean=bool(m.get("head_mean", False)))
 
   @property
   def compute_dtype(self):

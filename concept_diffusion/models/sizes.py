@@ -70,7 +70,7 @@ def component_params(c: ModelConfig) -> dict[str, int]:
       "renderer": (v * e + d * l * e * (1 + c.prev_concept) + _stack_params(c, c.renderer_layers)
                    + e * v),
       "concept_model": (d * e + _stack_params(c, c.concept_layers) + e + _head_matmuls(c)
-                        + _head_biases(c)),
+                        + _head_biases(c) + (e * d + d) * c.head_mean),
       "ar": v * e + _stack_params(c, c.baseline_layers) + e * v,
       "mdm": v * e + _stack_params(c, c.baseline_layers) + e * v,
   }
@@ -111,6 +111,8 @@ def flops_per_token(config, stage: str, vocab_size: int | None = None,
   elif stage == "concepts":
     matmuls = d * e + _layer_matmuls(c) * c.concept_layers + _head_matmuls(c)
     attention = c.concept_layers * hk * num_concepts
+    if c.head_mean:  # mu(h), in the head's call and in its regression term.
+      matmuls += 2 * e * d
     if c.head_reads_context:  # The head's read: W-wide q.k and p.v over the context.
       attention += c.diff_head_dim * num_concepts
     if _contrastive(config):  # Projection of h, then B x N similarities per concept.
