@@ -188,7 +188,7 @@ class ConceptModel(nn.Module):
     With cfg.head_mean, mu + f(zt - t mu): the denoiser f sees the path of the residual
     z1 - mu (z_t = (1 - t) noise + t z1 is (1 - t) noise + t (z1 - mu) + t mu), and mu is
     added back to its velocity / clean estimate, so every objective and sampler runs
-    unchanged and a silent f's clean estimate is mu.
+    unchanged, and with a silent f every sampler takes zero noise to mu.
     """
     if not self.cfg.head_mean:
       return self.diffusion_head(zt_BxNxD, t_BxN, h_BxNxE, memory)
