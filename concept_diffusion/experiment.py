@@ -321,8 +321,7 @@ def train_once(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains (or resumes) a run unless it already finished; marks it finished."""
   from concept_diffusion import train as train_lib
   check_reuse(config, workdir)
-  done = os.path.join(workdir, DONE_FILE)
-  if os.path.isfile(done):
+  if _finished(workdir):
     return
   start = time.time()
   print(f"-- training {os.path.basename(workdir)} ({config.stage}, "
@@ -333,7 +332,7 @@ def train_once(config: ml_collections.ConfigDict, workdir: str) -> None:
   if step < config.train.num_steps:  # Preempted (SIGTERM saves and returns): not done.
     raise ExperimentError(f"{workdir} stopped at step {step} of {config.train.num_steps}; "
                           "re-run the grid to resume it")
-  with open(done, "w") as f:
+  with open(os.path.join(workdir, DONE_FILE), "w") as f:
     json.dump({"seconds": time.time() - start, "last": summary}, f, default=float)
 
 
@@ -371,8 +370,7 @@ def adopt_runs(grid: Sequence[Variant], workdir: str, settings: Settings | None 
               else config.render.get("generated_from", ""))
     if source and not _finished(source):  # Its config cannot be resolved: nothing to match.
       continue
-    here = _finished(run_dir)
-    if here and not _differences(config, run_dir, strict=True):
+    if _finished(run_dir) and not _differences(config, run_dir, strict=True):
       continue
     kind = os.path.basename(run_dir).split("-")[0] + "-"
     taken = {d for d, c in planned.items() if d != run_dir and _finished(d)

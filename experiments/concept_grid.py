@@ -164,41 +164,41 @@ FULL = [
     RENDER1800, R1800_T05_CFG[1], *seeded(R1800_T05_CFG[1])[:1],
     # The v8 default (a plain flow head, 2,234 concept steps) and one change from it per row.
     *map(from_v8, [
-    Variant("default"),
-    *SEEDS,
-    # A deeper concept model (4 layers, 1,885 steps at equal FLOPs): level (0.781 / 0.777
-    # consistent against 0.767 / 0.795 from seeds 0 / 1).
-    LAYERS4, *seeded(LAYERS4)[:1],
-    # h_n must also pick concept n+1 out of the batch's (concepts.contrastive_weight): a
-    # direct signal to carry the values the head samples. Level: 0.773 against 0.767
-    # (seed 0; under mean pooling and a 2-block head 0.687 against that seed's 0.714).
-    Variant("contrastive1.0_eqflops", "concept loss",
-            concepts={"concepts.contrastive_weight": 1.0}, equal_flops=True),
-    # (The head working around a mean mu(h) regressed onto the next concept,
-    # model.head_mean, from seeds 0 / 1 / 2, was measured as rows head_mean_eqflops(_seedS):
-    # it is today's default, and those are today's default and seedS.)
-    # More of the budget to the render stage (1,800 steps; the concepts run gives up the
-    # extra 600 steps' FLOPs): 600 -> 1,200 steps was the one change that helped on text.
-    RENDER1800,
-    # The same render run with the cooler head, and (over the budget, a diagnostic: which
-    # half limits) with the default's 2,234 concept steps instead of 1,208.
-    R1800_T05, *seeded(R1800_T05)[:1],
-    dataclasses.replace(RENDER1800, name="render1800_concepts2234",
-                        axis="render steps (over budget)",
-                        concepts={"train.num_steps": 2234}, equal_flops=False),
-    # A cooler head: mode-seeking, which on this corpus blends facts (v2's runs: 0.562
-    # consistent at 0.5 and 16 steps, 0.646 at 1.0 and 64), while the judge's perplexity
-    # on text rewards it.
-    *COOL,
-    PREV, *seeded(PREV), RENDER16,
-    R1800_PREV_T05, *seeded(R1800_PREV_T05)[:1],
-    # Guidance: mode-seeking like a cooler head (under v4 on this corpus it lost facts:
-    # 0.597 / 0.577 / 0.559 consistent at 1.5 / 2 / 3, against 0.68 at 1).
-    CFG2, *seeded(CFG2)[:1],
-    R1800_T05_CFG2, *seeded(R1800_T05_CFG2)[:1], *R1800_T05_CFG,
-    *[s for v in R1800_T05_CFG[:2] for s in seeded(v)[:1]],
-    dataclasses.replace(R1800_T05, name="render1800_temp0.5_render16",
-                        sample={**R1800_T05.sample, **RENDER16.sample}),
+        Variant("default"),
+        *SEEDS,
+        # A deeper concept model (4 layers, 1,885 steps at equal FLOPs): level (0.781 / 0.777
+        # consistent against 0.767 / 0.795 from seeds 0 / 1).
+        LAYERS4, *seeded(LAYERS4)[:1],
+        # h_n must also pick concept n+1 out of the batch's (concepts.contrastive_weight): a
+        # direct signal to carry the values the head samples. Level: 0.773 against 0.767
+        # (seed 0; under mean pooling and a 2-block head 0.687 against that seed's 0.714).
+        Variant("contrastive1.0_eqflops", "concept loss",
+                concepts={"concepts.contrastive_weight": 1.0}, equal_flops=True),
+        # (The head working around a mean mu(h) regressed onto the next concept,
+        # model.head_mean, from seeds 0 / 1 / 2, was measured as rows head_mean_eqflops(_seedS):
+        # it is today's default, and those are today's default and seedS.)
+        # More of the budget to the render stage (1,800 steps; the concepts run gives up the
+        # extra 600 steps' FLOPs): 600 -> 1,200 steps was the one change that helped on text.
+        RENDER1800,
+        # The same render run with the cooler head, and (over the budget, a diagnostic: which
+        # half limits) with the default's 2,234 concept steps instead of 1,208.
+        R1800_T05, *seeded(R1800_T05)[:1],
+        dataclasses.replace(RENDER1800, name="render1800_concepts2234",
+                            axis="render steps (over budget)",
+                            concepts={"train.num_steps": 2234}, equal_flops=False),
+        # A cooler head: mode-seeking, which on this corpus blends facts (v2's runs: 0.562
+        # consistent at 0.5 and 16 steps, 0.646 at 1.0 and 64), while the judge's perplexity
+        # on text rewards it.
+        *COOL,
+        PREV, *seeded(PREV), RENDER16,
+        R1800_PREV_T05, *seeded(R1800_PREV_T05)[:1],
+        # Guidance: mode-seeking like a cooler head (under v4 on this corpus it lost facts:
+        # 0.597 / 0.577 / 0.559 consistent at 1.5 / 2 / 3, against 0.68 at 1).
+        CFG2, *seeded(CFG2)[:1],
+        R1800_T05_CFG2, *seeded(R1800_T05_CFG2)[:1], *R1800_T05_CFG,
+        *[s for v in R1800_T05_CFG[:2] for s in seeded(v)[:1]],
+        dataclasses.replace(R1800_T05, name="render1800_temp0.5_render16",
+                            sample={**R1800_T05.sample, **RENDER16.sample}),
     ]),
     # The v7 default (600 render steps, 3,260 concept steps) and one change from it per row.
     *map(from_v7, [
