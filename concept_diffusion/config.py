@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.concept_len = 8  # L: tokens per concept chunk (cap for sentence_capped, span size for span).
   c.data.num_concepts = 16  # N: concepts per training example.
   c.data.seq_len = 128  # T: tokens per example of the flat (ar / mdm) view.
+  # Train split only: a document that does not fit is cut where the example ends and goes
+  # on in the next (as segment 1, without its beginning), so no slot is padding; otherwise
+  # it opens the next example. 19-28% of the tiny presets' slots are padding without it.
+  c.data.fill_examples = False
   c.data.eval_fraction = 0.02  # Share of documents held out for evaluation (file sources).
   c.data.eval_docs = 512  # Held-out documents of the synthetic corpus.
   c.data.num_workers = 0  # Grain worker processes (0 = in the main process).
@@ -87,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   # [0, z_noise] per chunk, so the renderer also learns to read clean concepts sharply).
   c.render.z_noise_dist = "constant"
   c.render.prev_concept = False  # Also condition on the previous chunk's concept.
+  # Train batches only: the share of documents whose END chunk is trained on. Every END
+  # chunk is the same one-token chunk, 11-18% of the real chunks at the tiny preset.
+  c.render.end_keep = 1.0
   c.render.concept_reg = 1e-3  # Weight of the concept-space smoothness regulariser.
   c.render.sample_steps = 8  # Sampler steps used by round-trip evaluation.
   # Fine-tune from generated concepts: the workdir of a concepts run. Its render run's
@@ -214,6 +221,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     one_allowed = field in ("render.full_mask_prob", "render.generated_prob")
     if not (0.0 <= value <= 1.0 if one_allowed else 0.0 <= value < 1.0):
       raise ConfigError(f"{field}={value!r} must lie in [0, 1]")
+  end_keep = config.render.get("end_keep", 1.0)  # .get: configs saved before the field.
+  if not (isinstance(end_keep, (int, float)) and 0.0 < end_keep <= 1.0):
+    raise ConfigError(f"render.end_keep={end_keep!r} must lie in (0, 1]")
+  if (config.stage == "render" and config.data.get("fill_examples", False)
+      and config.render.generated_from):
+    raise ConfigError("data.fill_examples cuts documents across examples, and "
+                      "render.generated_from teacher-forces its concept model over whole "
+                      "documents; set data.fill_examples=False")
   # .get: configs saved before the field.
   if (config.model.get("head_reads_context", False)
       and config.model.diff_head_dim % config.model.num_heads):

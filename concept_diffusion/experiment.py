@@ -52,7 +52,7 @@ COLUMNS = (  # (results key, table heading)
 )
 DONE_FILE = "grid_done.json"
 # Settings that only add rows: changing them re-evaluates no other row.
-ROW_FREE = ("ar_temperatures", "ar_seeds", "baselines", "checkpoint_every")
+ROW_FREE = ("ar_temperatures", "ar_seeds", "ar_fill", "baselines", "checkpoint_every")
 # Generation defaults a run's config carries that do not change training: a finished run
 # is reused when only these change, and the grid samples with the planned values.
 SAMPLING_FIELDS = {"concepts.temperature": "temperature", "concepts.reencode": "reencode",
@@ -106,6 +106,10 @@ class Settings:
   # The ar baseline also trained from these seeds (train.seed and data.seed; rows
   # ar_seedS), so the baseline's spread between runs is measured as a row's is.
   ar_seeds: tuple = ()
+  # Also an ar baseline trained on filled rows (data.fill_examples; row ar_fill): the
+  # same change as a row that fills its own batches, so the baseline is not left with
+  # the padding that row gave up.
+  ar_fill: bool = False
   baselines: tuple = ("ar", "mdm")  # Flat baselines trained and shown.
   # Train the judge and score gen-PPL. False: every other column, without the ~22 CPU
   # minutes of the judge's run (rows so made are evaluated again once it is on).
@@ -529,13 +533,17 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
   if "ar" in settings.baselines:
     specs.update({f"ar_seed{s}": ("ar", settings.ar_preset, {"train.seed": s, "data.seed": s})
                   for s in settings.ar_seeds})
+    if settings.ar_fill:
+      specs["ar_fill"] = ("ar", settings.ar_preset, {"train.seed": settings.seed,
+                                                     "data.fill_examples": True})
   for name, (kind, spec, seeds) in specs.items():
     config = _preset(spec, settings, seeds)
     config.train.num_steps = matched_steps(config, vocab, budget)
     config.checkpoint.every_steps = min(settings.checkpoint_every, config.train.num_steps)
+    fill = ("fill",) if seeds.get("data.fill_examples") else ()  # Older names stay.
     run_dir = os.path.join(workdir, _run_name(kind, settings.source, settings.steps_scale,
                                               settings.common, config.train.num_steps,
-                                              seeds["train.seed"]))
+                                              seeds["train.seed"], *fill))
     train_once(config, run_dir)
     baselines[name] = (run_dir, config)
 
@@ -557,7 +565,8 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
         if name == "judge":
           continue
         run_dir, config = baselines[name]
-        axis = "baseline, seed" if name.startswith("ar_seed") else "baseline (equal FLOPs)"
+        axis = {"ar_fill": "baseline, filled rows"}.get(
+            name, "baseline, seed" if name.startswith("ar_seed") else "baseline (equal FLOPs)")
         add_row(name, axis, None, [run_dir],
                 lambda: {**_evaluate_flat(run_dir, judge, settings),
                          "train_pflops": training_flops(config, vocab) / 1e15})

@@ -18,7 +18,8 @@ delete WORKDIR/results/ROW-*.json). Output: WORKDIR/results.json, WORKDIR/result
 minutes for the default row and the baselines, ~8-12 minutes per row that trains, ~1-4
 minutes per sampling row.
 --only=v2,v2_t1s64 picks rows; --baselines=ar leaves out mdm (~20 minutes);
---ar_seeds=2 adds an ar run from another seed (row ar_seed2); --nojudge skips the judge's
+--ar_seeds=2 adds an ar run from another seed (row ar_seed2); --ar_fill one trained on
+filled rows (data.fill_examples, row ar_fill); --nojudge skips the judge's
 run (~22 minutes) and the gen-PPL column, for a first look at rows. After a preset edit
 (a new default), --adopt moves the runs already trained to the names the grid now plans
 for them (experiment.adopt_runs) instead of refusing them.
@@ -150,6 +151,28 @@ R1800_T05_CFG2 = dataclasses.replace(R1800_T05, name="render1800_temp0.5_cfg2",
 R1800_T05_CFG = [dataclasses.replace(R1800_T05, name=f"render1800_temp0.5_cfg{g}",
                                      sample={**R1800_T05.sample, "guidance": float(g)})
                  for g in (3, 4, 6, 8)]
+# Render batches of real chunks (data.fill_examples: a document that does not fit is cut
+# and goes on in the next example, so no chunk slot is padding) with a quarter of the END
+# chunks (render.end_keep; every END chunk is the same one-token chunk): 1.46x (built-in)
+# / 1.44x (text) the real non-END chunks per render step, at the same FLOPs.
+FILL = Variant("fill_end0.25", "render batches",
+               render={"data.fill_examples": True, "render.end_keep": 0.25})
+FILL_T05_CFG4 = dataclasses.replace(FILL, name="fill_end0.25_temp0.5_cfg4",
+                                    axis="render batches, sampling",
+                                    sample=R1800_T05_CFG[1].sample)
+# With the render steps of the best text row (1,800; the concepts run gives up their FLOPs).
+FILL_R1800 = Variant("fill_end0.25_render1800_eqflops", "render batches, render steps",
+                     render={**FILL.render, **RENDER1800.render}, equal_flops=True)
+FILL_R1800_T05_CFG4 = dataclasses.replace(FILL_R1800, name="fill_end0.25_render1800_temp0.5_cfg4",
+                                          axis="render batches, render steps, sampling",
+                                          sample=R1800_T05_CFG[1].sample)
+# The concepts run filled too: 1.39x the real concepts per step (0.72 of the slots are
+# real without it, built-in corpus).
+FILL_ALL = Variant("fill_all", "render and concept batches",
+                   render=FILL.render, concepts={"data.fill_examples": True})
+FILL_ALL_T05_CFG4 = dataclasses.replace(FILL_ALL, name="fill_all_temp0.5_cfg4",
+                                        axis="render and concept batches, sampling",
+                                        sample=R1800_T05_CFG[1].sample)
 FULL = [
     Variant("default"),  # The shipped tiny presets (configs/render.py, configs/concepts.py).
     # The same default from other seeds (init, noise and data order): the noise of a row.
@@ -162,6 +185,9 @@ FULL = [
     # The best text row of v8 (1,800 render steps, temperature 0.5, guidance 4) on it
     # (measured as v8's row render1800_head_mean_temp0.5_cfg4).
     RENDER1800, R1800_T05_CFG[1], *seeded(R1800_T05_CFG[1])[:1],
+    FILL, *seeded(FILL), FILL_T05_CFG4, *seeded(FILL_T05_CFG4)[:1],
+    FILL_R1800, *seeded(FILL_R1800)[:1], FILL_R1800_T05_CFG4, *seeded(FILL_R1800_T05_CFG4)[:1],
+    FILL_ALL, *seeded(FILL_ALL), FILL_ALL_T05_CFG4, *seeded(FILL_ALL_T05_CFG4)[:1],
     # The v8 default (a plain flow head, 2,234 concept steps) and one change from it per row.
     *map(from_v8, [
         Variant("default"),
@@ -404,6 +430,9 @@ V8_TEXT = ("default", "seed1", "render1800_eqflops", "render1800_temp0.5",
 TEXT = [v for v in FULL if v.name in (
     "default", "seed1", "render1800_eqflops", "render1800_temp0.5_cfg4",
     "render1800_temp0.5_cfg4_seed1",
+    *(f"{r}{s}" for r in ("fill_end0.25", "fill_end0.25_temp0.5_cfg4", "fill_all",
+                          "fill_all_temp0.5_cfg4", "fill_end0.25_render1800_eqflops",
+                          "fill_end0.25_render1800_temp0.5_cfg4") for s in ("", "_seed1")),
     *("v8" if n == "default" else f"v8_{n}" for n in V8_TEXT),
     "v7", "v7_seed1", "v7_z_noise1", "v7_z_noise2", "v2", "v1", "v1_temp1.0",
     "v1_z_noise0.1")] + [SHORT_CLEAN, SHORT_CLEAN_LONG, *TEXT_RENDER]
@@ -421,6 +450,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("judge", True, "Train the judge ar run and score gen-PPL.")
   flags.DEFINE_list("ar_seeds", [], "The ar baseline also trained from these seeds (rows "
                     "ar_seedS).")
+  flags.DEFINE_bool("ar_fill", False, "Also an ar baseline on filled rows "
+                    "(data.fill_examples; row ar_fill).")
   flags.DEFINE_bool("adopt", False, "First move finished runs to the names the whole grid "
                     "plans for them (after a preset change; experiment.adopt_runs).")
 
@@ -433,7 +464,8 @@ def main(argv):
   grid = GRIDS[f.grid]
   settings = experiment.Settings(source=f.source, num_prompts=f.num_prompts,
                                  baselines=tuple(f.baselines),
-                                 ar_seeds=tuple(int(s) for s in f.ar_seeds), judge=f.judge)
+                                 ar_seeds=tuple(int(s) for s in f.ar_seeds), judge=f.judge,
+                                 ar_fill=f.ar_fill)
   if f.adopt:  # Over every row, so a run displaced by a new default finds its new name.
     for src, dst in experiment.adopt_runs(grid, f.workdir, settings):
       print(f"moved {src} -> {dst}")

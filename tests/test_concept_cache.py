@@ -110,6 +110,27 @@ def test_resuming_with_other_settings_is_refused(setup, tmp_path):
                               chunk_rows=4, rows_per_write=4, progress=False)
 
 
+
+def test_filled_cache_holds_filled_examples_and_refuses_a_padded_one(setup, tmp_path):
+  """data.fill_examples packs the cache's train rows as make_dataset fills them."""
+  config, tok, _, encode_fn = setup
+  filled = make_config(fill_examples=True)
+  concept_cache.write_cache(str(tmp_path), filled, tok, encode_fn, num_examples=8,
+                            chunk_rows=4, rows_per_write=4, progress=False)
+  _, got = read_all(str(tmp_path))
+  assert got["concept_mask"].all()  # Every slot a concept; padded examples leave some empty.
+  _, _, tokens = expected_rows(config, tok, encode_fn, 8)
+  assert not (tokens != PAD_ID).any(-1).all()
+  z, seg, _ = expected_rows(filled, tok, encode_fn, 8)
+  np.testing.assert_allclose(got["concepts"], z, atol=1e-5)
+  np.testing.assert_array_equal(got["segment_ids"], seg)
+  with pytest.raises(DataError, match="fill_examples=True, not None"):
+    concept_cache.write_cache(str(tmp_path), config, tok, encode_fn, num_examples=8,
+                              chunk_rows=4, rows_per_write=4, progress=False)
+  with pytest.raises(DataError, match="fill_examples and end_keep do not apply"):
+    make_dataset(make_config(source=f"concepts:{tmp_path}"), tok, split="train",
+                 view="concepts", fill_examples=True)
+
 @pytest.fixture(scope="module")
 def cache(setup, tmp_path_factory):
   config, tok, _, encode_fn = setup

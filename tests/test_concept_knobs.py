@@ -347,3 +347,35 @@ def test_bad_mean_weight_is_a_config_error():
                                       "concepts.mean_weight": -1.0})
   with pytest.raises(config_lib.ConfigError, match="concepts.mean_weight=-1.0"):
     config_lib.validate(config)
+
+
+def test_fill_and_end_keep_reach_the_train_split_only(monkeypatch, tmp_path):
+  """data.fill_examples (every stage) and render.end_keep (the render stage) shape the
+  train batches; held-out batches stay as the data are."""
+  from concept_diffusion import data, train
+  calls = []
+  real = data.make_dataset
+  monkeypatch.setattr(data, "make_dataset",
+                      lambda *a, **k: calls.append(k) or real(*a, **k))
+  short = {"train.num_steps": 2, "train.eval_every": 2, "train.eval_batches": 1,
+           "checkpoint.every_steps": 2, "data.fill_examples": True}
+  train.train(tiny_config("render", **short, **{"render.end_keep": 0.25}),
+              str(tmp_path / "render"))
+  by_split = {k["split"]: k for k in calls}
+  assert by_split["train"]["fill_examples"] and by_split["train"]["end_keep"] == 0.25
+  assert "fill_examples" not in by_split["eval"] and "end_keep" not in by_split["eval"]
+  calls.clear()
+  train.train(tiny_config("ar", **short), str(tmp_path / "ar"))
+  by_split = {k["split"]: k for k in calls}
+  assert by_split["train"]["fill_examples"] and "end_keep" not in by_split["train"]
+  assert stages.render_train_data(tiny_config("render").render) == {"end_keep": 1.0}
+
+
+@pytest.mark.parametrize("over,match", [({"render.end_keep": 0.0}, "render.end_keep=0.0"),
+                                        ({"render.end_keep": 2}, "render.end_keep=2"),
+                                        ({"data.fill_examples": True,
+                                          "render.generated_from": "/tmp/c"},
+                                         "data.fill_examples")])
+def test_bad_render_batch_options_are_config_errors(over, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(tiny_config("render", **over))

@@ -179,6 +179,62 @@ def test_long_documents_are_cut_into_windows(tmp_path, tok):
   assert batch["concept_mask"].all(axis=1).any()  # A full window of one document.
 
 
+def _real_chunks(batches):
+  """The real chunks of a list of concept batches, in order (examples row-major)."""
+  return np.concatenate([b["tokens"][b["concept_mask"]] for b in batches])
+
+
+def test_fill_examples_packs_every_slot_and_keeps_every_chunk_in_order(tok):
+  config = make_config()
+  packed = list(make_dataset(config, tok, split="eval", view="concepts"))
+  filled = list(make_dataset(config, tok, split="eval", view="concepts", fill_examples=True))
+  assert np.mean([b["concept_mask"].mean() for b in packed]) < 0.9  # Padding to recover.
+  for batch in filled[:-1]:
+    check_concept_batch(batch, has_end=False)
+    assert batch["concept_mask"].all()
+  np.testing.assert_array_equal(_real_chunks(filled), _real_chunks(packed))
+  cut = [b["segment_ids"][:, 0] for b in filled]  # A cut document goes on as segment 1.
+  assert len(filled) < len(packed) and all((ids >= 1).all() for ids in cut[:-1])
+
+
+def test_fill_examples_state_restores_mid_document(tok):
+  ds = make_dataset(make_config(), tok, split="train", view="concepts", fill_examples=True)
+  it = iter(ds)
+  for _ in range(3):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["offset"] > 0  # Resumes inside a document that the last example cut.
+  expected = [next(it) for _ in range(4)]
+  assert_same(take(ds, 4, state), expected)
+
+
+def test_end_keep_drops_end_chunks_only_by_a_fixed_draw_per_document(tok):
+  config = make_config()
+  is_end = lambda c: (c[:, 0] == EOD_ID) & (c[:, 1:] == PAD_ID).all(-1)
+  every = _real_chunks(take(make_dataset(config, tok, split="train", view="concepts"), 40))
+  thin_ds = make_dataset(config, tok, split="train", view="concepts", end_keep=0.25)
+  thin = _real_chunks(take(thin_ds, 40))
+  np.testing.assert_array_equal(thin[~is_end(thin)][:200], every[~is_end(every)][:200])
+  share = lambda c: is_end(c).sum() / (~is_end(c)).sum()
+  assert 0.1 < share(thin) / share(every) < 0.4  # 0.25 of the documents keep theirs.
+  assert_same(take(thin_ds, 3), take(thin_ds, 3))  # A draw per document, not per read.
+  # Each document decides alone: two processes' shards keep the one process's END chunks.
+  ends = lambda ds: sum(int(is_end(_real_chunks([b])).sum()) for b in ds)
+  one = ends(make_dataset(config, tok, split="eval", view="concepts", end_keep=0.5))
+  two = sum(ends(make_dataset(config, tok, split="eval", view="concepts", end_keep=0.5,
+                              process_index=i, process_count=2)) for i in range(2))
+  assert one == two and 0 < one < 24
+
+
+def test_bad_fill_and_end_arguments(tok):
+  config = make_config()
+  for value in (0.0, 1.5):
+    with pytest.raises(DataError, match=f"end_keep={value}"):
+      make_dataset(config, tok, split="train", view="concepts", end_keep=value)
+  with pytest.raises(DataError, match="only the concept view has END chunks"):
+    make_dataset(config, tok, split="train", view="flat", end_keep=0.5)
+
+
 def test_bad_arguments(tok):
   config = make_config()
   with pytest.raises(DataError, match="view="):

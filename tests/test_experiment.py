@@ -86,6 +86,19 @@ def test_ar_is_also_sampled_at_a_lower_temperature(grid_run, monkeypatch):
         saved = json.load(f)
       seeds[name] = (saved["train"]["seed"], saved["data"]["seed"])
   assert sorted(seeds.values()) == [(0, 0), (2, 2)]
+  # An ar run on filled rows (data.fill_examples): one more run and row, the same FLOPs.
+  filled = experiment.run_grid(GRID[:1], workdir, dataclasses.replace(
+      _settings(), baselines=("ar",), ar_fill=True))
+  assert list(filled["rows"]) == ["default", "ar", "ar_fill", "ar_temp0.5", "reference"]
+  assert filled["rows"]["ar"] == first["rows"]["ar"] and len(temps) == 3
+  assert filled["rows"]["ar_fill"]["axis"] == "baseline, filled rows"
+  assert filled["rows"]["ar_fill"]["train_pflops"] == first["rows"]["ar"]["train_pflops"]
+  fills = {}
+  for name in os.listdir(workdir):
+    if name.startswith("ar-"):
+      with open(os.path.join(workdir, name, "config.json")) as f:
+        fills[name] = json.load(f)["data"].get("fill_examples")
+  assert sorted(fills.values(), key=str) == [False, False, True]
   with pytest.raises(experiment.ExperimentError, match="baselines \\['gpt'\\]"):
     experiment.run_grid(GRID[:1], workdir, dataclasses.replace(_settings(), baselines=("gpt",)))
 

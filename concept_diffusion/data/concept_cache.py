@@ -109,7 +109,8 @@ def packed_examples(config, tokenizer: Tokenizer, split: str, process_index: int
   ds = grain.MapDataset.source(pipeline.ItemSource(docs, tokenizer, to_item, cache=False))
   ds = ds[process_index::process_count]
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=64))
-  return iter(pipeline.PackIterDataset(ds, config.data.num_concepts))
+  fill = bool(config.data.get("fill_examples", False)) and split == "train"
+  return iter(pipeline.PackIterDataset(ds, config.data.num_concepts, fill))
 
 
 def _check_meta(directory: epath.Path, meta: dict) -> None:
@@ -119,10 +120,10 @@ def _check_meta(directory: epath.Path, meta: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     _write_json(directory / "meta.json", meta)
     return
-  for key in _META_KEYS:
-    if found.get(key) != meta[key]:
+  for key in (*_META_KEYS, "fill_examples"):
+    if found.get(key) != meta.get(key):
       raise DataError(f"the concept cache at {directory} was started with {key}="
-                      f"{found.get(key)!r}, not {meta[key]!r}; resume with the same settings "
+                      f"{found.get(key)!r}, not {meta.get(key)!r}; resume with the same settings "
                       "or write to another --output")
 
 
@@ -182,6 +183,8 @@ def write_cache(path: str, config, tokenizer: Tokenizer,
   meta = {"num_concepts": n, "concept_dim": d, "concept_len": l, "num_examples": num_examples,
           "chunk_rows": chunk_rows, "process_count": process_count, "split": split,
           "source": config.data.source, **(extra_meta or {})}
+  if config.data.get("fill_examples", False) and split == "train":
+    meta["fill_examples"] = True  # Absent from padded caches, those written before it too.
   _check_meta(directory, meta)
   arrays = {"concepts": _open(directory, "concepts", (num_examples, n, d), (chunk_rows, n, d)),
             "concept_mask": _open(directory, "concept_mask", (num_examples, n), (chunk_rows, n)),

@@ -13,7 +13,9 @@ Stages, all deterministic given `config.data.seed`:
   3. pack (an iterator stage whose state is the parent's state before the open document plus
      the offset into it, so a restored iterator continues exactly): items are placed whole,
      one after another, into examples of N concepts (or T tokens); an item that does not fit
-     closes the example (padding), an item longer than a whole example is cut into windows;
+     closes the example (padding), an item longer than a whole example is cut into windows.
+     With fill_examples (train batches, data.fill_examples) an item is cut where the example
+     ends and goes on in the next as its first segment, so no slot is padding;
   4. batch; masks are computed from the stacked arrays.
 """
 
@@ -67,10 +69,12 @@ def make_tokenizer(config, workdir: str) -> Tokenizer:
 class ItemSource:
   """Random-access items: `[i]` tokenizes document i and cuts it into its view's item."""
 
-  def __init__(self, docs, tokenizer: Tokenizer, to_item: Callable, cache: bool):
+  def __init__(self, docs, tokenizer: Tokenizer, to_item: Callable, cache: bool,
+               end_keep: float = 1.0, seed: int = 0):
     self._docs, self._tokenizer, self._to_item = docs, tokenizer, to_item
     # Finite corpora are read again every epoch: keep their items, not just their text.
     self._cache = {} if cache else None
+    self._end_keep, self._seed = end_keep, seed
 
   def __len__(self) -> int:
     return len(self._docs)
@@ -78,8 +82,17 @@ class ItemSource:
   def _make(self, index: int) -> np.ndarray:
     item = self._docs[index]
     if isinstance(item, tuple):  # Preprocessed shards: tokens are stored.
-      return self._to_item(item[0])
-    return self._to_item(segment.tokenize_document(self._tokenizer, item))
+      out = self._to_item(item[0])
+    else:
+      out = self._to_item(segment.tokenize_document(self._tokenizer, item))
+    if self._end_keep < 1.0 and len(out) and not self._keeps_end(index):
+      out = out[:-1]  # The END chunk is last (ToItem), the same one-token chunk everywhere.
+    return out
+
+  def _keeps_end(self, index: int) -> bool:
+    """Whether document `index` keeps its END chunk: fixed by (seed, index), so the same
+    for any process count and every epoch."""
+    return np.random.default_rng([self._seed, index, 0xE0D]).random() < self._end_keep
 
   def __getitem__(self, index: int) -> np.ndarray:
     index = int(index)
@@ -153,9 +166,9 @@ class EpochShuffleMapDataset(grain.MapDataset):
 class _PackIterator(grain.DatasetIterator):
   """Packs items into examples of `capacity` rows; see the module docstring (stage 3)."""
 
-  def __init__(self, parent: grain.DatasetIterator, capacity: int):
+  def __init__(self, parent: grain.DatasetIterator, capacity: int, fill: bool = False):
     super().__init__(parent)
-    self._capacity = capacity
+    self._capacity, self._fill = capacity, fill
     self._item = None  # The open item, partly placed.
     self._offset = 0  # Rows of the open item already placed.
     self._item_state = None  # Parent state from before the open item was read.
@@ -179,7 +192,7 @@ class _PackIterator(grain.DatasetIterator):
         self._item = None
         continue
       left, space = len(self._item) - self._offset, self._capacity - used
-      if left > space and used:
+      if left > space and used and not self._fill:
         break  # Starts the next example rather than losing its beginning here.
       take = min(left, space)
       pieces.append(self._item[self._offset:self._offset + take])
@@ -219,15 +232,15 @@ def _assemble(pieces: Sequence[np.ndarray], capacity: int) -> dict[str, np.ndarr
 class PackIterDataset(grain.IterDataset):
   """Packs variable-length items into fixed examples, checkpointably."""
 
-  def __init__(self, parent: grain.IterDataset, capacity: int):
+  def __init__(self, parent: grain.IterDataset, capacity: int, fill: bool = False):
     super().__init__(parent)
-    self._capacity = capacity
+    self._capacity, self._fill = capacity, fill
 
   def __iter__(self) -> _PackIterator:
-    return _PackIterator(self._parent.__iter__(), self._capacity)
+    return _PackIterator(self._parent.__iter__(), self._capacity, self._fill)
 
   def __str__(self) -> str:
-    return f"PackIterDataset(capacity={self._capacity})"
+    return f"PackIterDataset(capacity={self._capacity}, fill={self._fill})"
 
 
 def _batch_fn(batch_size: int, view: str) -> Callable[[Sequence[dict]], dict[str, np.ndarray]]:
@@ -260,7 +273,8 @@ def _local_batch_size(config, process_count: int, batch_size: int | None) -> int
 
 
 def item_dataset(config, tokenizer: Tokenizer, split: str, view: str, process_index: int,
-                 process_count: int, stats: sources.DataStats) -> grain.MapDataset:
+                 process_count: int, stats: sources.DataStats,
+                 end_keep: float = 1.0) -> grain.MapDataset:
   """This process's items of `split`: shuffled and endless for train, one pass for eval."""
   if not 0 <= process_index < process_count:
     raise DataError(f"process_index={process_index} is outside [0, {process_count})")
@@ -270,7 +284,8 @@ def item_dataset(config, tokenizer: Tokenizer, split: str, view: str, process_in
     stats.update(docs.stats)  # Documents skipped while reading the files.
   finite = not isinstance(docs, sources.SyntheticDocs) or split == "eval"
   cache = finite and not isinstance(docs, sources.ArrayRecordDocs)
-  ds = grain.MapDataset.source(ItemSource(docs, tokenizer, to_item, cache))
+  ds = grain.MapDataset.source(ItemSource(docs, tokenizer, to_item, cache, end_keep,
+                                          config.data.seed))
   ds = ds[process_index::process_count]  # Disjoint: each process reads only its share.
   if not len(ds):
     raise DataError(f"data.source={config.data.source!r} has {len(docs)} {split} documents, "
@@ -284,10 +299,19 @@ def item_dataset(config, tokenizer: Tokenizer, split: str, view: str, process_in
 
 
 def make_dataset(config, tokenizer: Tokenizer, *, split: str, view: str, process_index: int = 0,
-                 process_count: int = 1, batch_size: int | None = None) -> grain.IterDataset:
-  """Batches of `split` in `view` ("concepts" or "flat") for one process; see module doc."""
+                 process_count: int = 1, batch_size: int | None = None,
+                 fill_examples: bool = False, end_keep: float = 1.0) -> grain.IterDataset:
+  """Batches of `split` in `view` ("concepts" or "flat") for one process; see module doc.
+
+  fill_examples: cut items across examples so no slot is padding (stage 3). end_keep: the
+  share of documents whose END chunk is kept (concept view), a fixed draw per document.
+  """
   if view not in VIEWS:
     raise DataError(f"view={view!r} is not one of {VIEWS}")
+  if not 0.0 < end_keep <= 1.0:
+    raise DataError(f"end_keep={end_keep!r} must lie in (0, 1]")
+  if end_keep < 1.0 and view != "concepts":
+    raise DataError(f"end_keep={end_keep!r}: only the concept view has END chunks")
   if config.data.granularity not in segment.GRANULARITIES:
     raise DataError(f"data.granularity={config.data.granularity!r} is not one of "
                     f"{segment.GRANULARITIES}")
@@ -298,13 +322,17 @@ def make_dataset(config, tokenizer: Tokenizer, *, split: str, view: str, process
     if view != "concepts":
       raise DataError(f"data.source={config.data.source!r} is a concept cache: only the "
                       "concepts stage (view='concepts') can read it")
+    if fill_examples or end_keep < 1.0:
+      raise DataError(f"data.source={config.data.source!r} is a concept cache, packed when it "
+                      "was written: fill_examples and end_keep do not apply")
     return concept_cache.cache_dataset(config, split=split, process_index=process_index,
                                        process_count=process_count, batch_size=local_batch)
   stats = sources.DataStats()
-  ds = item_dataset(config, tokenizer, split, view, process_index, process_count, stats)
+  ds = item_dataset(config, tokenizer, split, view, process_index, process_count, stats,
+                    end_keep)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS))
   capacity = config.data.num_concepts if view == "concepts" else config.data.seq_len
-  ds = PackIterDataset(ds, capacity)
+  ds = PackIterDataset(ds, capacity, fill_examples)
   ds = ds.batch(local_batch, drop_remainder=split == "train", batch_fn=_batch_fn(local_batch, view))
   if config.data.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))

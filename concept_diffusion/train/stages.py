@@ -42,6 +42,8 @@ class Stage:
   frozen: tuple[str, ...] = ()  # Top-level param subtrees that never change.
   warm_start: Callable[[Any], dict] | None = None  # abstract params -> subtrees from other runs.
   eval_loss_fn: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]] | None = None
+  # make_dataset options of the train split only (held-out batches stay as the data are).
+  train_data: dict = dataclasses.field(default_factory=dict)
 
   def held_out_loss_fn(self):
     """The loss held-out evaluation uses: eval_loss_fn, else loss_fn."""
@@ -185,7 +187,13 @@ def render_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                _flops_per_example(config, "render", n * l, tokenizer.vocab_size),
                frozen=("encoder", "concept_model") if finetune else (),
                warm_start=warm_start,
-               eval_loss_fn=lambda p, b, k: loss(p, b, k, augment=False))
+               eval_loss_fn=lambda p, b, k: loss(p, b, k, augment=False),
+               train_data=render_train_data(r))
+
+
+def render_train_data(r: ml_collections.ConfigDict) -> dict:
+  """The render stage's own make_dataset options of the train split (render.end_keep)."""
+  return {"end_keep": float(r.get("end_keep", 1.0))}  # .get: configs saved before it.
 
 
 def _finetune_start(config, tokenizer, abstract) -> dict:

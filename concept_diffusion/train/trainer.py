@@ -250,9 +250,13 @@ def _train_iterator(config, tokenizer, stage, mesh):
   """This process's shard of the shuffled, repeated train split, as a checkpointable iterator."""
   from concept_diffusion import data
   shard, count = multihost.local_batch_slice(mesh, config.train.batch_size)
+  # A concept cache was packed (and filled) when it was written.
+  cached = data.parse_source(config.data.source).kind == "concepts"
   ds = data.make_dataset(config, tokenizer, split="train", view=stage.view,
                          process_index=shard, process_count=count,
-                         batch_size=config.train.batch_size // count)
+                         batch_size=config.train.batch_size // count,
+                         fill_examples=bool(config.data.get("fill_examples")) and not cached,
+                         **stage.train_data)
   return iter(ds)
 
 
