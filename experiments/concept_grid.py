@@ -173,6 +173,16 @@ FILL_ALL = Variant("fill_all", "render and concept batches",
 FILL_ALL_T05_CFG4 = dataclasses.replace(FILL_ALL, name="fill_all_temp0.5_cfg4",
                                         axis="render and concept batches, sampling",
                                         sample=R1800_T05_CFG[1].sample)
+# FILL cost the built-in corpus 0.765 against the default's 0.788 consistent, from three
+# seeds of the concepts run over one render run each (the seeded rows vary only the
+# concepts run). A render run from another seed, with and without FILL: is that cost more
+# than a render run's own noise? And each half of FILL alone: which one costs it?
+RENDER_SEEDS = [Variant(f"render_seed{s}", "render seed", render={"train.seed": s, "data.seed": s})
+                for s in (1, 2)]
+FILL_RENDER_SEEDS = [Variant(f"fill_end0.25_{v.name}", "render batches, render seed",
+                             render={**FILL.render, **v.render}) for v in RENDER_SEEDS]
+FILL_ONLY = Variant("fill_only", "render batches", render={"data.fill_examples": True})
+END_ONLY = Variant("end0.25", "render batches", render={"render.end_keep": 0.25})
 FULL = [
     Variant("default"),  # The shipped tiny presets (configs/render.py, configs/concepts.py).
     # The same default from other seeds (init, noise and data order): the noise of a row.
@@ -188,6 +198,8 @@ FULL = [
     FILL, *seeded(FILL), FILL_T05_CFG4, *seeded(FILL_T05_CFG4)[:1],
     FILL_R1800, *seeded(FILL_R1800)[:1], FILL_R1800_T05_CFG4, *seeded(FILL_R1800_T05_CFG4)[:1],
     FILL_ALL, *seeded(FILL_ALL), FILL_ALL_T05_CFG4, *seeded(FILL_ALL_T05_CFG4)[:1],
+    *RENDER_SEEDS, *FILL_RENDER_SEEDS, *seeded(RENDER_SEEDS[0]), *seeded(FILL_RENDER_SEEDS[0]),
+    FILL_ONLY, END_ONLY, *seeded(FILL_ONLY), *seeded(END_ONLY),
     # The v8 default (a plain flow head, 2,234 concept steps) and one change from it per row.
     *map(from_v8, [
         Variant("default"),
