@@ -58,6 +58,8 @@ ROW_FREE = ("ar_temperatures", "ar_seeds", "ar_fill", "baselines", "checkpoint_e
 SAMPLING_FIELDS = {"concepts.temperature": "temperature", "concepts.reencode": "reencode",
                    "concepts.sample_steps": "concept_steps", "concepts.guidance": "guidance",
                    "concepts.num_candidates": "num_candidates"}
+# Fields that name another run's workdir (at any depth of a saved config).
+RUN_PATH_FIELDS = ("render_workdir", "generated_from")
 
 
 class ExperimentError(ValueError):
@@ -175,7 +177,9 @@ def plan_variant(v: Variant, workdir: str, settings: Settings) -> Plan:
   concepts.concepts.render_workdir = render_dir
   finetune = None
   if v.finetune is not None:
+    # The fine-tune teacher-forces the concept model over whole documents: unfilled rows.
     ft = _preset(settings.render_preset, settings, {"render.generated_from": concepts_dir,
+                                                     "data.fill_examples": False,
                                                      "train.num_steps": settings.finetune_steps,
                                                      **v.finetune})
     ft_dir = os.path.join(workdir, _run_name("finetune", key, v.render, v.concepts, v.finetune))
@@ -287,8 +291,11 @@ def _differences(config: ml_collections.ConfigDict, workdir: str, strict: bool =
   """[(field, trained, planned)] where `workdir`'s saved config differs from `config`.
 
   Fields that only steer generation (SAMPLING_FIELDS) and how often it checkpoints are
-  not compared. A field the saved config lacks (added since) is skipped, or, if strict,
-  compared as its base_config value: what a run trained before the field ran as.
+  not compared, nor the paths of the runs it builds on (RUN_PATH_FIELDS): those runs
+  are compared by their saved configs, which resolve_config copies in, so a run still
+  matches after adopt_runs moved its render run to a new name. A field the saved
+  config lacks (added since) is skipped, or, if strict, compared as its base_config
+  value: what a run trained before the field ran as.
   """
   from concept_diffusion.train import stages
   resolved = stages.resolve_config(ml_collections.ConfigDict(config.to_dict()))
@@ -300,7 +307,7 @@ def _differences(config: ml_collections.ConfigDict, workdir: str, strict: bool =
     saved = {**{k: base.get(k, "(missing)") for k in planned}, **saved}
   return [(k, saved[k], planned[k]) for k in sorted(planned.keys() & saved.keys())
           if k not in SAMPLING_FIELDS and not k.startswith("checkpoint.")
-          and planned[k] != saved[k]]
+          and k.rsplit(".", 1)[-1] not in RUN_PATH_FIELDS and planned[k] != saved[k]]
 
 
 def check_reuse(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -370,15 +377,14 @@ def adopt_runs(grid: Sequence[Variant], workdir: str, settings: Settings | None 
   planned = {k: v for stage in by_stage for k, v in stage.items()}
   moves = []
   for run_dir, config in planned.items():
-    source = (config.concepts.render_workdir if config.stage == "concepts"
-              else config.render.get("generated_from", ""))
-    if source and not _finished(source):  # Its config cannot be resolved: nothing to match.
+    if not _source_finished(config):  # Its config cannot be resolved: nothing to match.
       continue
     if _finished(run_dir) and not _differences(config, run_dir, strict=True):
       continue
     kind = os.path.basename(run_dir).split("-")[0] + "-"
+    # (A planned run whose render run has just moved away cannot be compared yet.)
     taken = {d for d, c in planned.items() if d != run_dir and _finished(d)
-             and not _differences(c, d, strict=True)}
+             and _source_finished(c) and not _differences(c, d, strict=True)}
     found = next((d for d in sorted(os.listdir(workdir)) if d.startswith(kind)
                   and os.path.join(workdir, d) not in taken | {run_dir}
                   and _finished(os.path.join(workdir, d))
@@ -397,6 +403,13 @@ def adopt_runs(grid: Sequence[Variant], workdir: str, settings: Settings | None 
 
 def _finished(run_dir: str) -> bool:
   return os.path.isfile(os.path.join(run_dir, DONE_FILE))
+
+
+def _source_finished(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run that `config` builds on (its render or concepts run) is finished."""
+  source = (config.concepts.render_workdir if config.stage == "concepts"
+            else config.render.get("generated_from", ""))
+  return not source or _finished(source)
 
 
 # ---------------------------------------------------------------- evaluation

@@ -6,7 +6,7 @@
 
 Each row changes one thing from a default and is trained and evaluated at the tiny
 preset: `default` is the shipped tiny presets (set to the best measured combination);
-`v8`, `v7`, `v6`, `v5`, `v4`, `v3`, `v2` and `v1` are earlier defaults, and `v8_x` ...
+`v9`, `v8`, ..., `v2` and `v1` are earlier defaults, and `v9_x` ...
 `v1_x` rows are one change from them (measured then, and kept so their tables can be
 reproduced). The ar and mdm rows get the same source and the training FLOPs of the
 `default` pipeline; so do rows marked equal_flops (their concepts run gets the steps
@@ -37,10 +37,13 @@ from concept_diffusion.experiment import Variant
 # measured. Every one of them had a plain flow head (no mean, model.head_mean); v8 (the
 # default until the head's mean) trained it 2,234 concept steps.
 PLAIN_HEAD = {"model.head_mean": False}
+# v9 (the default until filled render batches) and every earlier one trained the render
+# stage on padded examples with every END chunk.
+V9_RENDER = {"data.fill_examples": False, "render.end_keep": 1.0}
 V8 = {**PLAIN_HEAD, "train.num_steps": 2234}
 # v7 (the default until the 1,200-step render run): 600 render steps, and the concepts
 # run 3,260.
-V7_RENDER = {"train.num_steps": 600}
+V7_RENDER = {**V9_RENDER, "train.num_steps": 600}
 V7 = {**PLAIN_HEAD, "train.num_steps": 3260}
 # v6 (the default until the 6-block head): a 2-block head over 5,990 steps.
 HEAD2 = {**PLAIN_HEAD, "model.diff_head_layers": 2}
@@ -69,9 +72,14 @@ def _from(v: Variant, tag: str, concepts: dict, sample: dict, render: dict = MEA
                              sample={**sample, **v.sample})
 
 
+def from_v9(v: Variant) -> Variant:
+  """The row `v` as one change from the v9 default (named v9_...)."""
+  return _from(v, "v9", {}, {}, render=V9_RENDER)
+
+
 def from_v8(v: Variant) -> Variant:
   """The row `v` as one change from the v8 default (named v8_...)."""
-  return _from(v, "v8", V8, {}, render={})
+  return _from(v, "v8", V8, {}, render=V9_RENDER)
 
 
 def from_v7(v: Variant) -> Variant:
@@ -151,55 +159,47 @@ R1800_T05_CFG2 = dataclasses.replace(R1800_T05, name="render1800_temp0.5_cfg2",
 R1800_T05_CFG = [dataclasses.replace(R1800_T05, name=f"render1800_temp0.5_cfg{g}",
                                      sample={**R1800_T05.sample, "guidance": float(g)})
                  for g in (3, 4, 6, 8)]
-# Render batches of real chunks (data.fill_examples: a document that does not fit is cut
-# and goes on in the next example, so no chunk slot is padding) with a quarter of the END
-# chunks (render.end_keep; every END chunk is the same one-token chunk): 1.46x (built-in)
-# / 1.44x (text) the real non-END chunks per render step, at the same FLOPs.
-FILL = Variant("fill_end0.25", "render batches",
-               render={"data.fill_examples": True, "render.end_keep": 0.25})
-FILL_T05_CFG4 = dataclasses.replace(FILL, name="fill_end0.25_temp0.5_cfg4",
-                                    axis="render batches, sampling",
-                                    sample=R1800_T05_CFG[1].sample)
-# With the render steps of the best text row (1,800; the concepts run gives up their FLOPs).
-FILL_R1800 = Variant("fill_end0.25_render1800_eqflops", "render batches, render steps",
-                     render={**FILL.render, **RENDER1800.render}, equal_flops=True)
-FILL_R1800_T05_CFG4 = dataclasses.replace(FILL_R1800, name="fill_end0.25_render1800_temp0.5_cfg4",
-                                          axis="render batches, render steps, sampling",
-                                          sample=R1800_T05_CFG[1].sample)
-# The concepts run filled too: 1.39x the real concepts per step (0.72 of the slots are
-# real without it, built-in corpus).
-FILL_ALL = Variant("fill_all", "render and concept batches",
-                   render=FILL.render, concepts={"data.fill_examples": True})
-FILL_ALL_T05_CFG4 = dataclasses.replace(FILL_ALL, name="fill_all_temp0.5_cfg4",
-                                        axis="render and concept batches, sampling",
-                                        sample=R1800_T05_CFG[1].sample)
-# FILL cost the built-in corpus 0.765 against the default's 0.788 consistent, from three
-# seeds of the concepts run over one render run each (the seeded rows vary only the
-# concepts run). A render run from another seed, with and without FILL: is that cost more
-# than a render run's own noise? And each half of FILL alone: which one costs it?
-RENDER_SEEDS = [Variant(f"render_seed{s}", "render seed", render={"train.seed": s, "data.seed": s})
-                for s in (1, 2)]
-FILL_RENDER_SEEDS = [Variant(f"fill_end0.25_{v.name}", "render batches, render seed",
-                             render={**FILL.render, **v.render}) for v in RENDER_SEEDS]
-FILL_ONLY = Variant("fill_only", "render batches", render={"data.fill_examples": True})
-END_ONLY = Variant("end0.25", "render batches", render={"render.end_keep": 0.25})
+# Today's default trains the render stage on batches of real chunks (data.fill_examples:
+# a document that does not fit is cut and goes on in the next example) with a quarter of
+# the END chunks (render.end_keep); v9 did not. Rows measured under v9 as fill_end0.25_X
+# (and fill_all_X) are today's X (and fill_concepts_X); see the README's Results.
+RENDER_SEEDS = [Variant(f"render_seed{s}", "render seed",
+                        render={"train.seed": s, "data.seed": s}) for s in (1, 2)]
+# The best text row (1,800 render steps, the concepts run gives up their FLOPs; temperature
+# 0.5, guidance 4), and sampled so at 1,200 render steps.
+R1800_T05_CFG4 = R1800_T05_CFG[1]
+T05_CFG4 = Variant("temp0.5_cfg4", "sampling", sample=R1800_T05_CFG4.sample)
+# The concepts run filled too (1.39x the real concepts per step; 0.72 of the slots are real
+# without it, built-in corpus): level on text, worse on the built-in corpus.
+FILL_CONCEPTS = Variant("fill_concepts", "concept batches",
+                        concepts={"data.fill_examples": True})
 FULL = [
     Variant("default"),  # The shipped tiny presets (configs/render.py, configs/concepts.py).
-    # The same default from other seeds (init, noise and data order): the noise of a row.
-    # (Measured as v8's rows head_mean_eqflops(_seedS): the head works around a mean mu(h)
-    # regressed onto the next concept, model.head_mean; 2,209 steps at equal FLOPs.)
-    *SEEDS,
-    # The weight of mu's regression (concepts.mean_weight; 1 in the preset).
-    *[Variant(f"mean_weight{w:g}", "concept loss", concepts={"concepts.mean_weight": w})
-      for w in (0.3, 3.0)],
-    # The best text row of v8 (1,800 render steps, temperature 0.5, guidance 4) on it
-    # (measured as v8's row render1800_head_mean_temp0.5_cfg4).
-    RENDER1800, R1800_T05_CFG[1], *seeded(R1800_T05_CFG[1])[:1],
-    FILL, *seeded(FILL), FILL_T05_CFG4, *seeded(FILL_T05_CFG4)[:1],
-    FILL_R1800, *seeded(FILL_R1800)[:1], FILL_R1800_T05_CFG4, *seeded(FILL_R1800_T05_CFG4)[:1],
-    FILL_ALL, *seeded(FILL_ALL), FILL_ALL_T05_CFG4, *seeded(FILL_ALL_T05_CFG4)[:1],
-    *RENDER_SEEDS, *FILL_RENDER_SEEDS, *seeded(RENDER_SEEDS[0]), *seeded(FILL_RENDER_SEEDS[0]),
-    FILL_ONLY, END_ONLY, *seeded(FILL_ONLY), *seeded(END_ONLY),
+    # The same default from other seeds (init, noise and data order of the concepts run):
+    # the noise of a row. The render run has its own seed (render_seedS): a second render
+    # run moved v9 0.788 -> 0.760 consistent (three concept seeds each).
+    *SEEDS, *RENDER_SEEDS, *[s for r in RENDER_SEEDS for s in seeded(r)],
+    T05_CFG4, *seeded(T05_CFG4)[:1],
+    RENDER1800, *seeded(RENDER1800)[:1], R1800_T05_CFG4, *seeded(R1800_T05_CFG4)[:1],
+    FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
+    dataclasses.replace(FILL_CONCEPTS, name="fill_concepts_temp0.5_cfg4",
+                        axis="concept batches, sampling", sample=T05_CFG4.sample),
+    # The v9 default (padded render batches, every END chunk) and one change from it per row.
+    *map(from_v9, [
+        Variant("default"),
+        # (Measured as v8's rows head_mean_eqflops(_seedS): the head works around a mean
+        # mu(h) regressed onto the next concept, model.head_mean; 2,209 steps at equal FLOPs.)
+        *SEEDS, *RENDER_SEEDS, *[s for r in RENDER_SEEDS for s in seeded(r)],
+        # The weight of mu's regression (concepts.mean_weight; 1 in the preset).
+        *[Variant(f"mean_weight{w:g}", "concept loss", concepts={"concepts.mean_weight": w})
+          for w in (0.3, 3.0)],
+        # The best text row of v8 on it (measured as v8's row
+        # render1800_head_mean_temp0.5_cfg4).
+        RENDER1800, R1800_T05_CFG4, *seeded(R1800_T05_CFG4)[:1],
+        # Each half of today's render batches alone.
+        Variant("fill_only", "render batches", render={"data.fill_examples": True}),
+        Variant("end0.25", "render batches", render={"render.end_keep": 0.25}),
+    ]),
     # The v8 default (a plain flow head, 2,234 concept steps) and one change from it per row.
     *map(from_v8, [
         Variant("default"),
@@ -440,11 +440,11 @@ V8_TEXT = ("default", "seed1", "render1800_eqflops", "render1800_temp0.5",
            "render1800_temp0.5_cfg3_seed1", "render1800_temp0.5_cfg4_seed1",
            "render1800_temp0.5_render16")
 TEXT = [v for v in FULL if v.name in (
-    "default", "seed1", "render1800_eqflops", "render1800_temp0.5_cfg4",
-    "render1800_temp0.5_cfg4_seed1",
-    *(f"{r}{s}" for r in ("fill_end0.25", "fill_end0.25_temp0.5_cfg4", "fill_all",
-                          "fill_all_temp0.5_cfg4", "fill_end0.25_render1800_eqflops",
-                          "fill_end0.25_render1800_temp0.5_cfg4") for s in ("", "_seed1")),
+    "default", "seed1",
+    *(f"{r}{s}" for r in ("temp0.5_cfg4", "fill_concepts", "render1800_eqflops",
+                          "render1800_temp0.5_cfg4") for s in ("", "_seed1")),
+    "fill_concepts_temp0.5_cfg4", "v9", "v9_seed1", "v9_render1800_eqflops",
+    "v9_render1800_temp0.5_cfg4", "v9_render1800_temp0.5_cfg4_seed1",
     *("v8" if n == "default" else f"v8_{n}" for n in V8_TEXT),
     "v7", "v7_seed1", "v7_z_noise1", "v7_z_noise2", "v2", "v1", "v1_temp1.0",
     "v1_z_noise0.1")] + [SHORT_CLEAN, SHORT_CLEAN_LONG, *TEXT_RENDER]

@@ -167,6 +167,7 @@ def test_render_finetune_on_generated_concepts(tiny_concepts_run, tiny_render_ru
   generation renders with when named as the render run."""
   from concept_diffusion import generate, train
   config = tiny_config("render", **{"render.generated_from": tiny_concepts_run,
+                                    "data.fill_examples": False,
                                     "render.generated_prob": 1.0, "train.num_steps": 4,
                                     "checkpoint.every_steps": 4, "data.vocab_size": 999})
   workdir = str(tmp_path / "ft")
@@ -186,7 +187,8 @@ def test_render_finetune_on_generated_concepts(tiny_concepts_run, tiny_render_ru
 
 def test_render_finetune_needs_a_concepts_run(tiny_render_run, tmp_path):
   from concept_diffusion import train
-  config = tiny_config("render", **{"render.generated_from": tiny_render_run})
+  config = tiny_config("render", **{"render.generated_from": tiny_render_run,
+                                    "data.fill_examples": False})
   with pytest.raises(config_lib.ConfigError, match="render.generated_from=.*not a concepts"):
     train.train(config, str(tmp_path / "ft"))
   config.render.generated_prob = 1.5
@@ -368,7 +370,7 @@ def test_fill_and_end_keep_reach_the_train_split_only(monkeypatch, tmp_path):
   train.train(tiny_config("ar", **short), str(tmp_path / "ar"))
   by_split = {k["split"]: k for k in calls}
   assert by_split["train"]["fill_examples"] and "end_keep" not in by_split["train"]
-  assert stages.render_train_data(tiny_config("render").render) == {"end_keep": 1.0}
+  assert stages.render_train_data(tiny_config("render").render) == {"end_keep": 0.25}
 
 
 @pytest.mark.parametrize("over,match", [({"render.end_keep": 0.0}, "render.end_keep=0.0"),

@@ -220,23 +220,29 @@ def test_an_equal_flops_variant_gets_the_concept_steps_that_match_the_budget(gri
     experiment.equal_flops_steps(plan, vocab, budget=1e3)
 
 
+def _edited_preset(tmp_path, stage: str, edit: str) -> str:
+  """A config file whose tiny preset is configs/<stage>.py's with `edit` (on `c`) applied."""
+  import pathlib
+  preset = tmp_path / f"new_{stage}.py"
+  preset.write_text(
+      "import importlib.util\n"
+      "spec = importlib.util.spec_from_file_location('s', "
+      f"{str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / f'{stage}.py')!r})\n"
+      "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+      "def get_config(preset='tiny'):\n"
+      f"  c = mod.get_config(preset); {edit}; return c\n")
+  return f"{preset}:tiny"
+
+
 def test_adopt_runs_moves_runs_to_the_names_a_new_default_plans(grid_run, tmp_path,
                                                                 monkeypatch):
-  import pathlib
   import shutil
   workdir = str(tmp_path / "grid")
   shutil.copytree(grid_run[0], workdir)
   # A new default: the concepts preset now turns the head's mean on; the old default
   # becomes a row of overrides. Its run predates the field (as runs trained before it).
-  preset = tmp_path / "new_concepts.py"
-  preset.write_text(
-      "import importlib.util\n"
-      "spec = importlib.util.spec_from_file_location('c', "
-      f"{str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'concepts.py')!r})\n"
-      "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
-      "def get_config(preset='tiny'):\n"
-      "  c = mod.get_config(preset); c.model.head_mean = True; return c\n")
-  settings = dataclasses.replace(_settings(), concepts_preset=f"{preset}:tiny")
+  preset = _edited_preset(tmp_path, "concepts", "c.model.head_mean = True")
+  settings = dataclasses.replace(_settings(), concepts_preset=preset)
   grid = [Variant("default"), Variant("old", "old default", concepts={"model.head_mean": False})]
   old_dir = experiment.plan_variant(GRID[0], workdir, _settings()).concepts[0]
   saved = json.load(open(os.path.join(old_dir, "config.json")))
@@ -266,6 +272,25 @@ def test_adopt_runs_moves_runs_to_the_names_a_new_default_plans(grid_run, tmp_pa
   for plan in new:  # Each row finds its run, finished and trained as it plans.
     assert not experiment._differences(plan.concepts[1], plan.concepts[0], strict=True)
     experiment.train_once(plan.concepts[1], plan.concepts[0])
+
+
+def test_adopt_runs_moves_a_render_run_and_the_concepts_run_over_it(grid_run, tmp_path):
+  """A render preset edit: the old default's render run moves to its new name, and its
+  concepts run, whose saved render_workdir still names the old place, follows it."""
+  import shutil
+  workdir = str(tmp_path / "grid")
+  shutil.copytree(grid_run[0], workdir)  # Saved render_workdirs name the original grid.
+  settings = dataclasses.replace(_settings(), render_preset=_edited_preset(
+      tmp_path, "render", "c.render.end_keep = 0.5"))
+  grid = [Variant("default"), Variant("old", "old default", render={"render.end_keep": 0.25})]
+  old = experiment.plan_variant(GRID[0], workdir, _settings())
+  new = [experiment.plan_variant(v, workdir, settings) for v in grid]
+  assert (new[0].render[0], new[0].concepts[0]) == (old.render[0], old.concepts[0])
+  moves = experiment.adopt_runs(grid, workdir, settings)
+  assert moves == [(old.render[0], new[1].render[0]), (old.concepts[0], new[1].concepts[0])]
+  assert experiment.adopt_runs(grid, workdir, settings) == []  # Settled: nothing moves.
+  assert not experiment._differences(new[1].concepts[1], new[1].concepts[0], strict=True)
+  experiment.check_reuse(new[1].concepts[1], new[1].concepts[0])
 
 
 def test_grid_runs_checkpoint_periodically_and_reuse_ignores_how_often(grid_run):
@@ -349,17 +374,28 @@ def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
   render = {name: (plans[name][1].render[1].model.encoder_pooling,
                    plans[name][1].render[1].render.z_noise,
                    plans[name][1].render[1].train.num_steps)
-            for name in ("default", "v8", "v7", "v6", "v5", "v4", "v1")}
+            for name in ("default", "v9", "v8", "v7", "v6", "v5", "v4", "v1")}
   # Each earlier default's render stage and concept head, as measured.
-  assert render == {"default": ("slots", 1.5, 1200), "v8": ("slots", 1.5, 1200),
+  assert render == {"default": ("slots", 1.5, 1200), "v9": ("slots", 1.5, 1200),
+                    "v8": ("slots", 1.5, 1200),
                     "v7": ("slots", 1.5, 600),
                     "v6": ("slots", 1.5, 600), "v5": ("slots", 1.0, 600),
                     "v4": ("mean", 1.0, 600), "v1": ("mean", 1.0, 600)}
+  # Today's rows train the render stage on filled batches with a quarter of the END
+  # chunks; every earlier default's rows on padded ones with all of them (but v9's rows
+  # that try each half).
+  halves = {"v9_fill_only": (True, 1.0), "v9_end0.25": (False, 0.25)}
+  for name, (_, plan) in plans.items():
+    earlier = name[0] == "v" and name[1].isdigit()
+    want = halves.get(name, (False, 1.0) if earlier else (True, 0.25))
+    assert (plan.render[1].data.fill_examples, plan.render[1].render.end_keep) == want, name
+  assert not plans["v1_generated"][1].finetune[1].data.fill_examples  # It refuses filling.
   heads = {name: (plans[name][1].concepts[1].model.diff_head_layers,
                   plans[name][1].concepts[1].model.head_mean,
                   plans[name][1].concepts[1].train.num_steps)
-           for name in ("default", "v8", "v7", "v6", "v5", "v4", "v3", "v2", "v1")}
-  assert heads == {"default": (6, True, 2209), "v8": (6, False, 2234), "v7": (6, False, 3260),
+           for name in ("default", "v9", "v8", "v7", "v6", "v5", "v4", "v3", "v2", "v1")}
+  assert heads == {"default": (6, True, 2209), "v9": (6, True, 2209), "v8": (6, False, 2234),
+                   "v7": (6, False, 3260),
                    "v6": (2, False, 5990), "v5": (2, False, 5990), "v4": (2, False, 6037),
                    "v3": (2, False, 5310), "v2": (2, False, 2400), "v1": (2, False, 2400)}
   # A render-steps row of an earlier default keeps its own steps over the 600.
