@@ -165,6 +165,8 @@ R1800_T05_CFG = [dataclasses.replace(R1800_T05, name=f"render1800_temp0.5_cfg{g}
 # (and fill_all_X) are today's X (and fill_concepts_X); see the README's Results.
 RENDER_SEEDS = [Variant(f"render_seed{s}", "render seed",
                         render={"train.seed": s, "data.seed": s}) for s in (1, 2)]
+# Every seed row of a default: concept seeds, render seeds, and both.
+SEED_ROWS = [*SEEDS, *RENDER_SEEDS, *[s for r in RENDER_SEEDS for s in seeded(r)]]
 # The best text row (1,800 render steps, the concepts run gives up their FLOPs; temperature
 # 0.5, guidance 4), and sampled so at 1,200 render steps.
 R1800_T05_CFG4 = R1800_T05_CFG[1]
@@ -178,7 +180,7 @@ FULL = [
     # The same default from other seeds (init, noise and data order of the concepts run):
     # the noise of a row. The render run has its own seed (render_seedS): a second render
     # run moved v9 0.788 -> 0.760 consistent (three concept seeds each).
-    *SEEDS, *RENDER_SEEDS, *[s for r in RENDER_SEEDS for s in seeded(r)],
+    *SEED_ROWS,
     T05_CFG4, *seeded(T05_CFG4)[:1],
     RENDER1800, *seeded(RENDER1800)[:1], R1800_T05_CFG4, *seeded(R1800_T05_CFG4)[:1],
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
@@ -189,7 +191,7 @@ FULL = [
         Variant("default"),
         # (Measured as v8's rows head_mean_eqflops(_seedS): the head works around a mean
         # mu(h) regressed onto the next concept, model.head_mean; 2,209 steps at equal FLOPs.)
-        *SEEDS, *RENDER_SEEDS, *[s for r in RENDER_SEEDS for s in seeded(r)],
+        *SEED_ROWS,
         # The weight of mu's regression (concepts.mean_weight; 1 in the preset).
         *[Variant(f"mean_weight{w:g}", "concept loss", concepts={"concepts.mean_weight": w})
           for w in (0.3, 3.0)],
