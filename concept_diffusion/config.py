@@ -91,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
   # [0, z_noise] per chunk, so the renderer also learns to read clean concepts sharply).
   c.render.z_noise_dist = "constant"
   c.render.prev_concept = False  # Also condition on the previous chunk's concept.
+  # Also read the tokens of the previous context_chunks chunks of the document, clean, as
+  # a prefix (0: the chunk alone). Generation then renders one chunk after another, each
+  # reading the ones before it (the prompt's, then its own).
+  c.render.context_chunks = 0
   # Train batches only: the share of documents whose END chunk is trained on. Every END
   # chunk is the same one-token chunk, 11-18% of the real chunks at the tiny preset.
   c.render.end_keep = 1.0
@@ -221,6 +225,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     one_allowed = field in ("render.full_mask_prob", "render.generated_prob")
     if not (0.0 <= value <= 1.0 if one_allowed else 0.0 <= value < 1.0):
       raise ConfigError(f"{field}={value!r} must lie in [0, 1]")
+  context_chunks = config.render.get("context_chunks", 0)  # .get: configs saved before it.
+  if not (type(context_chunks) is int and 0 <= context_chunks < config.data.num_concepts):
+    raise ConfigError(f"render.context_chunks={context_chunks!r} must be a whole number of "
+                      f"chunks in [0, data.num_concepts={config.data.num_concepts})")
   end_keep = config.render.get("end_keep", 1.0)  # .get: configs saved before the field.
   if not (isinstance(end_keep, (int, float)) and 0.0 < end_keep <= 1.0):
     raise ConfigError(f"render.end_keep={end_keep!r} must lie in (0, 1]")

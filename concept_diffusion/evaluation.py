@@ -51,7 +51,7 @@ from concept_diffusion.data.tokenizer import BOS_ID, MASK_ID, PAD_ID
 from concept_diffusion.diffusion import continuous, masked
 from concept_diffusion.models import concept_model
 from concept_diffusion.models.concept_model import ConceptModel
-from concept_diffusion.models.renderer import previous_concepts
+from concept_diffusion.models.renderer import previous_chunks, previous_concepts
 
 EVAL_FILE = "eval.json"
 ORDER = ("roundtrip_token_accuracy", "roundtrip_exact_match", "elbo_bits_per_token",
@@ -208,11 +208,15 @@ def render_metrics(gen: gen_lib.Generator, batches, key, elbo_samples: int = 4) 
   def program(params, batch, key):
     z_BxNxD = enc.apply({"params": params["encoder"]}, batch["tokens"], batch["token_mask"])
     prev_BxNxD = previous_concepts(z_BxNxD, batch["segment_ids"])
+    # Teacher forced: a context_chunks renderer reads the true chunks before each one.
+    ctx_BxNxCL = (previous_chunks(batch["tokens"], batch["segment_ids"], ren.cfg.context_chunks)
+                  if ren.cfg.context_chunks else None)
     k_render, k_elbo = jax.random.split(key)
     rendered_BxNxL = gen_lib.render_chunks(ren, params["renderer"], z_BxNxD, prev_BxNxD,
-                                           k_render, steps=steps)
+                                           k_render, steps=steps, context_BxNxCL=ctx_BxNxCL)
     logits_fn = lambda x: ren.apply({"params": params["renderer"]}, x, z_BxNxD,
-                                    prev_BxNxD if ren.cfg.prev_concept else None)
+                                    prev_BxNxD if ren.cfg.prev_concept else None, None,
+                                    ctx_BxNxCL)
     bits = masked.elbo_bits(logits_fn, batch["tokens"], batch["token_mask"], MASK_ID, k_elbo,
                             num_samples=elbo_samples)
     return rendered_BxNxL, bits

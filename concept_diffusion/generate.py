@@ -223,18 +223,56 @@ def show_tokens(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
 
 
 def render_chunks(renderer: Renderer, params, z_BxNxD, prev_BxNxD, key, *, steps: int,
-                  temperature: float = 0.0, return_steps: bool = False):
-  """Renders every chunk in parallel from all-MASK -> tokens_BxNxL (+ states_SxBxNxL)."""
+                  temperature: float = 0.0, return_steps: bool = False, context_BxNxCL=None):
+  """Renders every chunk in parallel from all-MASK -> tokens_BxNxL (+ states_SxBxNxL).
+
+  context_BxNxCL: the text before each chunk, for a render.context_chunks renderer (PAD
+  if None); render_in_order supplies a chunk's own rendered predecessors instead.
+  """
   prev = prev_BxNxD if renderer.cfg.prev_concept else None
 
   def logits_fn(tokens_BxNxL):
-    return renderer.apply({"params": params}, tokens_BxNxL, z_BxNxD, prev)
+    return renderer.apply({"params": params}, tokens_BxNxL, z_BxNxD, prev, None, context_BxNxCL)
 
   b, n = z_BxNxD.shape[:2]
   # Every position is denoised and PAD may be committed: the renderer decides the length.
   mask_BxNxL = jnp.ones((b, n, renderer.cfg.concept_len), bool)
   return masked.sample(logits_fn, key, mask_BxNxL, mask_id=MASK_ID, pad_id=PAD_ID, steps=steps,
                        temperature=temperature, return_steps=return_steps, sample_pad=True)
+
+
+def render_in_order(renderer: Renderer, params, z_BxNxD, prev_BxNxD, context_BxCL, key, *,
+                    steps: int, temperature: float = 0.0, return_steps: bool = False):
+  """Renders chunk 0, then 1, ...: each reads the context_chunks chunks before it.
+
+  context_BxCL is the text before chunk 0 (the prompt's last chunks, PAD if none); then
+  each rendered chunk joins it, as in generation. -> tokens_BxNxL (+ states_SxBxNxL).
+  """
+  l = renderer.cfg.concept_len
+
+  def step(ctx_BxCL, xs):
+    z_BxD, prev_BxD, k = xs
+    out = render_chunks(renderer, params, z_BxD[:, None], prev_BxD[:, None], k, steps=steps,
+                        temperature=temperature, return_steps=return_steps,
+                        context_BxNxCL=ctx_BxCL[:, None])
+    chunk_Bx1xL = out[0] if return_steps else out
+    return jnp.concatenate([ctx_BxCL[:, l:], chunk_Bx1xL[:, 0]], axis=1), out
+
+  n = z_BxNxD.shape[1]
+  xs = (jnp.moveaxis(z_BxNxD, 1, 0), jnp.moveaxis(prev_BxNxD, 1, 0), jax.random.split(key, n))
+  _, out = jax.lax.scan(step, context_BxCL, xs)
+  if return_steps:  # tokens_NxBx1xL, states_NxSxBx1xL
+    return jnp.moveaxis(out[0][:, :, 0], 0, 1), jnp.moveaxis(out[1][:, :, :, 0], 0, 2)
+  return jnp.moveaxis(out[:, :, 0], 0, 1)
+
+
+def last_chunks(chunks_BxNxL, counts_B, num: int):
+  """context_Bx(num*L): each row's last `num` chunks before counts_B, oldest first (PAD before)."""
+  b, _, l = chunks_BxNxL.shape
+  idx_BxC = counts_B[:, None] - num + jnp.arange(num)
+  picked_BxCxL = jnp.take_along_axis(chunks_BxNxL, jnp.maximum(idx_BxC, 0)[..., None], axis=1)
+  picked_BxCxL = jnp.where((idx_BxC >= 0)[..., None], picked_BxCxL, PAD_ID)
+  return picked_BxCxL.reshape(b, num * l)
 
 
 def cosine(a_XxD, b_XxD):
@@ -283,7 +321,7 @@ def num_kept(end_BxN):
 def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, key, *,
                  num_new: int, objective: str, steps: int, guidance: float,
                  noise_scale: float, end_cosine: float, snap=None,
-                 num_candidates: int = 1):
+                 num_candidates: int = 1, context_BxCL=None):
   """Samples `num_new` concepts after each prompt -> (z_BxNxD new, prev_BxNxD, extras).
 
   A while-loop over a fixed buffer of M = N + num_new concepts; position counts_B + i
@@ -291,12 +329,14 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
   concept. Context positions past the written ones are padding (segment 0), which
   the causal, segment-masked attention never reads.
 
-  With `snap(z_Bx1xD, prev_Bx1xD, key) -> (z_ctx_Bx1xD, tokens_Bx1xL, *more_Bx1x...)`
-  (re-encoding, see snap_fn), each new concept is rendered at once and the context
-  gets the encoder's concept of the rendered chunk instead of the sampled one: the
-  concept model then always reads concepts of real text, as in training, and its
-  errors do not compound off the encoder's manifold. `extras` stacks what snap
-  returned after z_ctx along axis 1 (tokens_BxNxL, ...); () without snap.
+  With `snap(z_Bx1xD, prev_Bx1xD, text_BxCL, key) -> (z_ctx_Bx1xD, tokens_Bx1xL,
+  *more_Bx1x...)` (re-encoding, see snap_fn), each new concept is rendered at once and
+  the context gets the encoder's concept of the rendered chunk instead of the sampled
+  one: the concept model then always reads concepts of real text, as in training, and
+  its errors do not compound off the encoder's manifold. `extras` stacks what snap
+  returned after z_ctx along axis 1 (tokens_BxNxL, ...); () without snap. text_BxCL is
+  the last chunks' tokens for a render.context_chunks renderer: context_BxCL (the
+  prompt's) at first, then each rendered chunk shifts in.
 
   With `num_candidates` C > 1, each step samples C concepts from the same context
   (and snaps each), and keeps the consensus one (consensus_index): of the re-encoded
@@ -307,14 +347,16 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
   buf_BxMxD = jnp.pad(prompt_BxNxD, ((0, 0), (0, num_new), (0, 0)))
   out_BxNxD = jnp.zeros((b, num_new, d), prompt_BxNxD.dtype)
   extras = ()
+  if context_BxCL is None:  # A renderer that reads no text before: nothing to carry.
+    context_BxCL = jnp.zeros((b, 0), jnp.int32)
   if snap is not None:
     spec_Bx1xD = jax.ShapeDtypeStruct((b, 1, d), prompt_BxNxD.dtype)
-    _, *shapes = jax.eval_shape(snap, spec_Bx1xD, spec_Bx1xD, key)
+    _, *shapes = jax.eval_shape(snap, spec_Bx1xD, spec_Bx1xD, context_BxCL, key)
     extras = tuple(jnp.full((b, num_new, *s.shape[2:]), PAD_ID, s.dtype) for s in shapes)
   pos_M = jnp.arange(m)
 
   def body(carry):
-    i, buf_BxMxD, out_BxNxD, extras, done_B = carry
+    i, buf_BxMxD, out_BxNxD, extras, done_B, text_BxCL = carry
     seg_BxM = (pos_M < (counts_B + i)[:, None]).astype(jnp.int32)
     h_BxMxE = model.apply({"params": params}, buf_BxMxD, seg_BxM, method=ConceptModel.context)
     last_Bx1 = (counts_B + i - 1)[:, None]
@@ -332,7 +374,8 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
     z_ctx_BCx1xD, outs = z_BCx1xD, []
     if snap is not None:
       prev_Bx1xD = jnp.take_along_axis(buf_BxMxD, last_Bx1[..., None], axis=1)
-      z_ctx_BCx1xD, *outs = snap(z_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0), k_snap)
+      z_ctx_BCx1xD, *outs = snap(z_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
+                                 jnp.repeat(text_BxCL, c, axis=0), k_snap)
     z_Bx1xD, z_ctx_Bx1xD = z_BCx1xD, z_ctx_BCx1xD
     if c > 1:
       best_B = consensus_index(z_ctx_BCx1xD.reshape(b, c, d))
@@ -344,13 +387,16 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
       extras = tuple(jax.lax.dynamic_update_slice_in_dim(e, o.astype(e.dtype), i, axis=1)
                      for e, o in zip(extras, outs))
       done_B |= outs[0][:, 0, 0] == EOD_ID  # Rendered as the END chunk.
+      if text_BxCL.shape[1]:  # The rendered chunk is the newest text before the next.
+        l = outs[0].shape[-1]
+        text_BxCL = jnp.concatenate([text_BxCL[:, l:], outs[0][:, 0].astype(text_BxCL.dtype)], 1)
     write_BxM = pos_M == (counts_B + i)[:, None]
     buf_BxMxD = jnp.where(write_BxM[..., None], z_ctx_Bx1xD, buf_BxMxD)
-    return i + 1, buf_BxMxD, out_BxNxD, extras, done_B
+    return i + 1, buf_BxMxD, out_BxNxD, extras, done_B, text_BxCL
 
-  cond = lambda c: (c[0] < num_new) & ~jnp.all(c[-1])
-  init = (0, buf_BxMxD, out_BxNxD, extras, jnp.zeros((b,), bool))
-  _, buf_BxMxD, z_BxNxD, extras, _ = jax.lax.while_loop(cond, body, init)
+  cond = lambda c: (c[0] < num_new) & ~jnp.all(c[4])
+  init = (0, buf_BxMxD, out_BxNxD, extras, jnp.zeros((b,), bool), context_BxCL)
+  _, buf_BxMxD, z_BxNxD, extras, _, _ = jax.lax.while_loop(cond, body, init)
   new_BxN = counts_B[:, None] + jnp.arange(num_new)
   prev_BxNxD = jnp.take_along_axis(buf_BxMxD, (new_BxN - 1)[..., None], axis=1)
   return z_BxNxD, prev_BxNxD, extras
@@ -358,14 +404,16 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
 
 def snap_fn(encoder: ConceptEncoder, enc_params, renderer: Renderer, ren_params, *,
             steps: int, temperature: float, return_steps: bool = False):
-  """Re-encoding for concept_loop: (z, prev, key) -> (encoder(chunk), chunk[, states]).
+  """Re-encoding for concept_loop: (z, prev, text, key) -> (encoder(chunk), chunk[, states]).
 
   chunk_Bx1xL is z rendered from all-MASK; states_Bx1xSxL its intermediate renders.
   """
 
-  def snap(z_Bx1xD, prev_Bx1xD, key):
+  def snap(z_Bx1xD, prev_Bx1xD, text_BxCL, key):
+    context = text_BxCL[:, None] if renderer.cfg.context_chunks else None
     out = render_chunks(renderer, ren_params, z_Bx1xD, prev_Bx1xD, key, steps=steps,
-                        temperature=temperature, return_steps=return_steps)
+                        temperature=temperature, return_steps=return_steps,
+                        context_BxNxCL=context)
     chunk_Bx1xL = out[0] if return_steps else out
     z_ctx_Bx1xD = encoder.apply({"params": enc_params}, chunk_Bx1xL, chunk_Bx1xL != PAD_ID)
     z_ctx_Bx1xD = z_ctx_Bx1xD.astype(z_Bx1xD.dtype)
@@ -405,6 +453,7 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
     enc_params = params["encoder"]
     prompt_BxNxD = mods["encoder"].apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
     z_end_D = end_concept(mods["encoder"], enc_params, concept_len)
+    text_BxCL = last_chunks(chunks_BxNxL, counts_B, mods["renderer"].cfg.context_chunks)
     snap = None
     if opts.reencode:
       snap = snap_fn(mods["encoder"], enc_params, mods["renderer"], render_params["renderer"],
@@ -414,21 +463,30 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
         mods["concept_model"], params["concept_model"], prompt_BxNxD, counts_B, z_end_D, k_concepts,
         num_new=opts.num_new, objective=objective, steps=opts.concept_steps,
         guidance=opts.guidance, noise_scale=opts.noise_scale, end_cosine=opts.end_cosine,
-        snap=snap, num_candidates=opts.num_candidates)
+        snap=snap, num_candidates=opts.num_candidates, context_BxCL=text_BxCL)
     if opts.reencode:  # Rendered one chunk at a time inside the loop.
       tokens_BxNxL = extras[0]
       states_SxBxNxL = jnp.moveaxis(extras[1], 2, 0) if opts.show_steps else None
       return tokens_BxNxL, is_end(tokens_BxNxL, z_BxNxD, z_end_D, opts.end_cosine), states_SxBxNxL
     return _render_program(mods["renderer"], render_params["renderer"], z_BxNxD, prev_BxNxD,
-                           z_end_D, k_render, opts)
+                           z_end_D, k_render, opts, text_BxCL)
 
   return program
 
 
-def _render_program(renderer, params, z_BxNxD, prev_BxNxD, z_end_D, key, opts: ConceptOptions):
-  """Renders all chunks at once and marks the END chunks."""
-  out = render_chunks(renderer, params, z_BxNxD, prev_BxNxD, key, steps=opts.render_steps,
-                      temperature=opts.render_temperature, return_steps=opts.show_steps)
+def _render_program(renderer, params, z_BxNxD, prev_BxNxD, z_end_D, key, opts: ConceptOptions,
+                    context_BxCL=None):
+  """Renders all chunks (at once, or in order from context_BxCL) and marks the END chunks."""
+  if renderer.cfg.context_chunks:
+    if context_BxCL is None:
+      context_BxCL = jnp.full((z_BxNxD.shape[0], renderer.cfg.context_chunks *
+                               renderer.cfg.concept_len), PAD_ID, jnp.int32)
+    out = render_in_order(renderer, params, z_BxNxD, prev_BxNxD, context_BxCL, key,
+                          steps=opts.render_steps, temperature=opts.render_temperature,
+                          return_steps=opts.show_steps)
+  else:
+    out = render_chunks(renderer, params, z_BxNxD, prev_BxNxD, key, steps=opts.render_steps,
+                        temperature=opts.render_temperature, return_steps=opts.show_steps)
   tokens_BxNxL, states_SxBxNxL = out if opts.show_steps else (out, None)
   end_BxN = is_end(tokens_BxNxL, z_BxNxD, z_end_D, opts.end_cosine)
   return tokens_BxNxL, end_BxN, states_SxBxNxL
@@ -503,38 +561,46 @@ def roundtrip(gen: Generator, texts: Sequence[str], *, contexts: Sequence[str] |
   """Encodes each text's chunks and renders them back (render or concepts runs), one jit.
 
   contexts: the text each one continues; a render.prev_concept renderer then reads its last
-  chunk's concept as the first chunk's previous one, as in generation (else zeros).
+  chunk's concept as the first chunk's previous one, as in generation (else zeros), and a
+  render.context_chunks one its last chunks' tokens. Such a renderer renders the chunks in
+  order, each reading the ones it rendered before it (render_in_order), as generation does.
   """
   if gen.kind not in ("render", "concepts"):
     raise GenerateError(f"roundtrip needs a render or concepts run, not {gen.kind!r}")
   if contexts is not None and len(contexts) != len(texts):
     raise GenerateError(f"roundtrip got {len(contexts)} contexts for {len(texts)} texts")
   chunks_BxNxL, counts_B = prompt_chunks(gen, texts)
-  # The concept before each text's first chunk: its context's last chunk (PAD: zeros).
-  last_BxL = np.full((chunks_BxNxL.shape[0], chunks_BxNxL.shape[2]), PAD_ID, np.int32)
+  mods = build_modules(gen)
+  # The text before each one's first chunk: its context's last chunks (PAD: none). A
+  # prev_concept renderer reads the last one's concept, a context_chunks one the tokens.
+  num_last = max(1, mods["renderer"].cfg.context_chunks)
+  b, _, l = chunks_BxNxL.shape
+  last_BxCL = np.full((b, num_last * l), PAD_ID, np.int32)
   if contexts is not None:
     ctx_BxNxL, ctx_counts_B = prompt_chunks(gen, contexts)
-    last_BxL = ctx_BxNxL[np.arange(len(ctx_BxNxL)), ctx_counts_B - 1]
-    last_BxL[len(texts):] = PAD_ID
-  mods = build_modules(gen)
+    last_BxCL = np.array(last_chunks(ctx_BxNxL, ctx_counts_B, num_last))  # A writable copy.
+    last_BxCL[len(texts):] = PAD_ID
   concept_len = gen.chunk_config.data.concept_len
   opts = ConceptOptions(render_steps=render_steps or gen.chunk_config.render.sample_steps,
                         end_cosine=0.999, show_steps=show_steps)
 
-  def program(enc_params, ren_params, chunks_BxNxL, counts_B, last_Bx1xL, key):
+  def program(enc_params, ren_params, chunks_BxNxL, counts_B, last_BxCL, key):
     encoder = mods["encoder"]
     prompt_BxNxD = encoder.apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
     z_end_D = end_concept(encoder, enc_params, concept_len)
     # Padding chunks become END concepts, so the cut drops them.
     real_BxN = jnp.arange(prompt_BxNxD.shape[1]) < counts_B[:, None]
     prompt_BxNxD = jnp.where(real_BxN[..., None], prompt_BxNxD, z_end_D)
-    prev_BxNxD = previous_with_context(encoder, enc_params, prompt_BxNxD, last_Bx1xL)
-    return _render_program(mods["renderer"], ren_params, prompt_BxNxD, prev_BxNxD, z_end_D, key, opts)
+    prev_BxNxD = previous_with_context(encoder, enc_params, prompt_BxNxD,
+                                       last_BxCL[:, None, last_BxCL.shape[1] - l:])
+    text_BxCL = last_BxCL if mods["renderer"].cfg.context_chunks else None
+    return _render_program(mods["renderer"], ren_params, prompt_BxNxD, prev_BxNxD, z_end_D, key,
+                           opts, text_BxCL)
 
   renderer_params = gen.render_params if gen.kind == "concepts" else gen.params
   fn = gen.jitted("roundtrip", (opts,), lambda: program)
   out = fn(gen.params["encoder"], renderer_params["renderer"], shard_batch(gen, chunks_BxNxL),
-           shard_batch(gen, counts_B), shard_batch(gen, last_BxL[:, None]), jax.random.key(seed))
+           shard_batch(gen, counts_B), shard_batch(gen, last_BxCL), jax.random.key(seed))
   samples = _chunk_samples(gen, texts, *jax.device_get(out))
   for s, count in zip(samples, counts_B):
     s.ended = s.num_chunks < count  # A real chunk came back as END (padding always does).

@@ -175,6 +175,30 @@ T05_CFG4 = Variant("temp0.5_cfg4", "sampling", sample=R1800_T05_CFG4.sample)
 # without it, built-in corpus): level on text, worse on the built-in corpus.
 FILL_CONCEPTS = Variant("fill_concepts", "concept batches",
                         concepts={"data.fill_examples": True})
+# The renderer also reads the clean text of the chunk before its own
+# (render.context_chunks = 1): the concept says what the chunk holds, the text how the
+# words go on from there (on text the bound, the truth rendered back, is 3.8x AR's gen-PPL
+# at 1,200 render steps). Its blocks run over twice the positions, 1.45x the render stage's
+# FLOPs per step; the concepts run pays (1,200 render steps), or the render stage does (830).
+CONTEXT1 = Variant("context1_eqflops", "renderer input", render={"render.context_chunks": 1},
+                   equal_flops=True)
+CONTEXT1_R830 = Variant("context1_render830_eqflops", "renderer input, render steps",
+                        render={"render.context_chunks": 1, "train.num_steps": 830},
+                        equal_flops=True)
+
+
+def render_seeded(v: Variant) -> list[Variant]:
+  """The row `v` from render runs of the other seeds (named v.name_render_seedR)."""
+  return [dataclasses.replace(v, name=f"{v.name}_{r.name}", axis=f"{v.axis}, render seed",
+                              render={**v.render, **r.render}) for r in RENDER_SEEDS]
+
+
+def cooled(v: Variant) -> Variant:
+  """The row `v` sampled at temperature 0.5 and guidance 4 (the best text sampling)."""
+  return dataclasses.replace(v, name=f"{v.name}_temp0.5_cfg4", axis=f"{v.axis}, sampling",
+                             sample={**v.sample, **T05_CFG4.sample})
+
+
 FULL = [
     Variant("default"),  # The shipped tiny presets (configs/render.py, configs/concepts.py).
     # The same default from other seeds (init, noise and data order of the concepts run):
@@ -186,6 +210,8 @@ FULL = [
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
     dataclasses.replace(FILL_CONCEPTS, name="fill_concepts_temp0.5_cfg4",
                         axis="concept batches, sampling", sample=T05_CFG4.sample),
+    *[r for v in (CONTEXT1, CONTEXT1_R830)
+      for r in (v, *seeded(v), *render_seeded(v), cooled(v), *seeded(cooled(v))[:1])],
     # The v9 default (padded render batches, every END chunk) and one change from it per row.
     *map(from_v9, [
         Variant("default"),
@@ -445,7 +471,10 @@ TEXT = [v for v in FULL if v.name in (
     "default", "seed1",
     *(f"{r}{s}" for r in ("temp0.5_cfg4", "fill_concepts", "render1800_eqflops",
                           "render1800_temp0.5_cfg4") for s in ("", "_seed1")),
-    "fill_concepts_temp0.5_cfg4", "v9", "v9_seed1", "v9_render1800_eqflops",
+    "fill_concepts_temp0.5_cfg4",
+    *(f"{r}{s}" for r in ("context1_eqflops", "context1_render830_eqflops")
+      for s in ("", "_seed1", "_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
+    "v9", "v9_seed1", "v9_render1800_eqflops",
     "v9_render1800_temp0.5_cfg4", "v9_render1800_temp0.5_cfg4_seed1",
     *("v8" if n == "default" else f"v8_{n}" for n in V8_TEXT),
     "v7", "v7_seed1", "v7_z_noise1", "v7_z_noise2", "v2", "v1", "v1_temp1.0",

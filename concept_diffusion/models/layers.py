@@ -40,13 +40,14 @@ class ModelConfig:
   attention: str = "xla"
   rope_max_wavelength: float = 10_000.0
   prev_concept: bool = False
+  context_chunks: int = 0
   encoder_pooling: str = "mean"
   head_reads_context: bool = False
   head_mean: bool = False
 
   @classmethod
   def from_config(cls, config, vocab_size: int | None = None) -> "ModelConfig":
-    """Reads config.model (+ data.concept_len, render.prev_concept)."""
+    """Reads config.model (+ data.concept_len, render.prev_concept / context_chunks)."""
     m = config.model
     return cls(
         vocab_size=int(vocab_size or config.data.vocab_size),
@@ -58,6 +59,7 @@ class ModelConfig:
         baseline_layers=m.baseline_layers, dtype=m.dtype, scan_layers=bool(m.scan_layers),
         remat=m.remat, attention=m.attention, rope_max_wavelength=float(m.rope_max_wavelength),
         prev_concept=bool(config.render.prev_concept),
+        context_chunks=int(config.render.get("context_chunks", 0)),
         # .get: configs saved before the field pooled by the mean.
         encoder_pooling=m.get("encoder_pooling", "mean"),
         head_reads_context=bool(m.get("head_reads_context", False)),

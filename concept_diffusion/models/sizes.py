@@ -8,7 +8,9 @@ flops_per_token(config, stage) = 6 * M + 12 * sum_layers(H * K * ctx), per
   concepts, flat token for ar / mdm), where
   - M counts matmul weights applied once per position: embedding lookups cost
     nothing, per-chunk projections (renderer slots, encoder pooling) are spread
-    over the positions that share them, norms are ignored;
+    over the positions that share them, norms are ignored; a renderer that reads
+    render.context_chunks = C chunks before its own runs its blocks over (1 + C)
+    positions per chunk token, each attending to (1 + C) x L;
   - 6 = 2 (multiply-add) x 3 (forward + backward);
   - 12 * H * K * ctx is attention's q.k and p.v products (2 * 2 * H * K * ctx
     forward, x 3 with backward), with the full context ctx (no causal halving,
@@ -105,9 +107,11 @@ def flops_per_token(config, stage: str, vocab_size: int | None = None,
     num_concepts = num_concepts or config.data.num_concepts
   hk, e, d, l = c.num_heads * c.head_dim, c.embed_dim, c.concept_dim, c.concept_len
   if stage == "render":
-    matmuls = (_layer_matmuls(c) * (c.encoder_layers + c.renderer_layers) + e * d / l
+    # The renderer runs over (1 + context_chunks) x L positions per chunk of L targets.
+    span = 1 + c.context_chunks
+    matmuls = (_layer_matmuls(c) * (c.encoder_layers + c.renderer_layers * span) + e * d / l
                + _slot_readout(c) / l + d * e * (1 + c.prev_concept) + e * c.vocab_size)
-    attention = (c.encoder_layers + c.renderer_layers) * hk * l
+    attention = (c.encoder_layers + c.renderer_layers * span * span) * hk * l
   elif stage == "concepts":
     matmuls = d * e + _layer_matmuls(c) * c.concept_layers + _head_matmuls(c)
     attention = c.concept_layers * hk * num_concepts

@@ -169,8 +169,11 @@ def render_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
         pick_BxN = valid_BxN & jax.random.bernoulli(k_pick, r.generated_prob, valid_BxN.shape)
         z_in_BxNxD = jnp.where(pick_BxN[..., None], zgen_BxNxD, z_in_BxNxD)
     prev_BxNxD = renderer.previous_concepts(z_in_BxNxD, seg_BxN) if cfg.prev_concept else None
+    ctx_BxNxCL = (renderer.previous_chunks(tokens_BxNxL, seg_BxN, cfg.context_chunks)
+                  if cfg.context_chunks else None)  # The true text before: teacher forced.
     logits_fn = lambda inputs_BxNxL: ren.apply(
-        {"params": params["renderer"]}, inputs_BxNxL, z_in_BxNxD, prev_BxNxD, chunk_mask_BxNxL)
+        {"params": params["renderer"]}, inputs_BxNxL, z_in_BxNxD, prev_BxNxD, chunk_mask_BxNxL,
+        ctx_BxNxCL)
     diffusion, metrics = masked.masked_diffusion_loss(
         logits_fn, tokens_BxNxL, chunk_mask_BxNxL, MASK_ID, k_diffusion,
         full_mask_prob=r.full_mask_prob, mask_rate_dist=r.mask_rate)
@@ -241,9 +244,14 @@ def next_chunk_render_loss(ren: renderer.Renderer, ren_params, zhat_BxNxD, z_BxN
   tokens_BxKxL = take(next_tokens_BxNxL)
   chunk_mask_BxKxL = render_mask(picked_BxK, tokens_BxKxL.shape[-1])
   prev_BxKxD = take(z_BxNxD) if ren.cfg.prev_concept else None
+  ctx_BxKxCL = None
+  if ren.cfg.context_chunks:  # The chunks before n+1 (n included), true text.
+    ctx_BxNxCL = renderer.previous_chunks(batch["tokens"], batch["segment_ids"],
+                                          ren.cfg.context_chunks)
+    ctx_BxKxCL = take(jnp.pad(ctx_BxNxCL[:, 1:], ((0, 0), (0, 1), (0, 0))))
   zhat_BxKxD = take(zhat_BxNxD)
   logits_fn = lambda inputs_BxKxL: ren.apply({"params": ren_params}, inputs_BxKxL, zhat_BxKxD,
-                                             prev_BxKxD, chunk_mask_BxKxL)
+                                             prev_BxKxD, chunk_mask_BxKxL, ctx_BxKxCL)
   loss, _ = masked.masked_diffusion_loss(logits_fn, tokens_BxKxL, chunk_mask_BxKxL, MASK_ID,
                                          k_diffusion, full_mask_prob=full_mask_prob,
                                          mask_rate_dist=mask_rate)
