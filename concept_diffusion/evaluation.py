@@ -8,7 +8,7 @@ the first `num_prompts` documents of iterate_documents(config, "eval")):
 
 | metric | runs | definition |
 |---|---|---|
-| `roundtrip_token_accuracy` | render | share of real tokens of real held-out chunks that `R(E(chunk))` reproduces at their position; the renderer starts from all-MASK and runs `render.sample_steps` confidence-ordered unmasking steps, argmax |
+| `roundtrip_token_accuracy` | render | share of real tokens of real held-out chunks that `R(E(chunk))` reproduces at their position; the renderer starts from all-MASK and runs `render.sample_steps` confidence-ordered unmasking steps, argmax (a `render.context_chunks` renderer reads the true chunks before each one) |
 | `roundtrip_exact_match` | render | share of real chunks rendered exactly, all `concept_len` positions (so the chunk's length too) |
 | `elbo_bits_per_token` | render | masked-diffusion ELBO (Monte-Carlo, `diffusion.masked.elbo_bits`) of a chunk's real tokens given its true concept, bits per real token (padding positions are given, so the chunk's length is known); an upper bound on -log2 p(chunk given z) per token |
 | `roundtrip_consistent` | render, concepts; synthetic data | `coherence_consistent` of the true continuations (their first `max_tokens // concept_len` sentences) encoded and rendered back, `R(E(truth))`: what a perfect concept model would score through this render stage |
