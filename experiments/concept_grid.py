@@ -180,6 +180,9 @@ FILL_CONCEPTS = Variant("fill_concepts", "concept batches",
 # words go on from there (on text the bound, the truth rendered back, is 3.8x AR's gen-PPL
 # at 1,200 render steps). Its blocks run over twice the positions, 1.45x the render stage's
 # FLOPs per step; the concepts run pays (1,200 render steps), or the render stage does (830).
+# Measured: the text bound 114.0 -> 85.7 gen-PPL, but generation no better on text (361.0
+# against 364.2; sampled cool 219.5 against 158.2) and worse here (0.658 / 0.674 against
+# 0.764 consistent): the prefix competes with a generated z (README "Results").
 CONTEXT1 = Variant("context1_eqflops", "renderer input", render={"render.context_chunks": 1},
                    equal_flops=True)
 CONTEXT1_R830 = Variant("context1_render830_eqflops", "renderer input, render steps",
