@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from concept_diffusion.models import layers
 
-PAD_ID = 0  # data.tokenizer's PAD (models never import data).
+PAD_ID = 0  # data.tokenizer's PAD (models never import data); shifted_in_document fills it.
 
 
 class Renderer(nn.Module):
@@ -71,12 +71,18 @@ class Renderer(nn.Module):
     return proj(z_BxNxD.astype(cfg.compute_dtype))
 
 
+def shifted_in_document(x_BxNxX, segment_ids_BxN, k: int = 1):
+  """x of chunk n-k at chunk n, inside each document; zeros (PAD for tokens) elsewhere."""
+  n = x_BxNxX.shape[1]
+  prev_BxNxX = jnp.pad(x_BxNxX[:, :n - k], ((0, 0), (k, 0), (0, 0)))
+  prev_seg_BxN = jnp.pad(segment_ids_BxN[:, :n - k], ((0, 0), (k, 0)))
+  same_BxN = (prev_seg_BxN == segment_ids_BxN) & (segment_ids_BxN > 0)
+  return jnp.where(same_BxN[..., None], prev_BxNxX, 0)
+
+
 def previous_concepts(z_BxNxD, segment_ids_BxN):
   """z shifted right by one inside each document; zeros at a document's first chunk."""
-  prev_BxNxD = jnp.pad(z_BxNxD[:, :-1], ((0, 0), (1, 0), (0, 0)))
-  prev_seg_BxN = jnp.pad(segment_ids_BxN[:, :-1], ((0, 0), (1, 0)))
-  same_BxN = (prev_seg_BxN == segment_ids_BxN) & (segment_ids_BxN > 0)
-  return jnp.where(same_BxN[..., None], prev_BxNxD, 0.0)
+  return shifted_in_document(z_BxNxD, segment_ids_BxN)
 
 
 def previous_chunks(tokens_BxNxL, segment_ids_BxN, num: int):
@@ -85,11 +91,5 @@ def previous_chunks(tokens_BxNxL, segment_ids_BxN, num: int):
   PAD where the document has fewer (its first chunks, or an example that starts inside
   a cut document).
   """
-  b, n, l = tokens_BxNxL.shape
-  parts = []
-  for k in range(num, 0, -1):  # Chunk n-k, for k = num .. 1.
-    prev_BxNxL = jnp.pad(tokens_BxNxL[:, :n - k], ((0, 0), (k, 0), (0, 0)))[:, :n]
-    prev_seg_BxN = jnp.pad(segment_ids_BxN[:, :n - k], ((0, 0), (k, 0)))[:, :n]
-    same_BxN = (prev_seg_BxN == segment_ids_BxN) & (segment_ids_BxN > 0)
-    parts.append(jnp.where(same_BxN[..., None], prev_BxNxL, PAD_ID))
-  return jnp.concatenate(parts, axis=2)
+  return jnp.concatenate([shifted_in_document(tokens_BxNxL, segment_ids_BxN, k)
+                          for k in range(num, 0, -1)], axis=2)  # Chunk n-num .. n-1.
