@@ -123,10 +123,11 @@ SEEDS = [Variant(f"seed{s}", "training seed", concepts={"train.seed": s, "data.s
          for s in (1, 2)]
 
 
-def seeded(v: Variant) -> list[Variant]:
-  """The row `v` from the other training seeds (named v.name_seedS)."""
-  return [dataclasses.replace(v, name=f"{v.name}_{s.name}", axis=f"{v.axis}, seed",
-                              concepts={**v.concepts, **s.concepts}) for s in SEEDS]
+def seeded(v: Variant, seeds: list[Variant] | None = None, axis: str = "seed") -> list[Variant]:
+  """The row `v` from the other seeds (named v.name_<seed row>): SEEDS, or e.g. RENDER_SEEDS."""
+  return [dataclasses.replace(v, name=f"{v.name}_{s.name}", axis=f"{v.axis}, {axis}",
+                              render={**v.render, **s.render},
+                              concepts={**v.concepts, **s.concepts}) for s in seeds or SEEDS]
 
 
 Z_NOISE2 = Variant("z_noise2", "render z noise", render={"render.z_noise": 2.0})
@@ -190,12 +191,6 @@ CONTEXT1_R830 = Variant("context1_render830_eqflops", "renderer input, render st
                         equal_flops=True)
 
 
-def render_seeded(v: Variant) -> list[Variant]:
-  """The row `v` from render runs of the other seeds (named v.name_render_seedR)."""
-  return [dataclasses.replace(v, name=f"{v.name}_{r.name}", axis=f"{v.axis}, render seed",
-                              render={**v.render, **r.render}) for r in RENDER_SEEDS]
-
-
 def cooled(v: Variant) -> Variant:
   """The row `v` sampled at temperature 0.5 and guidance 4 (the best text sampling)."""
   return dataclasses.replace(v, name=f"{v.name}_temp0.5_cfg4", axis=f"{v.axis}, sampling",
@@ -211,10 +206,9 @@ FULL = [
     T05_CFG4, *seeded(T05_CFG4)[:1],
     RENDER1800, *seeded(RENDER1800)[:1], R1800_T05_CFG4, *seeded(R1800_T05_CFG4)[:1],
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
-    dataclasses.replace(FILL_CONCEPTS, name="fill_concepts_temp0.5_cfg4",
-                        axis="concept batches, sampling", sample=T05_CFG4.sample),
+    cooled(FILL_CONCEPTS),
     *[r for v in (CONTEXT1, CONTEXT1_R830)
-      for r in (v, *seeded(v), *render_seeded(v), cooled(v), *seeded(cooled(v))[:1])],
+      for r in (v, *seeded(v), *seeded(v, RENDER_SEEDS, "render seed"), cooled(v), *seeded(cooled(v))[:1])],
     # The v9 default (padded render batches, every END chunk) and one change from it per row.
     *map(from_v9, [
         Variant("default"),
