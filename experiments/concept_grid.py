@@ -135,6 +135,21 @@ LAYERS4 = Variant("layers4_eqflops", "concept model", concepts={"model.concept_l
                   equal_flops=True)
 RENDER1800 = Variant("render1800_eqflops", "render steps", render={"train.num_steps": 1800},
                      equal_flops=True)
+# Half the render batch for twice the steps: the render FLOPs and chunks of RENDER1800 (so
+# the same 1,194 concept steps). On text the bound fell with every step added (166.5 ->
+# 115.6 -> 89.0 at 600 / 1,200 / 1,800 steps): is the render stage short of steps or of
+# chunks?
+RENDER3600_B8 = Variant("render3600_batch8_eqflops", "render steps, render batch",
+                        render={"train.num_steps": 3600, "train.batch_size": 8},
+                        equal_flops=True)
+# A wider concept (model.concept_dim) on the best text row. Under z noise 1.5x its RMS a
+# concept dimension carries at most 0.5 log2(1 + 1 / 1.5^2) = 0.27 bits, so 128 dimensions
+# carry ~34 bits to the renderer, while 16 tokens of documentation hold ~75 at AR's
+# gen-PPL (log2 26.9 = 4.7 bits a token): enough for the built-in corpus's few facts, not
+# for text. 256 / 512 dimensions carry ~68 / ~136 at the same noise, for a few FLOPs.
+R1800_DIM = [Variant(f"render1800_dim{d}_eqflops", "render steps, concept width",
+                     render={**RENDER1800.render, "model.concept_dim": d}, equal_flops=True)
+             for d in (256, 512)]
 R1800_T05 = dataclasses.replace(RENDER1800, name="render1800_temp0.5",
                                 axis="render steps, sampling", sample={"temperature": 0.5})
 COOL = [Variant(f"temp{t:g}", "sampling", sample={"temperature": t}) for t in (0.5, 0.7)]
@@ -205,6 +220,10 @@ FULL = [
     *SEED_ROWS,
     T05_CFG4, *seeded(T05_CFG4)[:1],
     RENDER1800, *seeded(RENDER1800)[:1], R1800_T05_CFG4, *seeded(R1800_T05_CFG4)[:1],
+    RENDER3600_B8, *seeded(RENDER3600_B8, RENDER_SEEDS, "render seed"),
+    cooled(RENDER3600_B8), *seeded(cooled(RENDER3600_B8))[:1],
+    *[r for v in R1800_DIM for r in (v, *seeded(v, RENDER_SEEDS, "render seed"), cooled(v),
+                                      *seeded(cooled(v))[:1])],
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
     cooled(FILL_CONCEPTS),
     *[r for v in (CONTEXT1, CONTEXT1_R830)
@@ -469,6 +488,9 @@ TEXT = [v for v in FULL if v.name in (
     *(f"{r}{s}" for r in ("temp0.5_cfg4", "fill_concepts", "render1800_eqflops",
                           "render1800_temp0.5_cfg4") for s in ("", "_seed1")),
     "fill_concepts_temp0.5_cfg4",
+    *(f"{r}{s}" for r in ("render3600_batch8_eqflops", "render1800_dim256_eqflops",
+                          "render1800_dim512_eqflops")
+      for s in ("", "_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
     *(f"{r}{s}" for r in ("context1_eqflops", "context1_render830_eqflops")
       for s in ("", "_seed1", "_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
     "v9", "v9_seed1", "v9_render1800_eqflops",
