@@ -216,10 +216,17 @@ CONTEXT1_R830 = Variant("context1_render830_eqflops", "renderer input, render st
                         equal_flops=True)
 
 
+def sampled(v: Variant, temperature: float, guidance: float | None = None) -> Variant:
+  """The row `v` sampled at `temperature` (and `guidance`): v.name_tempT(_cfgG)."""
+  sample = {"temperature": temperature, **({"guidance": float(guidance)} if guidance else {})}
+  name = f"{v.name}_temp{temperature:g}" + (f"_cfg{guidance:g}" if guidance else "")
+  return dataclasses.replace(v, name=name, axis=f"{v.axis}, sampling",
+                             sample={**v.sample, **sample})
+
+
 def cooled(v: Variant) -> Variant:
   """The row `v` sampled at temperature 0.5 and guidance 4 (the best text sampling)."""
-  return dataclasses.replace(v, name=f"{v.name}_temp0.5_cfg4", axis=f"{v.axis}, sampling",
-                             sample={**v.sample, **T05_CFG4.sample})
+  return sampled(v, 0.5, 4)
 
 
 FULL = [
@@ -232,8 +239,10 @@ FULL = [
     RENDER1800, *seeded(RENDER1800)[:1], R1800_T05_CFG4, *seeded(R1800_T05_CFG4)[:1],
     RENDER3600_B8, *seeded(RENDER3600_B8, RENDER_SEEDS, "render seed"),
     cooled(RENDER3600_B8), *seeded(cooled(RENDER3600_B8))[:1],
-    *[r for v in (*R1800_DIM, *DIM, R1800_DIM512_Z2) for r in (v, *seeded(v, RENDER_SEEDS, "render seed"), cooled(v),
-                                      *seeded(cooled(v))[:1])],
+    *[r for v in (*R1800_DIM, *DIM, R1800_DIM512_Z2)
+      for r in (v, *seeded(v, RENDER_SEEDS, "render seed"), cooled(v), *seeded(cooled(v))[:1])],
+    # Sampled cooler still, or cool without guidance, on the wide concepts.
+    *[sampled(v, t, g) for v in DIM[1:] for t, g in ((0.3, 4), (0.5, None), (0.3, None))],
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
     cooled(FILL_CONCEPTS),
     *[r for v in (CONTEXT1, CONTEXT1_R830)
@@ -502,6 +511,7 @@ TEXT = [v for v in FULL if v.name in (
                           "render1800_dim512_eqflops", "dim256_eqflops", "dim512_eqflops",
                           "render1800_dim512_z_noise2_eqflops")
       for s in ("", "_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
+    *(f"dim512_eqflops_{s}" for s in ("temp0.3_cfg4", "temp0.5", "temp0.3")),
     *(f"{r}{s}" for r in ("context1_eqflops", "context1_render830_eqflops")
       for s in ("", "_seed1", "_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
     "v9", "v9_seed1", "v9_render1800_eqflops",
