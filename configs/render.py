@@ -51,6 +51,12 @@ def get_config(preset="tiny"):
     c.model.encoder_pooling = "slots"
     c.model.embed_dim = 128
     c.model.mlp_dim = 512
+    # Measured on real text: through z noise 1.5 a dimension carries <= 0.27 bits, so 128
+    # carry ~34 bits, fewer than a 16-token chunk of documentation holds. 512 dimensions
+    # take the bound (the truth rendered back) from 82.5 to 18.5 gen-PPL, the text's own
+    # 17.0, but the concept model's samples render worse (193.7 against 100.5 over two
+    # seeds, sampled cool; 1,974 at temperature 1) and the built-in corpus falls 0.764 ->
+    # 0.672 consistent: precise concepts are harder to generate (README "Results").
     c.model.concept_dim = 128
     c.model.encoder_layers = 2
     c.model.renderer_layers = 2
