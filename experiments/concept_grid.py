@@ -244,6 +244,7 @@ FULL = [
       for r in (v, *seeded(v, RENDER_SEEDS, "render seed"), cooled(v), *seeded(cooled(v))[:1])],
     # Sampled cooler still, or cool without guidance, on the wide concepts.
     *[sampled(v, t, g) for v in R1800_DIM[1:] for t, g in ((0.3, 4), (0.5, None), (0.3, None))],
+    *seeded(sampled(R1800_DIM[1], 0.3, 4))[:1],
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
     cooled(FILL_CONCEPTS),
     *[r for v in (CONTEXT1, CONTEXT1_R830)
@@ -512,7 +513,8 @@ TEXT = [v for v in FULL if v.name in (
                           "render1800_dim512_eqflops", "dim256_eqflops", "dim512_eqflops",
                           "render1800_dim512_z_noise2_eqflops")
       for s in ("", "_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
-    *(f"render1800_dim512_eqflops_{s}" for s in ("temp0.3_cfg4", "temp0.5", "temp0.3")),
+    *(f"render1800_dim512_eqflops_{s}" for s in ("temp0.3_cfg4", "temp0.5", "temp0.3",
+                                                 "temp0.3_cfg4_seed1")),
     *(f"{r}{s}" for r in ("context1_eqflops", "context1_render830_eqflops")
       for s in ("", "_seed1", "_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
     "v9", "v9_seed1", "v9_render1800_eqflops",
