@@ -148,8 +148,8 @@ RENDER3600_B8 = Variant("render3600_batch8_eqflops", "render steps, render batch
 # (4.1 bits a token: the judge's 17.0 on the text itself): enough for the built-in
 # corpus's few facts, not for text. 256 / 512 dimensions carry ~68 / ~136 at the same
 # noise, for a few FLOPs. Measured on text (cooled): the bound 82.5 -> 36.6 / 18.5
-# gen-PPL (the text itself 17.0), generation 100.5 -> 149.5 (one seed) / 193.7 (two)
-# (README "Results").
+# gen-PPL (the text itself 17.0), generation 100.5 -> 162.7 / 193.7 (means of two seeds,
+# sampled cool; README "Results").
 R1800_DIM = [Variant(f"render1800_dim{d}_eqflops", "render steps, concept width",
                      render={**RENDER1800.render, "model.concept_dim": d}, equal_flops=True)
              for d in (256, 512)]
