@@ -119,6 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.concepts.sample_steps = 16  # Concept sampler steps.
   c.concepts.guidance = 1.0  # Classifier-free guidance scale (1 = off).
   c.concepts.temperature = 0.5  # Default scale of the sampler's starting noise in generation.
+  # Generation default: stop the concept sampler at this noise and render z_t / t, the
+  # concept under that much noise (continuous.sample); render.z_noise is what the
+  # renderer saw in training. 0: integrate to the clean concept.
+  c.concepts.end_noise = 0.0
   # Generation default: render each new concept at once and feed the concept model the
   # encoder's concept of that chunk (generate.concept_loop), not the raw sample.
   c.concepts.reencode = False
@@ -216,7 +220,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _positive(config, field)
   for field in ("train.learning_rate", "train.warmup_steps", "train.weight_decay",
                 "train.grad_clip", "render.z_noise", "render.concept_reg", "train.eval_every",
-                "concepts.render_weight", "concepts.temperature", "concepts.cache_examples",
+                "concepts.render_weight", "concepts.temperature", "concepts.end_noise",
+                "concepts.cache_examples",
                 "concepts.contrastive_weight", "concepts.mean_weight"):
     _positive(config, field, allow_zero=True)
   for field in ("render.full_mask_prob", "concepts.cfg_dropout", "train.ema_decay",

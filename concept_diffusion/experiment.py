@@ -57,7 +57,7 @@ ROW_FREE = ("ar_temperatures", "ar_seeds", "ar_fill", "baselines", "checkpoint_e
 # is reused when only these change, and the grid samples with the planned values.
 SAMPLING_FIELDS = {"concepts.temperature": "temperature", "concepts.reencode": "reencode",
                    "concepts.sample_steps": "concept_steps", "concepts.guidance": "guidance",
-                   "concepts.num_candidates": "num_candidates"}
+                   "concepts.num_candidates": "num_candidates", "concepts.end_noise": "end_noise"}
 # Fields that name another run's workdir (at any depth of a saved config).
 RUN_PATH_FIELDS = ("render_workdir", "generated_from")
 
@@ -418,7 +418,10 @@ def _source_finished(config: ml_collections.ConfigDict) -> bool:
 def sampling(v: Variant, plan: Plan) -> dict:
   """generate() options of a row: the planned config's defaults, then the row's own."""
   planned = _flat(plan.concepts[1].to_dict())
-  return {**{arg: planned[field] for field, arg in SAMPLING_FIELDS.items()}, **v.sample}
+  out = {arg: planned[field] for field, arg in SAMPLING_FIELDS.items()}
+  if not out["end_noise"]:  # Newer than most rows: off, it stays out of their result names.
+    del out["end_noise"]
+  return {**out, **v.sample}
 
 
 def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dict:

@@ -321,7 +321,7 @@ def num_kept(end_BxN):
 def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, key, *,
                  num_new: int, objective: str, steps: int, guidance: float,
                  noise_scale: float, end_cosine: float, snap=None,
-                 num_candidates: int = 1, context_BxCL=None):
+                 num_candidates: int = 1, context_BxCL=None, end_noise: float = 0.0):
   """Samples `num_new` concepts after each prompt -> (z_BxNxD new, prev_BxNxD, extras).
 
   A while-loop over a fixed buffer of M = N + num_new concepts; position counts_B + i
@@ -341,6 +341,9 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
   With `num_candidates` C > 1, each step samples C concepts from the same context
   (and snaps each), and keeps the consensus one (consensus_index): of the re-encoded
   concepts with snap, else of the raw samples. C = 1 is the plain sampler, bit for bit.
+
+  end_noise > 0 stops each sample at that noise (continuous.sample); the END test by
+  cosine then rarely fires, and a chunk rendered as END stops the example instead.
   """
   b, p, d = prompt_BxNxD.shape
   m = p + num_new
@@ -370,7 +373,7 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
     z_BCx1xD = concept_model.sample_from_context(
         model, {"params": params}, jnp.repeat(h_Bx1xE, c, axis=0), k_sample,
         objective=objective, steps=steps, guidance=guidance, noise_scale=noise_scale,
-        memory=concept_model.repeat_memory(memory, c))
+        memory=concept_model.repeat_memory(memory, c), end_noise=end_noise)
     z_ctx_BCx1xD, outs = z_BCx1xD, []
     if snap is not None:
       prev_Bx1xD = jnp.take_along_axis(buf_BxMxD, last_Bx1[..., None], axis=1)
@@ -440,6 +443,7 @@ class ConceptOptions:
   show_steps: bool = False
   reencode: bool = False
   num_candidates: int = 1
+  end_noise: float = 0.0
 
 
 def _concepts_program(gen: Generator, opts: ConceptOptions):
@@ -463,7 +467,8 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
         mods["concept_model"], params["concept_model"], prompt_BxNxD, counts_B, z_end_D, k_concepts,
         num_new=opts.num_new, objective=objective, steps=opts.concept_steps,
         guidance=opts.guidance, noise_scale=opts.noise_scale, end_cosine=opts.end_cosine,
-        snap=snap, num_candidates=opts.num_candidates, context_BxCL=text_BxCL)
+        snap=snap, num_candidates=opts.num_candidates, context_BxCL=text_BxCL,
+        end_noise=opts.end_noise)
     if opts.reencode:  # Rendered one chunk at a time inside the loop.
       tokens_BxNxL = extras[0]
       states_SxBxNxL = jnp.moveaxis(extras[1], 2, 0) if opts.show_steps else None
@@ -729,7 +734,7 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
              temperature: float | None = None, render_temperature: float = 0.0, seed: int = 0,
              show_steps: bool = False, end_cosine: float = 0.9,
              block_size: int | None = None, reencode: bool | None = None,
-             num_candidates: int | None = None) -> list[Sample]:
+             num_candidates: int | None = None, end_noise: float | None = None) -> list[Sample]:
   """Continuations of `prompts` (one jitted call for the whole batch).
 
   concepts runs: `num_concepts` new concepts, `concept_steps` sampler steps each
@@ -740,7 +745,11 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
   or with `reencode` (default concepts.reencode) each as soon as its concept is
   sampled, the concept model reading the encoder's concept of the rendered chunk
   (see concept_loop). `num_candidates` (default concepts.num_candidates) samples that
-  many candidates of every concept and keeps the consensus one. ar / mdm runs: up to `max_tokens` tokens at `temperature` (default 1; mdm: `render_steps` unmasking steps, default
+  many candidates of every concept and keeps the consensus one. `end_noise` (default
+  concepts.end_noise) stops the concept sampler at that noise (continuous.sample): the
+  renderer gets the concept as it saw concepts in training, under noise; meant with
+  `reencode`, so the concept model still reads clean concepts. ar / mdm runs: up to
+  `max_tokens` tokens at `temperature` (default 1; mdm: `render_steps` unmasking steps, default
   max_tokens, optional semi-autoregressive `block_size`). A continuation stops at
   end-of-document: an END concept (renders to EOD, or cosine >= end_cosine to
   encoder([EOD])) or an EOD token.
@@ -757,13 +766,16 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
     num_candidates = int(c.get("num_candidates", 1) if num_candidates is None else num_candidates)
     if num_candidates < 1:
       raise GenerateError(f"num_candidates={num_candidates} must be >= 1")
+    end_noise = float(c.get("end_noise", 0.0) if end_noise is None else end_noise)
+    if end_noise < 0:
+      raise GenerateError(f"end_noise={end_noise} must be >= 0")
     opts = ConceptOptions(
         num_new=int(num_concepts), concept_steps=int(concept_steps or c.sample_steps),
         render_steps=int(render_steps or gen.render_config.render.sample_steps),
         guidance=float(c.guidance if guidance is None else guidance),
         noise_scale=float(temperature), render_temperature=float(render_temperature),
         end_cosine=float(end_cosine), show_steps=bool(show_steps), reencode=bool(reencode),
-        num_candidates=num_candidates)
+        num_candidates=num_candidates, end_noise=end_noise)
     return _generate_concepts(gen, list(prompts), opts, key)
   temperature = 1.0 if temperature is None else temperature
   if gen.kind == "ar":

@@ -32,6 +32,9 @@ _REENCODE = flags.DEFINE_bool("reencode", None, "Concepts runs: render each conc
 _CANDIDATES = flags.DEFINE_integer("num_candidates", None, "Concepts runs: candidates sampled "
                                    "per concept, the consensus one kept (default "
                                    "concepts.num_candidates; 1 = off).")
+_END_NOISE = flags.DEFINE_float("end_noise", None, "Concepts runs: stop the concept sampler at "
+                                "this noise, the renderer's training z noise (default "
+                                "concepts.end_noise; 0 = clean).")
 _SHOW_STEPS = flags.DEFINE_bool("show_steps", False, "Print every denoising step (masks as _).")
 _ROUNDTRIP = flags.DEFINE_bool("roundtrip", False, "Encode the prompt's chunks and render them "
                                 "back (a render or concepts run).")
@@ -68,7 +71,7 @@ def main(argv):
           guidance=_GUIDANCE.value, temperature=_TEMPERATURE.value,
           render_temperature=_RENDER_TEMPERATURE.value, seed=_SEED.value,
           show_steps=_SHOW_STEPS.value, reencode=_REENCODE.value,
-          num_candidates=_CANDIDATES.value)
+          num_candidates=_CANDIDATES.value, end_noise=_END_NOISE.value)
   except (generate.GenerateError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

@@ -223,6 +223,29 @@ def test_guidance_extrapolates_point_masses_exactly():
     np.testing.assert_allclose(z, jnp.broadcast_to(b + scale * (a - b), z.shape), atol=1e-4)
 
 
+def test_end_noise_returns_the_concept_under_that_noise():
+  c = jnp.array([1.5, -3.0])
+  noise = jax.random.normal(jax.random.key(0), (8, 3, 2))
+  point_flow = lambda zt, t: (c - zt) / (1.0 - t[..., None])  # noqa: E731
+  point_x0 = lambda zt, t: jnp.broadcast_to(c, zt.shape)  # noqa: E731
+  for objective, fn in (("flow", point_flow), ("x0", point_x0), ("mse", point_x0)):
+    # 0 is the clean sampler, bit for bit; otherwise exactly c + end_noise x the path's noise.
+    np.testing.assert_array_equal(continuous.sample(objective, fn, noise, 5, end_noise=0.0),
+                                  continuous.sample(objective, fn, noise, 5))
+    for end_noise, steps in ((1.5, 1), (1.5, 7), (0.25, 3)):
+      z = continuous.sample(objective, fn, noise, steps, end_noise=end_noise)
+      np.testing.assert_allclose(z, c + end_noise * noise, atol=1e-5)
+  # A spread-out target: z1 + end_noise x noise, so the variances add.
+  big = jax.random.normal(jax.random.key(1), (20000, 1, 2))
+  z = continuous.sample("flow", _gaussian_velocity(2.0, 0.5), big, 20, "heun", end_noise=1.5)
+  assert float(z.mean()) == pytest.approx(2.0, abs=0.04)
+  assert float(z.std()) == pytest.approx(math.sqrt(0.5 ** 2 + 1.5 ** 2), abs=0.03)
+  # The renderer's training input at render.z_noise = 1.5 is z + 1.5 N(0, 1): t = 0.4.
+  assert continuous.end_time(1.5) == pytest.approx(0.4)
+  with pytest.raises(ValueError, match="end_noise=-1"):
+    continuous.sample("flow", point_flow, noise, 4, end_noise=-1.0)
+
+
 def test_concept_losses_vanish_for_exact_predictors():
   z1 = jax.random.normal(jax.random.key(0), (4, 5, 3))
   mask = jnp.ones((4, 5), bool)

@@ -193,6 +193,44 @@ def test_reencode_generation_is_bounded_and_reproducible(concepts_gen):
     assert s.steps[0].count("_") > s.steps[-1].count("_") == 0
 
 
+def test_end_noise_reaches_the_sampler_and_defaults_to_the_config(concepts_gen):
+  gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
+  mods = generate.build_modules(gen)
+  enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
+  chunks_BxNxL, counts_B = generate.prompt_chunks(gen, PROMPTS)
+  chunks_BxNxL = np.pad(chunks_BxNxL, ((0, 0), (0, 1), (0, 0)), constant_values=PAD_ID)
+  z_BxNxD = mods["encoder"].apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
+  key, kw = jax.random.key(3), dict(objective=gen.config.concepts.objective, steps=4)
+  first = lambda end_noise: generate.concept_loop(  # noqa: E731
+      mods["concept_model"], cm_params, z_BxNxD, counts_B,
+      generate.end_concept(mods["encoder"], enc_params, l), key, num_new=1, guidance=1.0,
+      noise_scale=1.0, end_cosine=2.0, end_noise=end_noise, **kw)[0][:, 0]
+  # The loop's sample is the head's, stopped at end_noise: drawn here from the same context.
+  seg_BxN = (np.arange(z_BxNxD.shape[1]) < counts_B[:, None]).astype(np.int32)
+  h_BxNxE = mods["concept_model"].apply({"params": cm_params}, z_BxNxD, seg_BxN,
+                                        method=mods["concept_model"].context)
+  h_Bx1xE = h_BxNxE[np.arange(2), counts_B - 1][:, None]
+  k_sample, _ = jax.random.split(jax.random.fold_in(key, 0))
+  direct = lambda end_noise: concept_model.sample_from_context(  # noqa: E731
+      mods["concept_model"], {"params": cm_params}, h_Bx1xE, k_sample, end_noise=end_noise,
+      **kw)[:, 0]
+  np.testing.assert_allclose(first(1.5), direct(1.5), atol=1e-5)
+  assert float(jnp.max(jnp.abs(first(1.5) - first(0.0)))) > 1e-2
+  # generate(): off by default (concepts.end_noise = 0), on when given or configured.
+  kwargs = dict(num_concepts=3, seed=1, temperature=1.0, reencode=True)
+  ids = lambda samples: [s.token_ids for s in samples]  # noqa: E731
+  plain = ids(generate.generate(gen, PROMPTS, **kwargs))
+  assert gen.config.concepts.end_noise == 0.0
+  assert ids(generate.generate(gen, PROMPTS, end_noise=0.0, **kwargs)) == plain
+  noisy = generate.generate(gen, PROMPTS, end_noise=1.5, **kwargs)
+  assert ids(noisy) != plain and all(len(s.token_ids) <= 3 * l for s in noisy)
+  configured = dataclasses.replace(gen, config=gen.config.copy_and_resolve_references())
+  configured.config.concepts.end_noise = 1.5
+  assert ids(generate.generate(configured, PROMPTS, **kwargs)) == ids(noisy)
+  with pytest.raises(generate.GenerateError, match="end_noise=-1"):
+    generate.generate(gen, PROMPTS, end_noise=-1.0)
+
+
 def test_consensus_index_picks_the_candidate_nearest_the_others():
   feat_2x3x2 = jnp.array([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]],     # The middle one agrees most.
                           [[0.0, 2.0], [5.0, 0.0], [0.0, 0.5]]])    # Direction, not norm.

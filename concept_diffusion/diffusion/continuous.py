@@ -145,9 +145,9 @@ def _times(x, value):
   return jnp.full(x.shape[:-1], value, jnp.float32)
 
 
-def euler_sample(velocity_fn, noise_BxNxD, steps: int):
-  """Euler integration of dz/dt = v(z, t) from t = 0 (noise) to t = 1."""
-  dt = 1.0 / steps
+def euler_sample(velocity_fn, noise_BxNxD, steps: int, t_end: float = 1.0):
+  """Euler integration of dz/dt = v(z, t) from t = 0 (noise) to t_end (1: data)."""
+  dt = t_end / steps
 
   def step(i, z):
     return z + dt * velocity_fn(z, _times(z, i * dt))
@@ -155,9 +155,9 @@ def euler_sample(velocity_fn, noise_BxNxD, steps: int):
   return jax.lax.fori_loop(0, steps, step, noise_BxNxD.astype(jnp.float32))
 
 
-def heun_sample(velocity_fn, noise_BxNxD, steps: int):
-  """Heun (2nd-order trapezoid) integration of dz/dt = v(z, t) from 0 to 1."""
-  dt = 1.0 / steps
+def heun_sample(velocity_fn, noise_BxNxD, steps: int, t_end: float = 1.0):
+  """Heun (2nd-order trapezoid) integration of dz/dt = v(z, t) from 0 to t_end."""
+  dt = t_end / steps
 
   def step(i, z):
     v0 = velocity_fn(z, _times(z, i * dt))
@@ -167,9 +167,10 @@ def heun_sample(velocity_fn, noise_BxNxD, steps: int):
   return jax.lax.fori_loop(0, steps, step, noise_BxNxD.astype(jnp.float32))
 
 
-def ddim_sample(x0_fn, noise_BxNxD, steps: int):
-  """Deterministic DDIM for x0-prediction: re-noise the estimate with the implied noise."""
-  dt = 1.0 / steps
+def ddim_sample(x0_fn, noise_BxNxD, steps: int, t_end: float = 1.0):
+  """Deterministic DDIM for x0-prediction, 0 to t_end: re-noise the estimate with the
+  implied noise."""
+  dt = t_end / steps
 
   def step(i, z):
     t, t_next = i * dt, (i + 1) * dt
@@ -180,14 +181,32 @@ def ddim_sample(x0_fn, noise_BxNxD, steps: int):
   return jax.lax.fori_loop(0, steps, step, noise_BxNxD.astype(jnp.float32))
 
 
-def sample(objective: str, pred_fn, noise_BxNxD, steps: int, method: str = "euler"):
-  """Concepts from noise: Euler/Heun for flow, DDIM for x0, one call for mse."""
+def end_time(end_noise: float) -> float:
+  """The path time t whose z_t / t is z1 + end_noise * noise (end_noise 0: t = 1, clean)."""
+  return 1.0 / (1.0 + end_noise)
+
+
+def sample(objective: str, pred_fn, noise_BxNxD, steps: int, method: str = "euler",
+           end_noise: float = 0.0):
+  """Concepts from noise: Euler/Heun for flow, DDIM for x0, one call for mse.
+
+  end_noise > 0 stops the path early, at end_time(end_noise), and returns z_t / t: a
+  concept under end_noise x its own path's noise, distributed (for an exact head) as
+  the renderer's training input z + render.z_noise * N(0, 1) when end_noise equals
+  render.z_noise. The head then leaves to the renderer the detail that noise hides,
+  which the renderer was trained to fill in. mse has no path: its estimate plus
+  end_noise x the given noise.
+  """
+  if end_noise < 0:
+    raise ValueError(f"end_noise={end_noise!r} must be >= 0")
+  t_end = end_time(end_noise)
   if objective == "flow":
     if method not in ("euler", "heun"):
       raise ValueError(f"flow sampling method={method!r} is not one of euler, heun")
-    return (heun_sample if method == "heun" else euler_sample)(pred_fn, noise_BxNxD, steps)
+    integrate = heun_sample if method == "heun" else euler_sample
+    return integrate(pred_fn, noise_BxNxD, steps, t_end) / t_end
   if objective == "x0":
-    return ddim_sample(pred_fn, noise_BxNxD, steps)
+    return ddim_sample(pred_fn, noise_BxNxD, steps, t_end) / t_end
   if objective == "mse":
-    return pred_fn(jnp.zeros_like(noise_BxNxD), _times(noise_BxNxD, 0.0))
+    return pred_fn(jnp.zeros_like(noise_BxNxD), _times(noise_BxNxD, 0.0)) + end_noise * noise_BxNxD
   raise ValueError(f"concepts.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")

@@ -297,13 +297,14 @@ def guided_head(model: ConceptModel, variables, h_BxNxE, guidance: float, memory
 
 def sample_from_context(model: ConceptModel, variables, h_BxNxE, key, *, objective: str = "flow",
                         steps: int = 16, guidance: float = 1.0, method: str = "euler",
-                        noise_scale: float = 1.0, memory=None):
+                        noise_scale: float = 1.0, memory=None, end_noise: float = 0.0):
   """A sample of concept n+1 for every context h_n (noise_scale: the sampler's temperature;
-  memory: the head's, ConceptModel.memory, where the model reads its context)."""
+  memory: the head's, ConceptModel.memory, where the model reads its context; end_noise:
+  stop at that noise, continuous.sample)."""
   noise_BxNxD = noise_scale * jax.random.normal(key, (*h_BxNxE.shape[:-1],
                                                       model.cfg.concept_dim))
   return continuous.sample(objective, guided_head(model, variables, h_BxNxE, guidance, memory),
-                           noise_BxNxD, steps, method)
+                           noise_BxNxD, steps, method, end_noise)
 
 
 def sample_next_concepts(model: ConceptModel, variables, z_BxNxD, segment_ids_BxN, key, *,
