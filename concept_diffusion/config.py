@@ -73,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
   # is regressed onto the next concept (concepts.mean_weight) and the flow models the
   # rest: the head predicts mu + f(z_t - t mu, t, h) (ConceptModel.head).
   c.model.head_mean = False
+  # Concepts stage: a per-dimension affine path from z_t to the head's output, set by the
+  # condition (DiffusionHead.skip): the head then moves every concept dimension, also
+  # when model.diff_head_dim < model.concept_dim.
+  c.model.head_skip = False
   c.model.concept_layers = 2  # Concept model (causal contextualiser) depth.
   c.model.diff_head_layers = 2  # Residual blocks of the concept diffusion head.
   c.model.diff_head_dim = 256  # Width of the concept diffusion head.

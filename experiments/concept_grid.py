@@ -165,6 +165,22 @@ R1800_DIM512_Z2 = Variant("render1800_dim512_z_noise2_eqflops",
                           "render steps, concept width, render z noise",
                           render={**R1800_DIM[1].render, "render.z_noise": 2.0},
                           equal_flops=True)
+# The head's velocity is out_proj of its diff_head_dim-wide stream (plus mu(h), rank <= E):
+# under 512 dimensions a 256-wide head moves the sample in at most 384 of them, and the
+# starting noise in the rest reaches the renderer untouched (so the cooler the start, the
+# better the wide rows rendered). A head as wide as the concept, in 2 blocks instead of 6
+# (1.53x the FLOPs of a concept step: fewer steps at equal FLOPs).
+R1800_DIM512_HEAD512 = Variant("render1800_dim512_head512x2_eqflops",
+                               "render steps, concept width, concept head",
+                               render=R1800_DIM[1].render,
+                               concepts={"model.diff_head_dim": 512, "model.diff_head_layers": 2},
+                               equal_flops=True)
+# Or the 6-block, 256-wide head with a per-dimension affine path from z_t (model.head_skip:
+# 1.08x the FLOPs of a concept step).
+R1800_DIM512_SKIP = Variant("render1800_dim512_head_skip_eqflops",
+                            "render steps, concept width, concept head",
+                            render=R1800_DIM[1].render, concepts={"model.head_skip": True},
+                            equal_flops=True)
 R1800_T05 = dataclasses.replace(RENDER1800, name="render1800_temp0.5",
                                 axis="render steps, sampling", sample={"temperature": 0.5})
 COOL = [Variant(f"temp{t:g}", "sampling", sample={"temperature": t}) for t in (0.5, 0.7)]
@@ -266,6 +282,8 @@ FULL = [
     *[sampled(v, t, g) for v in R1800_DIM[1:] for t, g in ((0.3, 4), (0.5, None), (0.3, None))],
     *seeded(sampled(R1800_DIM[1], 0.3, 4))[:1],
     *ENDED,
+    *[r for v in (R1800_DIM512_HEAD512, R1800_DIM512_SKIP)
+      for r in (v, cooled(v), *seeded(cooled(v))[:1])],
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
     cooled(FILL_CONCEPTS),
     *[r for v in (CONTEXT1, CONTEXT1_R830)
@@ -531,6 +549,8 @@ TEXT = [v for v in FULL if v.name in (
     *(f"{r}{s}" for r in ("temp0.5_cfg4", "fill_concepts", "render1800_eqflops",
                           "render1800_temp0.5_cfg4") for s in ("", "_seed1")),
     "fill_concepts_temp0.5_cfg4", *(v.name for v in ENDED),
+    *(f"render1800_dim512_{h}_eqflops{s}" for h in ("head512x2", "head_skip")
+      for s in ("", "_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
     *(f"{r}{s}" for r in ("render3600_batch8_eqflops", "render1800_dim256_eqflops",
                           "render1800_dim512_eqflops", "dim256_eqflops", "dim512_eqflops",
                           "render1800_dim512_z_noise2_eqflops")

@@ -344,6 +344,27 @@ def test_head_mean_run_trains_restores_and_generates(tiny_render_run, tmp_path):
   assert len(generate.generate(gen, ["Mara lives in Oslo."], num_concepts=2, guidance=2.0)) == 1
 
 
+def test_head_skip_run_trains_restores_and_generates(tiny_render_run, tmp_path):
+  from concept_diffusion import generate, plan, train
+  from concept_diffusion.models import sizes
+  over = {"concepts.render_workdir": tiny_render_run, "model.head_skip": True,
+          "train.num_steps": 2, "train.log_every": 1, "checkpoint.every_steps": 2}
+  config = tiny_config("concepts", **over)
+  base = tiny_config("concepts", **{**over, "model.head_skip": False})
+  stage = stages.build_stage(stages.resolve_config(config), _Tok(), for_training=False)
+  real = plan.real_param_counts(stage)
+  assert sizes.param_count(config, "concepts") == sum(v for k, v in real.items() if k != "encoder")
+  assert sizes.flops_per_token(config, "concepts") > sizes.flops_per_token(base, "concepts")
+  workdir = str(tmp_path / "head_skip")
+  train.train(config, workdir)
+  _, _, params = train.restore_params(workdir)
+  skip = params["concept_model"]["diffusion_head"]["skip"]["affine"]["kernel"]
+  assert float(jnp.abs(skip).max()) > 0  # Trained away from its zero init.
+  gen = generate.load(workdir, render_workdir=tiny_render_run)
+  assert gen.config.model.head_skip
+  assert len(generate.generate(gen, ["Mara lives in Oslo."], num_concepts=2)) == 1
+
+
 def test_bad_mean_weight_is_a_config_error():
   config = tiny_config("concepts", **{"concepts.render_workdir": "/tmp/r",
                                       "concepts.mean_weight": -1.0})

@@ -34,7 +34,7 @@ def _is_box(x):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_every_param_has_logical_axis_names(scan):
-  c = tiny_config(scan_layers=scan)
+  c = tiny_config(scan_layers=scan, head_skip=True)
   c.render.prev_concept = True
   for stage in build.STAGE_MODULES:
     params = build.param_shapes(c, stage=stage)
@@ -51,7 +51,8 @@ def test_every_param_has_logical_axis_names(scan):
 
 @pytest.mark.parametrize("overrides", [{}, {"num_kv_heads": 1, "scan_layers": True},
                                        {"prev_concept": True}, {"encoder_pooling": "slots"},
-                                       {"head_reads_context": True}, {"head_mean": True}])
+                                       {"head_reads_context": True}, {"head_mean": True},
+                                       {"head_skip": True, "diff_head_dim": 8}])
 def test_param_count_matches_real_tree(overrides):
   c = tiny_config(**{k: v for k, v in overrides.items() if k != "prev_concept"})
   c.render.prev_concept = overrides.get("prev_concept", False)
@@ -278,6 +279,43 @@ def test_head_mean_regresses_h_and_shifts_the_flow():
   plain_loss = lambda w: concept_model.concept_objective(  # noqa: E731
       plain, plain_params, z, seg > 0, seg, key, "flow", mean_weight=w)[0]
   assert float(plain_loss(1.0)) == float(plain_loss(0.0))
+
+
+def test_head_skip_lets_a_narrow_head_move_every_concept_dimension():
+  # W = 8 < D = 16: out_proj alone spans 8 of the 16 dimensions.
+  cfg = layers.ModelConfig.from_config(tiny_config(diff_head_dim=8, head_skip=True))
+  cm, plain = ConceptModel(cfg), ConceptModel(dataclasses.replace(cfg, head_skip=False))
+  z = jax.random.normal(jax.random.key(1), (2, 4, 16))
+  seg = jnp.ones((2, 4), jnp.int32)
+  params = nn.unbox(jax.jit(cm.init)(jax.random.key(0), z, seg, z, jnp.zeros((2, 4))))
+  p = params["params"]
+  h = cm.apply(params, z, seg, method=cm.context)[:1, :1]
+  zt_Mx1x16 = jax.random.normal(jax.random.key(2), (64, 1, 16))
+  h_Mx1xE = jnp.broadcast_to(h[0], (64, 1, h.shape[-1]))
+  t_Mx1 = jnp.full((64, 1), 0.5)
+  head = lambda v, m: m.apply(v, zt_Mx1x16, t_Mx1, h_Mx1xE, method=m.head)[:, 0]  # noqa: E731
+  # Zero-initialised: at init the head is the plain one.
+  without = {"params": {**p, "diffusion_head": {k: v for k, v in p["diffusion_head"].items()
+                                                if k != "skip"}}}
+  np.testing.assert_allclose(head(params, cm), head(without, plain), atol=1e-6)
+  # Trained (here: random) outputs over many z_t of one context: rank <= W without the
+  # skip, all D dimensions with it.
+  rank = lambda out_MxD: int(np.linalg.matrix_rank(np.asarray(out_MxD - out_MxD.mean(0)),  # noqa: E731
+                                                   tol=1e-4))
+  p["diffusion_head"]["final_modulation"]["kernel"] = jax.random.normal(
+      jax.random.key(3), p["diffusion_head"]["final_modulation"]["kernel"].shape)
+  assert rank(head(without, plain)) <= 8
+  affine = p["diffusion_head"]["skip"]["affine"]
+  affine["kernel"] = jax.random.normal(jax.random.key(4), affine["kernel"].shape)
+  assert rank(head(params, cm)) == 16
+  # A flow sample moves its starting noise by the head's outputs: in 8 dimensions
+  # without the skip (the rest of the noise is left as it was), in all 16 with it.
+  key = jax.random.key(5)
+  noise_Mx1x16 = jax.random.normal(key, zt_Mx1x16.shape)
+  moved = lambda v, m: (concept_model.sample_from_context(  # noqa: E731
+      m, v, h_Mx1xE, key, objective="flow", steps=4) - noise_Mx1x16)[:, 0]
+  assert rank(moved(without, plain)) <= 8
+  assert rank(moved(params, cm)) == 16
 
 
 def test_head_reads_context_is_validated():

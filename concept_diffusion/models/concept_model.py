@@ -100,11 +100,30 @@ def repeat_memory(memory, c: int):
   return None if memory is None else tuple(jnp.repeat(x, c, axis=0) for x in memory)
 
 
+class HeadSkip(nn.Module):
+  """a(c) * z_t + b(c), per concept dimension, zero at init (model.head_skip).
+
+  out_proj maps the head's W-wide stream to D dimensions, so under W < D its output
+  spans at most W of them and a sampler never moves z in the rest: the starting noise
+  there reaches the renderer. The denoiser of a Gaussian is affine in z_t in each
+  dimension, which this path can learn in every one.
+  """
+  cfg: layers.ModelConfig
+
+  @nn.compact
+  def __call__(self, zt_BxNxD, c_BxNxW):
+    ab_BxNx2xD = layers.dense((2, self.cfg.concept_dim), ("head_mlp", None, "concept_embed"),
+                              self.cfg, use_bias=True, init=ZEROS, name="affine")(c_BxNxW)
+    ab_BxNx2xD = ab_BxNx2xD.astype(jnp.float32)
+    return ab_BxNx2xD[..., 0, :] * zt_BxNxD.astype(jnp.float32) + ab_BxNx2xD[..., 1, :]
+
+
 class DiffusionHead(nn.Module):
   """MLP denoiser of one concept: (z_t, t, h) -> velocity / x0 / direct prediction.
 
   With cfg.head_reads_context, a ContextRead after the first block reads `memory`
   (context_memory: the context's concepts, a mask per position and RoPE positions).
+  With cfg.head_skip, HeadSkip's affine map of z_t is added to the output.
   """
   cfg: layers.ModelConfig
 
@@ -135,6 +154,8 @@ class DiffusionHead(nn.Module):
     x_BxNxW = modulate(x_BxNxW, mod_BxNx2xW[..., 0, :], mod_BxNx2xW[..., 1, :])
     out_BxNxD = layers.dense(cfg.concept_dim, ("head_mlp", "concept_embed"), cfg, use_bias=True,
                              name="out_proj")(x_BxNxW.astype(cfg.compute_dtype))
+    if cfg.head_skip:
+      out_BxNxD = out_BxNxD + HeadSkip(cfg, name="skip")(zt_BxNxD, c_BxNxW)
     return nn.with_logical_constraint(out_BxNxD.astype(jnp.float32),
                                       ("batch", "concepts", "concept_embed"))
 

@@ -44,6 +44,7 @@ class ModelConfig:
   encoder_pooling: str = "mean"
   head_reads_context: bool = False
   head_mean: bool = False
+  head_skip: bool = False
 
   @classmethod
   def from_config(cls, config, vocab_size: int | None = None) -> "ModelConfig":
@@ -63,7 +64,8 @@ class ModelConfig:
         # .get: configs saved before the field pooled by the mean.
         encoder_pooling=m.get("encoder_pooling", "mean"),
         head_reads_context=bool(m.get("head_reads_context", False)),
-        head_mean=bool(m.get("head_mean", False)))
+        head_mean=bool(m.get("head_mean", False)),
+        head_skip=bool(m.get("head_skip", False)))
 
   @property
   def compute_dtype(self):

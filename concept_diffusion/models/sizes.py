@@ -72,7 +72,8 @@ def component_params(c: ModelConfig) -> dict[str, int]:
       "renderer": (v * e + d * l * e * (1 + c.prev_concept) + _stack_params(c, c.renderer_layers)
                    + e * v),
       "concept_model": (d * e + _stack_params(c, c.concept_layers) + e + _head_matmuls(c)
-                        + _head_biases(c) + (e * d + d) * c.head_mean),
+                        + _head_biases(c) + (e * d + d) * c.head_mean
+                        + (2 * c.diff_head_dim * d + 2 * d) * c.head_skip),
       "ar": v * e + _stack_params(c, c.baseline_layers) + e * v,
       "mdm": v * e + _stack_params(c, c.baseline_layers) + e * v,
   }
@@ -117,6 +118,8 @@ def flops_per_token(config, stage: str, vocab_size: int | None = None,
     attention = c.concept_layers * hk * num_concepts
     if c.head_mean:  # mu(h), in the head's call and in its regression term.
       matmuls += 2 * e * d
+    if c.head_skip:  # The skip's a(c), b(c).
+      matmuls += 2 * c.diff_head_dim * d
     if c.head_reads_context:  # The head's read: W-wide q.k and p.v over the context.
       attention += c.diff_head_dim * num_concepts
     if _contrastive(config):  # Projection of h, then B x N similarities per concept.
