@@ -169,18 +169,26 @@ R1800_DIM512_Z2 = Variant("render1800_dim512_z_noise2_eqflops",
 # under 512 dimensions a 256-wide head moves the sample in at most 384 of them, and the
 # starting noise in the rest reaches the renderer untouched (so the cooler the start, the
 # better the wide rows rendered). A head as wide as the concept, in 2 blocks instead of 6
-# (1.53x the FLOPs of a concept step: fewer steps at equal FLOPs).
+# (1.53x the FLOPs of a concept step: 527 steps at equal FLOPs). Measured on text: samples
+# nearer the truth at temperature 1 and worse cool (640.7 against 99.7 / 287.7).
 R1800_DIM512_HEAD512 = Variant("render1800_dim512_head512x2_eqflops",
                                "render steps, concept width, concept head",
                                render=R1800_DIM[1].render,
                                concepts={"model.diff_head_dim": 512, "model.diff_head_layers": 2},
                                equal_flops=True)
 # Or the 6-block, 256-wide head with a per-dimension affine path from z_t (model.head_skip:
-# 1.08x the FLOPs of a concept step).
+# 1.08x the FLOPs of a concept step, 749 steps). Measured on text: 1,521.5 at temperature 1
+# (1,974 without), and worse at every cooler or guided setting tried (601.1-1,481.6).
 R1800_DIM512_SKIP = Variant("render1800_dim512_head_skip_eqflops",
                             "render steps, concept width, concept head",
                             render=R1800_DIM[1].render, concepts={"model.head_skip": True},
                             equal_flops=True)
+# The other way: a narrower head (128 wide: its output spans at most 256 of the 512
+# dimensions with mu), so the sample leaves more of them at their (cooled) noise.
+R1800_DIM512_HEAD128 = Variant("render1800_dim512_head128_eqflops",
+                               "render steps, concept width, concept head",
+                               render=R1800_DIM[1].render,
+                               concepts={"model.diff_head_dim": 128}, equal_flops=True)
 R1800_T05 = dataclasses.replace(RENDER1800, name="render1800_temp0.5",
                                 axis="render steps, sampling", sample={"temperature": 0.5})
 COOL = [Variant(f"temp{t:g}", "sampling", sample={"temperature": t}) for t in (0.5, 0.7)]
@@ -273,7 +281,8 @@ FULL = [
     # run moved v9 0.788 -> 0.760 consistent (three concept seeds each).
     *SEED_ROWS,
     T05_CFG4, *seeded(T05_CFG4)[:1],
-    RENDER1800, *seeded(RENDER1800)[:1], R1800_T05_CFG4, *seeded(R1800_T05_CFG4)[:1],
+    RENDER1800, *seeded(RENDER1800)[:1], *seeded(RENDER1800, RENDER_SEEDS, "render seed"),
+    R1800_T05_CFG4, *seeded(R1800_T05_CFG4)[:1],
     RENDER3600_B8, *seeded(RENDER3600_B8, RENDER_SEEDS, "render seed"),
     cooled(RENDER3600_B8), *seeded(cooled(RENDER3600_B8))[:1],
     *[r for v in (*R1800_DIM, *DIM, R1800_DIM512_Z2)
@@ -282,8 +291,10 @@ FULL = [
     *[sampled(v, t, g) for v in R1800_DIM[1:] for t, g in ((0.3, 4), (0.5, None), (0.3, None))],
     *seeded(sampled(R1800_DIM[1], 0.3, 4))[:1],
     *ENDED,
-    *[r for v in (R1800_DIM512_HEAD512, R1800_DIM512_SKIP)
-      for r in (v, cooled(v), *seeded(cooled(v))[:1])],
+    R1800_DIM512_HEAD512, cooled(R1800_DIM512_HEAD512),
+    R1800_DIM512_SKIP, cooled(R1800_DIM512_SKIP), *seeded(cooled(R1800_DIM512_SKIP))[:1],
+    *[sampled(R1800_DIM512_SKIP, t, g) for t, g in ((1.0, 2), (0.7, None), (0.7, 2))],
+    cooled(R1800_DIM512_HEAD128),
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
     cooled(FILL_CONCEPTS),
     *[r for v in (CONTEXT1, CONTEXT1_R830)
@@ -550,7 +561,11 @@ TEXT = [v for v in FULL if v.name in (
                           "render1800_temp0.5_cfg4") for s in ("", "_seed1")),
     "fill_concepts_temp0.5_cfg4", *(v.name for v in ENDED),
     *(f"render1800_dim512_{h}_eqflops{s}" for h in ("head512x2", "head_skip")
-      for s in ("", "_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
+      for s in ("", "_temp0.5_cfg4")),
+    "render1800_dim512_head_skip_eqflops_temp0.5_cfg4_seed1",
+    *(f"render1800_dim512_head_skip_eqflops_{s}" for s in ("temp1_cfg2", "temp0.7",
+                                                           "temp0.7_cfg2")),
+    "render1800_dim512_head128_eqflops_temp0.5_cfg4",
     *(f"{r}{s}" for r in ("render3600_batch8_eqflops", "render1800_dim256_eqflops",
                           "render1800_dim512_eqflops", "dim256_eqflops", "dim512_eqflops",
                           "render1800_dim512_z_noise2_eqflops")
