@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   # rest: the head predicts mu + f(z_t - t mu, t, h) (ConceptModel.head).
   c.model.head_mean = False
   # Concepts stage: a per-dimension affine path from z_t to the head's output, set by the
-  # condition (DiffusionHead.skip): the head then moves every concept dimension, also
+  # condition (concept_model.HeadSkip): the head then moves every concept dimension, also
   # when model.diff_head_dim < model.concept_dim.
   c.model.head_skip = False
   c.model.concept_layers = 2  # Concept model (causal contextualiser) depth.

@@ -33,7 +33,8 @@ _CANDIDATES = flags.DEFINE_integer("num_candidates", None, "Concepts runs: candi
                                    "per concept, the consensus one kept (default "
                                    "concepts.num_candidates; 1 = off).")
 _END_NOISE = flags.DEFINE_float("end_noise", None, "Concepts runs: stop the concept sampler at "
-                                "this noise, the renderer's training z noise (default "
+                                "this noise and render the concept under it (the render "
+                                "stage's render.z_noise: its training input; default "
                                 "concepts.end_noise; 0 = clean).")
 _SHOW_STEPS = flags.DEFINE_bool("show_steps", False, "Print every denoising step (masks as _).")
 _ROUNDTRIP = flags.DEFINE_bool("roundtrip", False, "Encode the prompt's chunks and render them "

@@ -365,10 +365,10 @@ def test_head_skip_run_trains_restores_and_generates(tiny_render_run, tmp_path):
   assert len(generate.generate(gen, ["Mara lives in Oslo."], num_concepts=2)) == 1
 
 
-def test_bad_mean_weight_is_a_config_error():
-  config = tiny_config("concepts", **{"concepts.render_workdir": "/tmp/r",
-                                      "concepts.mean_weight": -1.0})
-  with pytest.raises(config_lib.ConfigError, match="concepts.mean_weight=-1.0"):
+@pytest.mark.parametrize("field", ["concepts.mean_weight", "concepts.end_noise"])
+def test_a_negative_weight_or_noise_is_a_config_error(field):
+  config = tiny_config("concepts", **{"concepts.render_workdir": "/tmp/r", field: -1.0})
+  with pytest.raises(config_lib.ConfigError, match=f"{field}=-1.0"):
     config_lib.validate(config)
 
 
