@@ -294,7 +294,7 @@ FULL = [
     R1800_DIM512_HEAD512, cooled(R1800_DIM512_HEAD512),
     R1800_DIM512_SKIP, cooled(R1800_DIM512_SKIP), *seeded(cooled(R1800_DIM512_SKIP))[:1],
     *[sampled(R1800_DIM512_SKIP, t, g) for t, g in ((1.0, 2), (0.7, None), (0.7, 2))],
-    cooled(R1800_DIM512_HEAD128),
+    cooled(R1800_DIM512_HEAD128), *seeded(cooled(R1800_DIM512_HEAD128))[:1],
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
     cooled(FILL_CONCEPTS),
     *[r for v in (CONTEXT1, CONTEXT1_R830)
@@ -566,6 +566,7 @@ TEXT = [v for v in FULL if v.name in (
     *(f"render1800_dim512_head_skip_eqflops_{s}" for s in ("temp1_cfg2", "temp0.7",
                                                            "temp0.7_cfg2")),
     "render1800_dim512_head128_eqflops_temp0.5_cfg4",
+    "render1800_dim512_head128_eqflops_temp0.5_cfg4_seed1",
     *(f"{r}{s}" for r in ("render3600_batch8_eqflops", "render1800_dim256_eqflops",
                           "render1800_dim512_eqflops", "dim256_eqflops", "dim512_eqflops",
                           "render1800_dim512_z_noise2_eqflops")
