@@ -184,7 +184,8 @@ R1800_DIM512_SKIP = Variant("render1800_dim512_head_skip_eqflops",
                             render=R1800_DIM[1].render, concepts={"model.head_skip": True},
                             equal_flops=True)
 # The other way: a narrower head (128 wide: its output spans at most 256 of the 512
-# dimensions with mu), so the sample leaves more of them at their (cooled) noise.
+# dimensions with mu), so the sample leaves more of them at their (cooled) noise; 1,835
+# concept steps. Measured on text, cool: 129.7 / 146.4 (seeds 0 / 1) against 99.7 / 287.7.
 R1800_DIM512_HEAD128 = Variant("render1800_dim512_head128_eqflops",
                                "render steps, concept width, concept head",
                                render=R1800_DIM[1].render,
