@@ -319,18 +319,23 @@ def test_contrastive_run_trains_and_restores(tiny_render_run, tmp_path):
   assert set(generate.build_modules(gen)) == {"encoder", "renderer", "concept_model"}
 
 
-def test_head_mean_run_trains_restores_and_generates(tiny_render_run, tmp_path):
-  from concept_diffusion import evaluation, generate, plan, train
+def _assert_sized(config, base):
+  """sizes counts `config`'s concept model exactly, and more FLOPs than `base`'s."""
+  from concept_diffusion import plan
   from concept_diffusion.models import sizes
-  over = {"concepts.render_workdir": tiny_render_run, "model.head_mean": True,
-          "concepts.mean_weight": 0.5, "train.num_steps": 2, "train.log_every": 1,
-          "checkpoint.every_steps": 2}
-  config = tiny_config("concepts", **over)
-  base = tiny_config("concepts", **{**over, "model.head_mean": False})
   stage = stages.build_stage(stages.resolve_config(config), _Tok(), for_training=False)
   real = plan.real_param_counts(stage)
   assert sizes.param_count(config, "concepts") == sum(v for k, v in real.items() if k != "encoder")
   assert sizes.flops_per_token(config, "concepts") > sizes.flops_per_token(base, "concepts")
+
+
+def test_head_mean_run_trains_restores_and_generates(tiny_render_run, tmp_path):
+  from concept_diffusion import evaluation, generate, train
+  over = {"concepts.render_workdir": tiny_render_run, "model.head_mean": True,
+          "concepts.mean_weight": 0.5, "train.num_steps": 2, "train.log_every": 1,
+          "checkpoint.every_steps": 2}
+  config = tiny_config("concepts", **over)
+  _assert_sized(config, tiny_config("concepts", **{**over, "model.head_mean": False}))
   workdir = str(tmp_path / "head_mean")
   train.train(config, workdir)
   logged = evaluation.load_metrics(workdir)[-1]
@@ -345,16 +350,11 @@ def test_head_mean_run_trains_restores_and_generates(tiny_render_run, tmp_path):
 
 
 def test_head_skip_run_trains_restores_and_generates(tiny_render_run, tmp_path):
-  from concept_diffusion import generate, plan, train
-  from concept_diffusion.models import sizes
+  from concept_diffusion import generate, train
   over = {"concepts.render_workdir": tiny_render_run, "model.head_skip": True,
           "train.num_steps": 2, "train.log_every": 1, "checkpoint.every_steps": 2}
   config = tiny_config("concepts", **over)
-  base = tiny_config("concepts", **{**over, "model.head_skip": False})
-  stage = stages.build_stage(stages.resolve_config(config), _Tok(), for_training=False)
-  real = plan.real_param_counts(stage)
-  assert sizes.param_count(config, "concepts") == sum(v for k, v in real.items() if k != "encoder")
-  assert sizes.flops_per_token(config, "concepts") > sizes.flops_per_token(base, "concepts")
+  _assert_sized(config, tiny_config("concepts", **{**over, "model.head_skip": False}))
   workdir = str(tmp_path / "head_skip")
   train.train(config, workdir)
   _, _, params = train.restore_params(workdir)

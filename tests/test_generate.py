@@ -193,23 +193,30 @@ def test_reencode_generation_is_bounded_and_reproducible(concepts_gen):
     assert s.steps[0].count("_") > s.steps[-1].count("_") == 0
 
 
-def test_end_noise_reaches_the_sampler_and_defaults_to_the_config(concepts_gen):
-  gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
+def _prompt_context(gen):
+  """(mods, z_BxNxD of the prompts + one empty slot, counts_B, h_Bx1xE at each last prompt
+  concept): what concept_loop's first step reads."""
   mods = generate.build_modules(gen)
   enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
   chunks_BxNxL, counts_B = generate.prompt_chunks(gen, PROMPTS)
   chunks_BxNxL = np.pad(chunks_BxNxL, ((0, 0), (0, 1), (0, 0)), constant_values=PAD_ID)
   z_BxNxD = mods["encoder"].apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
+  seg_BxN = (np.arange(z_BxNxD.shape[1]) < counts_B[:, None]).astype(np.int32)
+  h_BxNxE = mods["concept_model"].apply({"params": cm_params}, z_BxNxD, seg_BxN,
+                                        method=mods["concept_model"].context)
+  return mods, z_BxNxD, counts_B, h_BxNxE[np.arange(len(PROMPTS)), counts_B - 1][:, None]
+
+
+def test_end_noise_reaches_the_sampler_and_defaults_to_the_config(concepts_gen):
+  gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
+  enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
+  mods, z_BxNxD, counts_B, h_Bx1xE = _prompt_context(gen)
   key, kw = jax.random.key(3), dict(objective=gen.config.concepts.objective, steps=4)
   first = lambda end_noise: generate.concept_loop(  # noqa: E731
       mods["concept_model"], cm_params, z_BxNxD, counts_B,
       generate.end_concept(mods["encoder"], enc_params, l), key, num_new=1, guidance=1.0,
       noise_scale=1.0, end_cosine=2.0, end_noise=end_noise, **kw)[0][:, 0]
   # The loop's sample is the head's, stopped at end_noise: drawn here from the same context.
-  seg_BxN = (np.arange(z_BxNxD.shape[1]) < counts_B[:, None]).astype(np.int32)
-  h_BxNxE = mods["concept_model"].apply({"params": cm_params}, z_BxNxD, seg_BxN,
-                                        method=mods["concept_model"].context)
-  h_Bx1xE = h_BxNxE[np.arange(2), counts_B - 1][:, None]
   k_sample, _ = jax.random.split(jax.random.fold_in(key, 0))
   direct = lambda end_noise: concept_model.sample_from_context(  # noqa: E731
       mods["concept_model"], {"params": cm_params}, h_Bx1xE, k_sample, end_noise=end_noise,
@@ -243,11 +250,8 @@ def test_consensus_index_picks_the_candidate_nearest_the_others():
 
 def test_candidates_keep_the_consensus_of_samples_from_one_context(concepts_gen):
   gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
-  mods = generate.build_modules(gen)
   enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
-  chunks_BxNxL, counts_B = generate.prompt_chunks(gen, PROMPTS)
-  chunks_BxNxL = np.pad(chunks_BxNxL, ((0, 0), (0, 1), (0, 0)), constant_values=PAD_ID)
-  z_BxNxD = mods["encoder"].apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
+  mods, z_BxNxD, counts_B, h_Bx1xE = _prompt_context(gen)
   key, c = jax.random.key(3), 5
   loop = lambda num_candidates: generate.concept_loop(
       mods["concept_model"], cm_params, z_BxNxD, counts_B,
@@ -255,10 +259,6 @@ def test_candidates_keep_the_consensus_of_samples_from_one_context(concepts_gen)
       objective=gen.config.concepts.objective, steps=4, guidance=1.0, noise_scale=1.0,
       end_cosine=2.0, num_candidates=num_candidates)[0][:, 0]
   # The C candidates, drawn as the loop draws them: one context, C noises.
-  seg_BxN = (np.arange(z_BxNxD.shape[1]) < counts_B[:, None]).astype(np.int32)
-  h_BxNxE = mods["concept_model"].apply({"params": cm_params}, z_BxNxD, seg_BxN,
-                                        method=mods["concept_model"].context)
-  h_Bx1xE = h_BxNxE[np.arange(2), counts_B - 1][:, None]
   k_sample, _ = jax.random.split(jax.random.fold_in(key, 0))
   cand_BCx1xD = generate.concept_model.sample_from_context(
       mods["concept_model"], {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_sample,
