@@ -102,6 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Train batches only: the share of documents whose END chunk is trained on. Every END
   # chunk is the same one-token chunk, 11-18% of the real chunks at the tiny preset.
   c.render.end_keep = 1.0
+  # Nested concepts: in training each chunk's concept is cut to one of these prefix
+  # lengths (equally likely; the dimensions after it zeroed), so its first dimensions carry
+  # the coarse content and generation can render a prefix of a sample (concepts.render_dims).
+  # Increasing, the last = model.concept_dim; () = whole concepts.
+  c.render.nested_dims = ()
   c.render.concept_reg = 1e-3  # Weight of the concept-space smoothness regulariser.
   c.render.sample_steps = 8  # Sampler steps used by round-trip evaluation.
   # Fine-tune from generated concepts: the workdir of a concepts run. Its render run's
@@ -127,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
   # concept under that much noise (continuous.sample); render.z_noise is what the
   # renderer saw in training. 0: integrate to the clean concept.
   c.concepts.end_noise = 0.0
+  # Generation default: render only the first render_dims dimensions of each sampled
+  # concept, the rest zeroed, for a render run trained on nested concepts
+  # (render.nested_dims); the concept model still reads whole samples. 0: all of them.
+  c.concepts.render_dims = 0
   # Generation default: render each new concept at once and feed the concept model the
   # encoder's concept of that chunk (generate.concept_loop), not the raw sample.
   c.concepts.reencode = False
@@ -200,6 +209,21 @@ def _positive(config, field: str, allow_zero: bool = False) -> None:
     raise ConfigError(f"{field}={value!r} must be a number {bound}")
 
 
+def _nested(config: ml_collections.ConfigDict) -> None:
+  """render.nested_dims and concepts.render_dims against model.concept_dim."""
+  d = config.model.concept_dim
+  nested = config.render.get("nested_dims", ())  # .get: configs saved before the fields.
+  ints = lambda xs: all(type(x) is int for x in xs)
+  if nested and not (ints(nested) and 0 < nested[0] and list(nested) == sorted(set(nested))
+                     and nested[-1] == d):
+    raise ConfigError(f"render.nested_dims={tuple(nested)!r} must be increasing whole numbers "
+                      f"of dimensions in (0, model.concept_dim={d}], the last {d}")
+  render_dims = config.concepts.get("render_dims", 0)
+  if not (type(render_dims) is int and 0 <= render_dims <= d):
+    raise ConfigError(f"concepts.render_dims={render_dims!r} must be a whole number of "
+                      f"dimensions in [0, model.concept_dim={d}] (0: all)")
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks what can be checked without devices; raises ConfigError naming the field."""
   _choice(config, "stage", STAGES)
@@ -234,6 +258,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     one_allowed = field in ("render.full_mask_prob", "render.generated_prob")
     if not (0.0 <= value <= 1.0 if one_allowed else 0.0 <= value < 1.0):
       raise ConfigError(f"{field}={value!r} must lie in [0, 1]")
+  _nested(config)
   context_chunks = config.render.get("context_chunks", 0)  # .get: configs saved before it.
   if not (type(context_chunks) is int and 0 <= context_chunks < config.data.num_concepts):
     raise ConfigError(f"render.context_chunks={context_chunks!r} must be a whole number of "

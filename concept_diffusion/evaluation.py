@@ -51,7 +51,7 @@ from concept_diffusion.data.tokenizer import BOS_ID, MASK_ID, PAD_ID
 from concept_diffusion.diffusion import continuous, masked
 from concept_diffusion.models import concept_model
 from concept_diffusion.models.concept_model import ConceptModel
-from concept_diffusion.models.renderer import previous_chunks, previous_concepts
+from concept_diffusion.models.renderer import concept_prefix, previous_chunks, previous_concepts
 
 EVAL_FILE = "eval.json"
 ORDER = ("roundtrip_token_accuracy", "roundtrip_exact_match", "elbo_bits_per_token",
@@ -199,14 +199,18 @@ def eval_prompts(config, num_prompts: int) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- per-kind likelihood metrics
 
 
-def render_metrics(gen: gen_lib.Generator, batches, key, elbo_samples: int = 4) -> dict:
-  """Round-trip accuracy / exact match and the ELBO given the true concept."""
+def render_metrics(gen: gen_lib.Generator, batches, key, elbo_samples: int = 4,
+                   render_dims: int = 0) -> dict:
+  """Round-trip accuracy / exact match and the ELBO given the true concept (its first
+  render_dims dimensions, for a nested render run; 0: all)."""
   mods = gen_lib.build_modules(gen)
   enc, ren = mods["encoder"], mods["renderer"]
   steps = gen.chunk_config.render.sample_steps
+  render_dims = gen_lib.checked_render_dims(gen, render_dims)
 
   def program(params, batch, key):
     z_BxNxD = enc.apply({"params": params["encoder"]}, batch["tokens"], batch["token_mask"])
+    z_BxNxD = concept_prefix(z_BxNxD, render_dims)
     prev_BxNxD = previous_concepts(z_BxNxD, batch["segment_ids"])
     # Teacher forced: a context_chunks renderer reads the true chunks before each one.
     ctx_BxNxCL = (previous_chunks(batch["tokens"], batch["segment_ids"], ren.cfg.context_chunks)
@@ -221,7 +225,7 @@ def render_metrics(gen: gen_lib.Generator, batches, key, elbo_samples: int = 4) 
                             num_samples=elbo_samples)
     return rendered_BxNxL, bits
 
-  fn = gen.jitted("eval_render", (elbo_samples,), lambda: program)
+  fn = gen.jitted("eval_render", (elbo_samples, render_dims), lambda: program)
   sums = {"correct": 0, "tokens": 0, "exact": 0, "chunks": 0}
   bits_sum = 0.0
   for i, batch in enumerate(batches):
@@ -390,19 +394,21 @@ def concept_budget(gen: gen_lib.Generator, max_tokens: int) -> int:
 
 def roundtrip_metrics(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]], *,
                       max_tokens: int, synthetic_data: bool = True,
-                      judge: gen_lib.Generator | None = None, by_kind: bool = False) -> dict:
+                      judge: gen_lib.Generator | None = None, by_kind: bool = False,
+                      render_dims: int = 0) -> dict:
   """The true continuations' first concept_budget sentences, rendered from their own
-  concepts (a render or concepts run), scored as generations are: the render stage's
-  bound on generation. roundtrip_consistent on synthetic data, roundtrip_gen_ppl with a
-  judge; by_kind: also roundtrip_by_kind, its coherence_by_kind (not a flat metric)."""
+  concepts (a render or concepts run; the first render_dims dimensions of each, 0: all),
+  scored as generations are: the render stage's bound on generation.
+  roundtrip_consistent on synthetic data, roundtrip_gen_ppl with a judge; by_kind: also
+  roundtrip_by_kind, its coherence_by_kind (not a flat metric)."""
   prompts = [p for p, _ in pairs]
   budget = concept_budget(gen, max_tokens)
   truth = [" ".join(segment.split_sentences(c)[:budget]) for _, c in pairs]
   # A one-sentence document leaves its continuation empty: nothing to render.
   kept = [i for i, t in enumerate(truth) if t.strip()]
   rendered = [""] * len(truth)
-  samples = gen_lib.roundtrip(gen, [truth[i] for i in kept],
-                              contexts=[prompts[i] for i in kept]) if kept else []
+  samples = gen_lib.roundtrip(gen, [truth[i] for i in kept], contexts=[prompts[i] for i in kept],
+                              render_dims=render_dims) if kept else []
   for i, s in zip(kept, samples):
     rendered[i] = s.text
   out = {}
@@ -443,8 +449,11 @@ def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str 
   b = gen_lib.padded_batch_size(gen, batch_size)
   view = "concepts" if gen.kind in ("render", "concepts") else "flat"
   batches = eval_batches(config, gen.tokenizer, view, b, max_batches)
+  # The round trip renders what generation does: the concepts run's concepts.render_dims.
+  render_dims = (gen_lib.checked_render_dims(gen, gen_kwargs.get("render_dims"))
+                 if gen.kind in ("render", "concepts") else 0)
   if gen.kind == "render":
-    metrics = render_metrics(gen, batches, key)
+    metrics = render_metrics(gen, batches, key, render_dims=render_dims)
   elif gen.kind == "concepts":
     metrics = concept_metrics(gen, batches, key)
   else:
@@ -455,7 +464,7 @@ def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str 
   if pairs and (synthetic_data or judge) and gen.kind in ("render", "concepts"):
     metrics.update(roundtrip_metrics(gen, pairs, max_tokens=max_tokens,
                                      synthetic_data=synthetic_data, judge=judge,
-                                     by_kind=by_kind))
+                                     by_kind=by_kind, render_dims=render_dims))
     if by_kind:
       kinds["roundtrip_by_kind"] = metrics.pop("roundtrip_by_kind")
   if pairs and gen.kind != "render":

@@ -57,7 +57,11 @@ ROW_FREE = ("ar_temperatures", "ar_seeds", "ar_fill", "baselines", "checkpoint_e
 # is reused when only these change, and the grid samples with the planned values.
 SAMPLING_FIELDS = {"concepts.temperature": "temperature", "concepts.reencode": "reencode",
                    "concepts.sample_steps": "concept_steps", "concepts.guidance": "guidance",
-                   "concepts.num_candidates": "num_candidates", "concepts.end_noise": "end_noise"}
+                   "concepts.num_candidates": "num_candidates", "concepts.end_noise": "end_noise",
+                   "concepts.render_dims": "render_dims"}
+# Sampling fields newer than most rows, with the value that turns each off: left out of a
+# row's options when off, so every earlier row's result file keeps its name.
+NEWER_SAMPLING_OFF = {"end_noise": 0.0, "render_dims": 0}
 # Fields that name another run's workdir (at any depth of a saved config).
 RUN_PATH_FIELDS = ("render_workdir", "generated_from")
 
@@ -419,8 +423,7 @@ def sampling(v: Variant, plan: Plan) -> dict:
   """generate() options of a row: the planned config's defaults, then the row's own."""
   planned = _flat(plan.concepts[1].to_dict())
   out = {arg: planned[field] for field, arg in SAMPLING_FIELDS.items()}
-  if not out["end_noise"]:  # Newer than most rows: off, it stays out of their result names.
-    del out["end_noise"]
+  out = {k: x for k, x in out.items() if k not in NEWER_SAMPLING_OFF or x != NEWER_SAMPLING_OFF[k]}
   return {**out, **v.sample}
 
 
@@ -434,8 +437,9 @@ def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dic
   b = generate.padded_batch_size(gen, settings.batch_size)
   batches = lambda: evaluation.eval_batches(config, gen.tokenizer, "concepts", b,
                                             settings.max_batches)
-  out = evaluation.render_metrics(render_gen, batches(), key)
-  s = sampling(v, plan)  # Concept metrics sample as generation does.
+  s = sampling(v, plan)  # Concept metrics sample as generation does, the bound renders so.
+  render_dims = s.get("render_dims", 0)
+  out = evaluation.render_metrics(render_gen, batches(), key, render_dims=render_dims)
   out.update(evaluation.concept_metrics(gen, batches(), key, steps=s["concept_steps"],
                                         guidance=s["guidance"], temperature=s["temperature"]))
   pairs = evaluation.eval_prompts(config, settings.num_prompts)
@@ -443,7 +447,7 @@ def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dic
   if synthetic_data or judge:
     out.update(evaluation.roundtrip_metrics(render_gen, pairs, max_tokens=settings.max_tokens,
                                             synthetic_data=synthetic_data, judge=judge,
-                                            by_kind=synthetic_data))
+                                            by_kind=synthetic_data, render_dims=render_dims))
   gen_out, samples = evaluation.generation_metrics(
       gen, pairs, judge=judge, synthetic_data=synthetic_data,
       max_tokens=settings.max_tokens, seed=settings.seed, **s)

@@ -34,7 +34,7 @@ from concept_diffusion.models import concept_model
 from concept_diffusion.models.concept_model import ConceptModel
 from concept_diffusion.models.encoder import ConceptEncoder
 from concept_diffusion.models.layers import ModelConfig
-from concept_diffusion.models.renderer import Renderer
+from concept_diffusion.models.renderer import Renderer, concept_prefix
 
 KINDS = ("concepts", "render", "ar", "mdm")
 # Token ids a baseline may never emit (EOD stays allowed: it ends the document).
@@ -406,15 +406,17 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
 
 
 def snap_fn(encoder: ConceptEncoder, enc_params, renderer: Renderer, ren_params, *,
-            steps: int, temperature: float, return_steps: bool = False):
+            steps: int, temperature: float, return_steps: bool = False, dims: int = 0):
   """Re-encoding for concept_loop: (z, prev, text, key) -> (encoder(chunk), chunk[, states]).
 
-  chunk_Bx1xL is z rendered from all-MASK; states_Bx1xSxL its intermediate renders.
+  chunk_Bx1xL is z's first `dims` dimensions (0: all) rendered from all-MASK;
+  states_Bx1xSxL its intermediate renders.
   """
 
   def snap(z_Bx1xD, prev_Bx1xD, text_BxCL, key):
     context = text_BxCL[:, None] if renderer.cfg.context_chunks else None
-    out = render_chunks(renderer, ren_params, z_Bx1xD, prev_Bx1xD, key, steps=steps,
+    out = render_chunks(renderer, ren_params, concept_prefix(z_Bx1xD, dims),
+                        concept_prefix(prev_Bx1xD, dims), key, steps=steps,
                         temperature=temperature, return_steps=return_steps,
                         context_BxNxCL=context)
     chunk_Bx1xL = out[0] if return_steps else out
@@ -444,6 +446,7 @@ class ConceptOptions:
   reencode: bool = False
   num_candidates: int = 1
   end_noise: float = 0.0
+  render_dims: int = 0  # Render a prefix of each concept (concept_prefix; 0: all of it).
 
 
 def _concepts_program(gen: Generator, opts: ConceptOptions):
@@ -462,7 +465,7 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
     if opts.reencode:
       snap = snap_fn(mods["encoder"], enc_params, mods["renderer"], render_params["renderer"],
                      steps=opts.render_steps, temperature=opts.render_temperature,
-                     return_steps=opts.show_steps)
+                     return_steps=opts.show_steps, dims=opts.render_dims)
     z_BxNxD, prev_BxNxD, extras = concept_loop(
         mods["concept_model"], params["concept_model"], prompt_BxNxD, counts_B, z_end_D, k_concepts,
         num_new=opts.num_new, objective=objective, steps=opts.concept_steps,
@@ -481,7 +484,13 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
 
 def _render_program(renderer, params, z_BxNxD, prev_BxNxD, z_end_D, key, opts: ConceptOptions,
                     context_BxCL=None):
-  """Renders all chunks (at once, or in order from context_BxCL) and marks the END chunks."""
+  """Renders all chunks (at once, or in order from context_BxCL) and marks the END chunks.
+
+  The renderer reads the first opts.render_dims dimensions of each concept; the END test
+  the whole concept.
+  """
+  z_end_BxNxD = z_BxNxD
+  z_BxNxD, prev_BxNxD = (concept_prefix(x, opts.render_dims) for x in (z_BxNxD, prev_BxNxD))
   if renderer.cfg.context_chunks:
     if context_BxCL is None:
       context_BxCL = jnp.full((z_BxNxD.shape[0], renderer.cfg.context_chunks *
@@ -493,7 +502,7 @@ def _render_program(renderer, params, z_BxNxD, prev_BxNxD, z_end_D, key, opts: C
     out = render_chunks(renderer, params, z_BxNxD, prev_BxNxD, key, steps=opts.render_steps,
                         temperature=opts.render_temperature, return_steps=opts.show_steps)
   tokens_BxNxL, states_SxBxNxL = out if opts.show_steps else (out, None)
-  end_BxN = is_end(tokens_BxNxL, z_BxNxD, z_end_D, opts.end_cosine)
+  end_BxN = is_end(tokens_BxNxL, z_end_BxNxD, z_end_D, opts.end_cosine)
   return tokens_BxNxL, end_BxN, states_SxBxNxL
 
 
@@ -562,8 +571,11 @@ def previous_with_context(encoder: ConceptEncoder, params, z_BxNxD, last_Bx1xL):
 
 def roundtrip(gen: Generator, texts: Sequence[str], *, contexts: Sequence[str] | None = None,
               render_steps: int | None = None, seed: int = 0,
-              show_steps: bool = False) -> list[Sample]:
+              show_steps: bool = False, render_dims: int | None = None) -> list[Sample]:
   """Encodes each text's chunks and renders them back (render or concepts runs), one jit.
+
+  render_dims: the renderer reads that prefix of each concept (a nested render run; 0:
+  all; None: checked_render_dims's default).
 
   contexts: the text each one continues; a render.prev_concept renderer then reads its last
   chunk's concept as the first chunk's previous one, as in generation (else zeros), and a
@@ -574,6 +586,7 @@ def roundtrip(gen: Generator, texts: Sequence[str], *, contexts: Sequence[str] |
     raise GenerateError(f"roundtrip needs a render or concepts run, not {gen.kind!r}")
   if contexts is not None and len(contexts) != len(texts):
     raise GenerateError(f"roundtrip got {len(contexts)} contexts for {len(texts)} texts")
+  render_dims = checked_render_dims(gen, render_dims)
   chunks_BxNxL, counts_B = prompt_chunks(gen, texts)
   mods = build_modules(gen)
   # The text before each one's first chunk: its context's last chunks (PAD: none). A
@@ -587,7 +600,7 @@ def roundtrip(gen: Generator, texts: Sequence[str], *, contexts: Sequence[str] |
     last_BxCL[len(texts):] = PAD_ID
   concept_len = gen.chunk_config.data.concept_len
   opts = ConceptOptions(render_steps=render_steps or gen.chunk_config.render.sample_steps,
-                        end_cosine=0.999, show_steps=show_steps)
+                        end_cosine=0.999, show_steps=show_steps, render_dims=render_dims)
 
   def program(enc_params, ren_params, chunks_BxNxL, counts_B, last_BxCL, key):
     encoder = mods["encoder"]
@@ -728,13 +741,31 @@ def _generate_mdm(gen: Generator, prompts, max_new: int, steps: int, temperature
 # ---------------------------------------------------------------- the entry
 
 
+def checked_render_dims(gen: Generator, render_dims: int | None) -> int:
+  """render_dims (None: a concepts run's concepts.render_dims, else 0), checked against the
+  render run: a prefix of [0, concept_dim], from a renderer trained on nested concepts."""
+  if render_dims is None:  # .get: runs saved before the field rendered whole concepts.
+    render_dims = gen.config.concepts.get("render_dims", 0) if gen.kind == "concepts" else 0
+  render = gen.chunk_config
+  d = render.model.concept_dim
+  if not (int(render_dims) == render_dims and 0 <= render_dims <= d):
+    raise GenerateError(f"render_dims={render_dims} must be a whole number of dimensions in "
+                        f"[0, {d}] (the render run's model.concept_dim; 0: all)")
+  if render_dims and not render.render.get("nested_dims", ()):
+    raise GenerateError(f"render_dims={render_dims} renders a prefix of each concept, but the "
+                        "render run was trained on whole concepts (render.nested_dims is "
+                        "empty): its renderer never saw a cut concept")
+  return int(render_dims)
+
+
 def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
              max_tokens: int = 64, concept_steps: int | None = None,
              render_steps: int | None = None, guidance: float | None = None,
              temperature: float | None = None, render_temperature: float = 0.0, seed: int = 0,
              show_steps: bool = False, end_cosine: float = 0.9,
              block_size: int | None = None, reencode: bool | None = None,
-             num_candidates: int | None = None, end_noise: float | None = None) -> list[Sample]:
+             num_candidates: int | None = None, end_noise: float | None = None,
+             render_dims: int | None = None) -> list[Sample]:
   """Continuations of `prompts` (one jitted call for the whole batch).
 
   concepts runs: `num_concepts` new concepts, `concept_steps` sampler steps each
@@ -748,7 +779,9 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
   many candidates of every concept and keeps the consensus one. `end_noise` (default
   concepts.end_noise) stops the concept sampler at that noise (continuous.sample): the
   renderer gets the concept as it saw concepts in training, under noise; meant with
-  `reencode`, so the concept model still reads clean concepts. ar / mdm runs: up to
+  `reencode`, so the concept model still reads clean concepts. `render_dims` (default
+  concepts.render_dims) renders that prefix of each concept, for a render run trained on
+  nested concepts (render.nested_dims). ar / mdm runs: up to
   `max_tokens` tokens at `temperature` (default 1; mdm: `render_steps` unmasking steps, default
   max_tokens, optional semi-autoregressive `block_size`). A continuation stops at
   end-of-document: an END concept (renders to EOD, or cosine >= end_cosine to
@@ -769,13 +802,14 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
     end_noise = float(c.get("end_noise", 0.0) if end_noise is None else end_noise)
     if end_noise < 0:
       raise GenerateError(f"end_noise={end_noise} must be >= 0")
+    render_dims = checked_render_dims(gen, render_dims)
     opts = ConceptOptions(
         num_new=int(num_concepts), concept_steps=int(concept_steps or c.sample_steps),
         render_steps=int(render_steps or gen.render_config.render.sample_steps),
         guidance=float(c.guidance if guidance is None else guidance),
         noise_scale=float(temperature), render_temperature=float(render_temperature),
         end_cosine=float(end_cosine), show_steps=bool(show_steps), reencode=bool(reencode),
-        num_candidates=num_candidates, end_noise=end_noise)
+        num_candidates=num_candidates, end_noise=end_noise, render_dims=render_dims)
     return _generate_concepts(gen, list(prompts), opts, key)
   temperature = 1.0 if temperature is None else temperature
   if gen.kind == "ar":

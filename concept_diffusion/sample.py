@@ -36,6 +36,10 @@ _END_NOISE = flags.DEFINE_float("end_noise", None, "Concepts runs: stop the conc
                                 "this noise and render the concept under it (the render "
                                 "stage's render.z_noise: its training input; default "
                                 "concepts.end_noise; 0 = clean).")
+_RENDER_DIMS = flags.DEFINE_integer("render_dims", None, "Render only this prefix of each "
+                                    "concept, for a render run trained on nested concepts "
+                                    "(render.nested_dims; default concepts.render_dims of a "
+                                    "concepts run, else 0 = all).")
 _SHOW_STEPS = flags.DEFINE_bool("show_steps", False, "Print every denoising step (masks as _).")
 _ROUNDTRIP = flags.DEFINE_bool("roundtrip", False, "Encode the prompt's chunks and render them "
                                 "back (a render or concepts run).")
@@ -64,7 +68,8 @@ def main(argv):
     gen = generate.load(_WORKDIR.value, render_workdir=_RENDER_WORKDIR.value)
     if _ROUNDTRIP.value:
       samples = generate.roundtrip(gen, prompts, render_steps=_RENDER_STEPS.value,
-                                   seed=_SEED.value, show_steps=_SHOW_STEPS.value)
+                                   seed=_SEED.value, show_steps=_SHOW_STEPS.value,
+                                   render_dims=_RENDER_DIMS.value)
     else:
       samples = generate.generate(
           gen, prompts, num_concepts=_NUM_CONCEPTS.value, max_tokens=_MAX_TOKENS.value,
@@ -72,7 +77,8 @@ def main(argv):
           guidance=_GUIDANCE.value, temperature=_TEMPERATURE.value,
           render_temperature=_RENDER_TEMPERATURE.value, seed=_SEED.value,
           show_steps=_SHOW_STEPS.value, reencode=_REENCODE.value,
-          num_candidates=_CANDIDATES.value, end_noise=_END_NOISE.value)
+          num_candidates=_CANDIDATES.value, end_noise=_END_NOISE.value,
+          render_dims=_RENDER_DIMS.value)
   except (generate.GenerateError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

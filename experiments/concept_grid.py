@@ -190,6 +190,17 @@ R1800_DIM512_HEAD128 = Variant("render1800_dim512_head128_eqflops",
                                "render steps, concept width, concept head",
                                render=R1800_DIM[1].render,
                                concepts={"model.diff_head_dim": 128}, equal_flops=True)
+# Nested concepts (render.nested_dims): the 512-dimension render stage trained on a random
+# prefix of each concept (128, 256 or all 512 dimensions, the rest zeroed), so its first
+# dimensions carry the coarse content. One concepts run over whole concepts; generation
+# renders a prefix of each sample (concepts.render_dims, rows _dimsK): a concept model
+# that specifies less rendered better (the head rows above), and here the renderer is
+# trained to fill in what the prefix leaves out.
+R1800_DIM512_NESTED = Variant("render1800_dim512_nested_eqflops",
+                              "render steps, concept width, nested concepts",
+                              render={**R1800_DIM[1].render,
+                                      "render.nested_dims": (128, 256, 512)},
+                              equal_flops=True)
 R1800_T05 = dataclasses.replace(RENDER1800, name="render1800_temp0.5",
                                 axis="render steps, sampling", sample={"temperature": 0.5})
 COOL = [Variant(f"temp{t:g}", "sampling", sample={"temperature": t}) for t in (0.5, 0.7)]
@@ -254,6 +265,12 @@ def sampled(v: Variant, temperature: float, guidance: float | None = None) -> Va
                              sample={**v.sample, **sample})
 
 
+def cut(v: Variant, dims: int) -> Variant:
+  """The row `v` rendering the first `dims` dimensions of each concept (v.name_dimsK)."""
+  return dataclasses.replace(v, name=f"{v.name}_dims{dims}", axis=f"{v.axis}, sampling",
+                             sample={**v.sample, "render_dims": dims})
+
+
 def cooled(v: Variant) -> Variant:
   """The row `v` sampled at temperature 0.5 and guidance 4 (the best text sampling)."""
   return sampled(v, 0.5, 4)
@@ -296,6 +313,9 @@ FULL = [
     R1800_DIM512_SKIP, cooled(R1800_DIM512_SKIP), *seeded(cooled(R1800_DIM512_SKIP))[:1],
     *[sampled(R1800_DIM512_SKIP, t, g) for t, g in ((1.0, 2), (0.7, None), (0.7, 2))],
     cooled(R1800_DIM512_HEAD128), *seeded(cooled(R1800_DIM512_HEAD128))[:1],
+    *[r for k in (128, 256, 512) for r in (cooled(cut(R1800_DIM512_NESTED, k)),
+                                           *seeded(cooled(cut(R1800_DIM512_NESTED, k)))[:1])],
+    cut(R1800_DIM512_NESTED, 128),
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
     cooled(FILL_CONCEPTS),
     *[r for v in (CONTEXT1, CONTEXT1_R830)
@@ -568,6 +588,9 @@ TEXT = [v for v in FULL if v.name in (
                                                            "temp0.7_cfg2")),
     "render1800_dim512_head128_eqflops_temp0.5_cfg4",
     "render1800_dim512_head128_eqflops_temp0.5_cfg4_seed1",
+    *(f"render1800_dim512_nested_eqflops_dims{k}{s}" for k in (128, 256, 512)
+      for s in ("_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
+    "render1800_dim512_nested_eqflops_dims128",
     *(f"{r}{s}" for r in ("render3600_batch8_eqflops", "render1800_dim256_eqflops",
                           "render1800_dim512_eqflops", "dim256_eqflops", "dim512_eqflops",
                           "render1800_dim512_z_noise2_eqflops")

@@ -85,6 +85,19 @@ def previous_concepts(z_BxNxD, segment_ids_BxN):
   return shifted_in_document(z_BxNxD, segment_ids_BxN)
 
 
+def concept_prefix(z_BxNxD, dims):
+  """z with every dimension from `dims` on zeroed: a nested concept's prefix (render.nested_dims).
+
+  dims: an int (0 keeps all), or one int per chunk (BxN).
+  """
+  if isinstance(dims, int):
+    if dims == 0 or dims >= z_BxNxD.shape[-1]:
+      return z_BxNxD
+    dims = jnp.asarray(dims)
+  keep_BxNxD = jnp.arange(z_BxNxD.shape[-1]) < jnp.asarray(dims)[..., None]
+  return jnp.where(keep_BxNxD, z_BxNxD, 0).astype(z_BxNxD.dtype)
+
+
 def previous_chunks(tokens_BxNxL, segment_ids_BxN, num: int):
   """context_BxNx(num*L): the `num` chunks before each one in its document, oldest first.
 

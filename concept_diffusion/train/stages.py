@@ -161,6 +161,13 @@ def render_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
       # the renderer learns to tolerate imperfect (generated) concepts.
       std_BxN = z_noise_std(r, jax.random.fold_in(k_noise, 1), z_BxNxD.shape[:-1])
       z_in_BxNxD = z_BxNxD + std_BxN[..., None] * jax.random.normal(k_noise, z_BxNxD.shape)
+      nested = tuple(r.get("nested_dims", ()))  # .get: configs saved before the field.
+      if nested:
+        # Each chunk rendered from a random prefix of its concept: the first dimensions
+        # must carry the coarse content, and generation may render a sample's prefix.
+        pick_BxN = jax.random.randint(jax.random.fold_in(k_noise, 2), z_BxNxD.shape[:-1], 0,
+                                      len(nested))
+        z_in_BxNxD = renderer.concept_prefix(z_in_BxNxD, jnp.asarray(nested)[pick_BxN])
       if finetune:
         c = cm_config.concepts
         zgen_BxNxD, valid_BxN = generated_concepts(

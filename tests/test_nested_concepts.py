@@ -1,0 +1,158 @@
+"""Nested concepts: a render stage trained on prefixes of each concept (render.nested_dims),
+and generation that renders a prefix of each sample (concepts.render_dims)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from concept_diffusion import config as config_lib
+from concept_diffusion import evaluation, generate
+from concept_diffusion.models import renderer
+from concept_diffusion.models.layers import ModelConfig
+from concept_diffusion.train import stages
+from concept_diffusion.train.state import unbox
+
+from conftest import _train_in_process, _trained, tiny_config
+
+NESTED = (8, 16, 32)  # The tiny presets' concepts are 32 wide (conftest.TINY).
+PROMPTS = ["Mara lives in Oslo. Mara has a dog.", "Tovin works as a baker.",
+           "Ilse paints the fence red. Ilse owns a cat.", "Bram moved to Lima."]
+
+
+class _Tok:
+  vocab_size = 256
+
+
+def test_concept_prefix_zeroes_every_dimension_from_dims_on():
+  z = jax.random.normal(jax.random.key(0), (2, 3, 6)) + 3.0  # No zero by chance.
+  np.testing.assert_array_equal(renderer.concept_prefix(z, 0), z)
+  np.testing.assert_array_equal(renderer.concept_prefix(z, 6), z)
+  cut = np.asarray(renderer.concept_prefix(z, 2))
+  np.testing.assert_array_equal(cut[..., :2], z[..., :2])
+  assert (cut[..., 2:] == 0).all()
+  dims_BxN = jnp.array([[1, 6, 3], [2, 2, 5]])  # One prefix per chunk.
+  per_chunk = np.asarray(renderer.concept_prefix(z, dims_BxN))
+  for b in range(2):
+    for n in range(3):
+      k = int(dims_BxN[b, n])
+      np.testing.assert_array_equal(per_chunk[b, n, :k], z[b, n, :k])
+      assert (per_chunk[b, n, k:] == 0).all()
+
+
+def _batch(config, batch_size=32):
+  n, l = config.data.num_concepts, config.data.concept_len
+  tokens = jax.random.randint(jax.random.key(2), (batch_size, n, l), 6, 200)
+  return {"tokens": tokens, "token_mask": jnp.ones((batch_size, n, l), bool),
+          "concept_mask": jnp.ones((batch_size, n), bool),
+          "segment_ids": jnp.ones((batch_size, n), jnp.int32)}
+
+
+def test_nested_training_cuts_each_chunk_to_a_prefix_and_evaluation_to_none(monkeypatch):
+  seen, prefix = [], renderer.concept_prefix
+
+  def recording_prefix(z, dims):
+    seen.append(np.asarray(dims))
+    return prefix(z, dims)
+
+  config = tiny_config("render")
+  batch, key = _batch(config), jax.random.key(0)
+  losses = {}
+  for nested in ((), NESTED):
+    config.render.nested_dims = nested
+    stage = stages.build_stage(config, _Tok())
+    params = unbox(stage.init_params(jax.random.key(1)))
+    monkeypatch.setattr(stages.renderer, "concept_prefix", recording_prefix)
+    held_out = float(stage.held_out_loss_fn()(params, batch, key)[0])
+    assert not seen  # The held-out loss renders whole concepts.
+    losses[nested] = (float(stage.loss_fn(params, batch, key)[0]), held_out)
+    monkeypatch.undo()
+  # One prefix per chunk, each of the three about a third of the 32 x 8 chunks.
+  (dims_BxN,) = seen
+  assert dims_BxN.shape == (32, 8) and set(np.unique(dims_BxN)) == set(NESTED)
+  for k in NESTED:
+    assert (dims_BxN == k).mean() == pytest.approx(1 / 3, abs=0.1)
+  assert losses[()][0] != losses[NESTED][0]  # Training renders the prefixes ...
+  assert losses[()][1] == losses[NESTED][1]  # ... the held-out loss never does.
+
+
+@pytest.mark.parametrize("nested", [(8, 16), (16, 8, 32), (0, 32), (8.0, 32), (8, 8, 32)])
+def test_bad_nested_dims_are_refused_by_name(nested):
+  config = tiny_config("render")
+  config.render.nested_dims = nested
+  with pytest.raises(config_lib.ConfigError, match="render.nested_dims"):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("dims", [-1, 33])
+def test_bad_render_dims_are_refused_by_name(dims):
+  config = tiny_config("render")
+  config.concepts.render_dims = dims
+  with pytest.raises(config_lib.ConfigError, match="concepts.render_dims"):
+    config_lib.validate(config)
+
+
+def test_the_render_program_reads_the_prefix_and_tests_the_end_on_the_whole_concept():
+  r = renderer.Renderer(ModelConfig.from_config(tiny_config("render"), 256))
+  z = jax.random.normal(jax.random.key(1), (2, 3, 32))
+  params = jax.jit(r.init)(jax.random.key(0), jnp.zeros((2, 3, 8), jnp.int32), z)["params"]
+  key = jax.random.key(3)
+  opts = generate.ConceptOptions(render_steps=4, end_cosine=0.999, render_dims=8)
+  z_end = z[0, 1]  # Chunk (0, 1) is the END concept as a whole, not as its prefix.
+  tokens, end, _ = generate._render_program(r, params, z, z, z_end, key, opts)
+  cut = renderer.concept_prefix(z, 8)
+  np.testing.assert_array_equal(tokens, generate.render_chunks(r, params, cut, cut, key, steps=4))
+  assert bool(end[0, 1]) and not bool(end[1, 1])
+
+
+@pytest.fixture(scope="module")
+def nested_runs(tmp_path_factory):
+  """A tiny render run on nested concepts, and a concepts run over it."""
+  render = _trained(tmp_path_factory, "render_nested",
+                    _train_in_process("render", **{"render.nested_dims": NESTED}))
+  concepts = _trained(tmp_path_factory, "concepts_nested", _train_in_process(
+      "concepts", **{"concepts.render_workdir": render}))
+  return render, concepts
+
+
+def _texts(samples):
+  return [s.token_ids for s in samples]
+
+
+@pytest.mark.parametrize("reencode", [False, True])
+def test_generation_renders_the_prefix_of_the_same_samples(nested_runs, reencode):
+  gen = generate.load(nested_runs[1])
+  run = lambda **kw: _texts(generate.generate(gen, PROMPTS, num_concepts=4, seed=2,
+                                              reencode=reencode, **kw))
+  whole = run(render_dims=0)
+  assert run(render_dims=32) == whole  # The whole concept: bit for bit the same.
+  assert run(render_dims=8) != whole  # A quarter of it renders other text.
+  gen.config.concepts.render_dims = 8  # The config's default is the one used.
+  assert run() == run(render_dims=8)
+
+
+def test_the_round_trip_and_its_metrics_render_the_prefix(nested_runs):
+  render_gen = generate.load(nested_runs[0])
+  texts = ["Mara has a dog. Mara lives in Oslo.", "Tovin works as a baker."]
+  whole = _texts(generate.roundtrip(render_gen, texts))
+  assert _texts(generate.roundtrip(render_gen, texts, render_dims=32)) == whole
+  assert _texts(generate.roundtrip(render_gen, texts, render_dims=8)) != whole
+  config = evaluation.eval_config(render_gen)
+  batches = lambda: evaluation.eval_batches(config, render_gen.tokenizer, "concepts", 8, 1)
+  key = jax.random.key(0)
+  m = {k: evaluation.render_metrics(render_gen, batches(), key, render_dims=k) for k in (0, 8, 32)}
+  assert m[32] == m[0]
+  assert m[8]["elbo_bits_per_token"] > m[0]["elbo_bits_per_token"]  # Less of z, more bits.
+
+
+def test_render_dims_need_a_nested_render_run_and_a_prefix_of_it(nested_runs, tiny_concepts_run):
+  whole = generate.load(tiny_concepts_run)  # Its render run trained on whole concepts.
+  with pytest.raises(generate.GenerateError, match="render.nested_dims is empty"):
+    generate.generate(whole, PROMPTS[:1], render_dims=8)
+  with pytest.raises(generate.GenerateError, match="render.nested_dims is empty"):
+    generate.roundtrip(whole, PROMPTS[:1], render_dims=8)
+  nested = generate.load(nested_runs[1])
+  for bad in (-1, 33):
+    with pytest.raises(generate.GenerateError, match=f"render_dims={bad} must"):
+      generate.generate(nested, PROMPTS[:1], render_dims=bad)
+  assert generate.checked_render_dims(whole, None) == 0  # Nothing asked: whole concepts.
