@@ -201,13 +201,15 @@ def training_flops(config: ml_collections.ConfigDict, vocab_size: int,
   concepts runs add the frozen encoder's forward over every chunk token
   (`render_config` sizes it) unless they read a concept cache (concepts.cache_examples:
   the encoder's pass over the cache, encoding_flops, is counted once instead); a
-  generated-concept fine-tune counts as a render run.
+  generated-concept fine-tune counts as a render run plus the concepts it samples
+  (stages.generated_flops_per_example; its config resolved).
   """
   t, d = config.train, config.data
   examples = t.batch_size * t.num_steps
-  if config.stage == "render":
-    return sizes.flops_per_token(config, "render", vocab_size) * d.num_concepts * \
-        d.concept_len * examples
+  if config.stage == "render":  # A generated-concept fine-tune also samples its concepts.
+    from concept_diffusion.train import stages
+    return (sizes.flops_per_token(config, "render", vocab_size) * d.num_concepts *
+            d.concept_len + stages.generated_flops_per_example(config, vocab_size)) * examples
   if config.stage == "concepts":
     enc = render_config or config
     tokens = d.num_concepts * enc.data.concept_len
@@ -240,10 +242,12 @@ def _variant_flops(plan: Plan, vocab_size: int) -> float:
   from concept_diffusion.train import stages
   resolve = lambda c: stages.resolve_config(ml_collections.ConfigDict(c.to_dict()))
   render = plan.render[1]
-  total = training_flops(render, vocab_size) + training_flops(resolve(plan.concepts[1]),
-                                                              vocab_size, render)
-  if plan.finetune is not None:
-    total += training_flops(resolve(plan.finetune[1]), vocab_size)
+  concepts = resolve(plan.concepts[1])
+  total = training_flops(render, vocab_size) + training_flops(concepts, vocab_size, render)
+  if plan.finetune is not None:  # Resolved from the plan: its concepts run may not exist yet.
+    finetune = ml_collections.ConfigDict(plan.finetune[1].to_dict())
+    total += training_flops(stages.inherit_finetune(finetune, concepts, render, plan.render[0]),
+                            vocab_size)
   return total
 
 

@@ -201,6 +201,20 @@ R1800_DIM512_NESTED = Variant("render1800_dim512_nested_eqflops",
                               render={**R1800_DIM[1].render,
                                       "render.nested_dims": (128, 256, 512)},
                               equal_flops=True)
+# The renderer learns what the concept model's samples mean: the 512-dimension render run
+# (1,200 steps) fine-tuned 100 steps on the concepts run's own samples
+# (render.generated_from, half the chunks), sampled as the row generates (cool: the
+# concepts run's temperature 0.5 and guidance 4). The fine-tune's sampling (64 guided
+# steps) makes its step ~6x a render step in FLOPs: 100 of them cost about the 600 render
+# steps of the 1,800-step run, so it starts from 1,200 (a bound of 20.7 against 18.5).
+DIM512_FT = Variant("dim512_ft100_eqflops", "concept width, render fine-tune, sampling",
+                    render=DIM[1].render,
+                    concepts={"concepts.temperature": 0.5, "concepts.guidance": 4.0},
+                    finetune={"train.num_steps": 100}, equal_flops=True)
+# The same on the default's 128 dimensions (prefixes of 32, 64 or all 128; the default's
+# FLOPs, so its 2,209 concept steps), rendered from a prefix of 32 / 64 / 128.
+NESTED = Variant("nested_eqflops", "nested concepts",
+                 render={"render.nested_dims": (32, 64, 128)}, equal_flops=True)
 R1800_T05 = dataclasses.replace(RENDER1800, name="render1800_temp0.5",
                                 axis="render steps, sampling", sample={"temperature": 0.5})
 COOL = [Variant(f"temp{t:g}", "sampling", sample={"temperature": t}) for t in (0.5, 0.7)]
@@ -316,6 +330,8 @@ FULL = [
     *[r for k in (128, 256, 512) for r in (cooled(cut(R1800_DIM512_NESTED, k)),
                                            *seeded(cooled(cut(R1800_DIM512_NESTED, k)))[:1])],
     cut(R1800_DIM512_NESTED, 128),
+    *[cut(NESTED, k) for k in (32, 64, 128)],
+    DIM512_FT,
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
     cooled(FILL_CONCEPTS),
     *[r for v in (CONTEXT1, CONTEXT1_R830)
@@ -590,7 +606,7 @@ TEXT = [v for v in FULL if v.name in (
     "render1800_dim512_head128_eqflops_temp0.5_cfg4_seed1",
     *(f"render1800_dim512_nested_eqflops_dims{k}{s}" for k in (128, 256, 512)
       for s in ("_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
-    "render1800_dim512_nested_eqflops_dims128",
+    "render1800_dim512_nested_eqflops_dims128", "dim512_ft100_eqflops",
     *(f"{r}{s}" for r in ("render3600_batch8_eqflops", "render1800_dim256_eqflops",
                           "render1800_dim512_eqflops", "dim256_eqflops", "dim512_eqflops",
                           "render1800_dim512_z_noise2_eqflops")

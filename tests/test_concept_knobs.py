@@ -185,6 +185,59 @@ def test_render_finetune_on_generated_concepts(tiny_concepts_run, tiny_render_ru
   assert len(generate.generate(gen, ["Mara lives in Oslo."], num_concepts=2)) == 1
 
 
+def test_render_finetune_counts_and_samples_its_concepts_as_generation_does(tiny_concepts_run):
+  from concept_diffusion import experiment
+  from concept_diffusion.models import concept_model, sizes
+  config = stages.resolve_config(tiny_config("render", **{
+      "render.generated_from": tiny_concepts_run, "data.fill_examples": False}))
+  cm = stages._resolved(config.render, "concepts_config", "render.generated_from")
+  n, vocab = config.data.num_concepts, 256
+  flops = lambda steps, guided: sizes.concept_sampling_flops(cm, steps, guided, vocab, n)
+  # Linear in the sampler's steps; guidance doubles the head's calls, not the context's.
+  head = flops(2, False) - flops(1, False)
+  assert flops(1, True) - flops(1, False) == pytest.approx(head)
+  assert flops(1, False) - head > 0  # The context's pass, once.
+  # One unguided step of a plain head is the forward third of a concepts training step.
+  plain = cm.copy_and_resolve_references()
+  plain.model.update(head_mean=False, head_skip=False)
+  plain.concepts.contrastive_weight = 0.0
+  assert sizes.concept_sampling_flops(plain, 1, False, vocab, n) == pytest.approx(
+      sizes.flops_per_token(plain, "concepts", vocab, num_concepts=n) / 3)
+  c = cm.concepts
+  per_example = n * flops(c.sample_steps, c.guidance != 1.0)
+  assert stages.generated_flops_per_example(config, vocab) == pytest.approx(per_example)
+  assert stages.generated_flops_per_example(tiny_config("render"), vocab) == 0.0
+  examples = config.train.batch_size * config.train.num_steps
+  render_only = sizes.flops_per_token(config, "render", vocab) * n * config.data.concept_len
+  assert experiment.training_flops(config, vocab) == pytest.approx(
+      (render_only + per_example) * examples)
+  # It samples at the concepts run's temperature: what generation hands the renderer.
+  from concept_diffusion import generate
+  gen = generate.load(tiny_concepts_run)
+  cmod = generate.build_modules(gen)["concept_model"]
+  variables = {"params": gen.params["concept_model"]}
+  z = jax.random.normal(jax.random.key(0), (1, 4, gen.config.model.concept_dim))
+  seg = jnp.ones((1, 4), jnp.int32)
+  got = {t: stages.generated_concepts(cmod, variables, z, seg > 0, seg, jax.random.key(1),
+                                      objective="flow", steps=4, guidance=1.0,
+                                      noise_scale=t)[0] for t in (0.5, 1.0)}
+  h = cmod.apply(variables, z, seg, method=cmod.context)
+  want = concept_model.sample_from_context(cmod, variables, h, jax.random.key(1), steps=4,
+                                           noise_scale=0.5,
+                                           memory=cmod.apply(variables, z, seg, method=cmod.memory))
+  np.testing.assert_allclose(got[0.5][:, 1:], want[:, :-1], atol=1e-5)
+  assert float(jnp.abs(got[0.5] - got[1.0]).max()) > 1e-3
+  losses = []  # The stage's loss reads concepts.temperature of the concepts run.
+  for t in (0.5, 1.0):
+    ft = config.copy_and_resolve_references()
+    ft.render.generated_prob = 1.0
+    ft.render.concepts_config.concepts.temperature = t
+    stage = stages.build_stage(ft, _Tok())
+    params = unbox(stage.init_params(jax.random.key(1)))
+    losses.append(float(stage.loss_fn(params, _render_batch(ft), jax.random.key(2))[0]))
+  assert losses[0] != losses[1]
+
+
 def test_render_finetune_needs_a_concepts_run(tiny_render_run, tmp_path):
   from concept_diffusion import train
   config = tiny_config("render", **{"render.generated_from": tiny_render_run,

@@ -132,13 +132,23 @@ def test_a_grid_without_the_judge_scores_all_but_gen_ppl(grid_run, monkeypatch):
 
 
 def test_baselines_get_the_default_pipelines_flops(grid_run):
-  _, result = grid_run
+  workdir, result = grid_run
   budget = result["budget_pflops"]
   assert result["rows"]["default"]["train_pflops"] == pytest.approx(budget)
   for name in ("ar", "mdm", "ar_temp0.5"):  # Rounded to whole steps of a batch.
     assert result["rows"][name]["train_pflops"] == pytest.approx(budget, rel=0.15)
-  # The fine-tune's FLOPs are counted on top of its pipeline's.
+  # The fine-tune's FLOPs (its concept sampling included) are counted on top of its
+  # pipeline's, as planned before its concepts run existed: the same as from the runs.
   assert result["rows"]["mse+generated"]["train_pflops"] > budget
+  from concept_diffusion.train import stages
+  plan = experiment.plan_variant(GRID[2], workdir, _settings())
+  vocab = experiment._vocab_size(plan.render[0])
+  resolve = lambda c: stages.resolve_config(c.copy_and_resolve_references())
+  trained = (experiment.training_flops(plan.render[1], vocab)
+             + experiment.training_flops(resolve(plan.concepts[1]), vocab, plan.render[1])
+             + experiment.training_flops(resolve(plan.finetune[1]), vocab))
+  assert stages.generated_flops_per_example(resolve(plan.finetune[1]), vocab) > 0
+  assert result["rows"]["mse+generated"]["train_pflops"] * 1e15 == pytest.approx(trained)
 
 
 def test_variants_share_runs_and_rerunning_trains_nothing(grid_run, monkeypatch):

@@ -132,6 +132,24 @@ def flops_per_token(config, stage: str, vocab_size: int | None = None,
   return 6.0 * matmuls + 12.0 * attention
 
 
+def concept_sampling_flops(config, steps: int, guided: bool, vocab_size: int | None = None,
+                           num_concepts: int | None = None) -> float:
+  """Forward FLOPs of sampling one concept at one position (the generated-concept fine-tune
+  does so at every position of a batch): the concept model's pass over the context, then
+  `steps` head calls, two each (with and without the context) under guidance."""
+  c = _cfg(config, vocab_size)
+  if not isinstance(config, ModelConfig):
+    num_concepts = num_concepts or config.data.num_concepts
+  hk, e, d, w = c.num_heads * c.head_dim, c.embed_dim, c.concept_dim, c.diff_head_dim
+  context = 2.0 * (d * e + _layer_matmuls(c) * c.concept_layers) + \
+      4.0 * c.concept_layers * hk * num_concepts
+  head = 2.0 * (_head_matmuls(c) + (e * d if c.head_mean else 0)
+                + (2 * w * d if c.head_skip else 0))
+  if c.head_reads_context:
+    head += 4.0 * w * num_concepts
+  return context + steps * (2 if guided else 1) * head
+
+
 def encoder_forward_flops_per_token(config, vocab_size: int | None = None) -> float:
   """Forward-only FLOPs per chunk token of the concept encoder (the concepts stage's frozen E)."""
   c = _cfg(config, vocab_size)

@@ -97,7 +97,8 @@ def render_mask(concept_mask_BxN, concept_len: int):
 
 
 def generated_concepts(cm: concept_model.ConceptModel, variables, z_BxNxD, concept_mask_BxN,
-                       segment_ids_BxN, key, *, objective: str, steps: int, guidance: float):
+                       segment_ids_BxN, key, *, objective: str, steps: int, guidance: float,
+                       noise_scale: float = 1.0, end_noise: float = 0.0):
   """(zgen_BxNxD, valid_BxN): concept n sampled by the concept model from the true z_<n.
 
   Teacher-forced, like training the concept model: position n gets a sample of the
@@ -107,7 +108,8 @@ def generated_concepts(cm: concept_model.ConceptModel, variables, z_BxNxD, conce
   h_BxNxE = cm.apply(variables, z_BxNxD, segment_ids_BxN, method=cm.context)
   pred_BxNxD = concept_model.sample_from_context(
       cm, variables, h_BxNxE, key, objective=objective, steps=steps, guidance=guidance,
-      memory=cm.apply(variables, z_BxNxD, segment_ids_BxN, method=cm.memory))
+      memory=cm.apply(variables, z_BxNxD, segment_ids_BxN, method=cm.memory),
+      noise_scale=noise_scale, end_noise=end_noise)
   _, has_next_BxN = continuous.next_concept_targets(z_BxNxD, concept_mask_BxN, segment_ids_BxN)
   # The prediction made at n is concept n + 1's: shift both one step right.
   zgen_BxNxD = jnp.pad(pred_BxNxD[:, :-1], ((0, 0), (1, 0), (0, 0)))
@@ -169,10 +171,11 @@ def render_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                                       len(nested))
         z_in_BxNxD = renderer.concept_prefix(z_in_BxNxD, jnp.asarray(nested)[pick_BxN])
       if finetune:
-        c = cm_config.concepts
+        c = cm_config.concepts  # Sampled as generation samples by default.
         zgen_BxNxD, valid_BxN = generated_concepts(
             cm, {"params": params["concept_model"]}, z_BxNxD, concept_mask_BxN, seg_BxN, k_gen,
-            objective=c.objective, steps=c.sample_steps, guidance=c.guidance)
+            objective=c.objective, steps=c.sample_steps, guidance=c.guidance,
+            noise_scale=c.get("temperature", 1.0), end_noise=c.get("end_noise", 0.0))
         pick_BxN = valid_BxN & jax.random.bernoulli(k_pick, r.generated_prob, valid_BxN.shape)
         z_in_BxNxD = jnp.where(pick_BxN[..., None], zgen_BxNxD, z_in_BxNxD)
     prev_BxNxD = renderer.previous_concepts(z_in_BxNxD, seg_BxN) if cfg.prev_concept else None
@@ -194,11 +197,23 @@ def render_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     warm_start = lambda abstract: _finetune_start(config, tokenizer, abstract)
   return Stage("render", "concepts", init_params,
                lambda p, b, k: loss(p, b, k, augment=True), n * l,
-               _flops_per_example(config, "render", n * l, tokenizer.vocab_size),
+               _flops_per_example(config, "render", n * l, tokenizer.vocab_size)
+               + generated_flops_per_example(config, tokenizer.vocab_size),
                frozen=("encoder", "concept_model") if finetune else (),
                warm_start=warm_start,
                eval_loss_fn=lambda p, b, k: loss(p, b, k, augment=False),
                train_data=render_train_data(r))
+
+
+def generated_flops_per_example(config: ml_collections.ConfigDict, vocab_size: int) -> float:
+  """A generated-concept fine-tune's sampling FLOPs per example (0 for a plain render run):
+  a concept sampled at each of its positions, as render_stage's loss does."""
+  if not config.render.get("generated_from", ""):
+    return 0.0
+  cm = _resolved(config.render, "concepts_config", "render.generated_from")
+  c = cm.concepts
+  return config.data.num_concepts * sizes.concept_sampling_flops(
+      cm, c.sample_steps, c.guidance != 1.0, vocab_size, config.data.num_concepts)
 
 
 def render_train_data(r: ml_collections.ConfigDict) -> dict:
@@ -449,13 +464,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     render_dir = concepts.concepts.render_workdir
     render = _run_config(render_dir, "render.generated_from's concepts.render_workdir",
                          "render")
-    for field in INHERITED_DATA_FIELDS:
-      config.data[field] = render.data[field]
-    config.model = ml_collections.ConfigDict(render.model.to_dict())
-    config.render.render_workdir = render_dir
-    config.render.render_config = _without(render, "render", "render_config")
-    config.render.concepts_config = concepts.to_dict()
-    return config
+    return inherit_finetune(config, concepts, render, render_dir)
   if config.stage != "concepts":
     return config
   workdir = config.concepts.render_workdir
@@ -469,6 +478,18 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
       config.data[field] = render.data[field]
   config.model.concept_dim = render.model.concept_dim
   config.concepts.render_config = _without(render, "concepts", "render_config")
+  return config
+
+
+def inherit_finetune(config: ml_collections.ConfigDict, concepts: ml_collections.ConfigDict,
+                     render: ml_collections.ConfigDict, render_dir: str) -> ml_collections.ConfigDict:
+  """A generated-concept fine-tune's config given its concepts run's and render run's."""
+  for field in INHERITED_DATA_FIELDS:
+    config.data[field] = render.data[field]
+  config.model = ml_collections.ConfigDict(render.model.to_dict())
+  config.render.render_workdir = render_dir
+  config.render.render_config = _without(render, "render", "render_config")
+  config.render.concepts_config = concepts.to_dict()
   return config
 
 
