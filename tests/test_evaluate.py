@@ -101,9 +101,10 @@ def test_roundtrip_metrics_score_the_rendered_first_sentences_of_the_truth(monke
     pairs.append((" ".join(sentences[:half]), " ".join(sentences[half:])))
   seen = []
 
-  def fake_roundtrip(gen, texts, contexts, damage=lambda t: t):
+  def fake_roundtrip(gen, texts, contexts, render_dims=0, damage=lambda t: t):
     # Each truth comes with its prompt: a prev_concept renderer reads the prompt's last chunk.
     assert contexts == [p for p, c in pairs if c]
+    assert render_dims == 0  # Whole concepts unless asked.
     seen.extend(texts)
     return [types.SimpleNamespace(text=damage(t)) for t in texts]
 
@@ -118,7 +119,8 @@ def test_roundtrip_metrics_score_the_rendered_first_sentences_of_the_truth(monke
   # A renderer that garbles every sentence's last word loses every fact it carries.
   garble = lambda t: " ".join(s.rsplit(" ", 1)[0] + " Zzz." for s in synthetic.split_sentences(t))
   monkeypatch.setattr(evaluation.gen_lib, "roundtrip",
-                      lambda gen, texts, contexts: fake_roundtrip(gen, texts, contexts, garble))
+                      lambda gen, texts, contexts, render_dims: fake_roundtrip(
+                          gen, texts, contexts, render_dims, garble))
   assert evaluation.roundtrip_metrics(gen, pairs, max_tokens=16) == {
       "roundtrip_consistent": 0.0}
   by_kind = evaluation.roundtrip_metrics(gen, pairs, max_tokens=16,
@@ -142,7 +144,7 @@ def test_roundtrip_gen_ppl_is_the_judge_perplexity_of_the_rendered_truth(monkeyp
   data = types.SimpleNamespace(concept_len=8)
   gen = types.SimpleNamespace(chunk_config=types.SimpleNamespace(data=data))
   # A perfect renderer: the bound is the judge's perplexity of the truth itself.
-  def perfect(gen, texts, contexts):
+  def perfect(gen, texts, contexts, render_dims=0):
     assert all(texts) and contexts == [p for p, c in pairs if c]
     return [types.SimpleNamespace(text=t) for t in texts]
 
@@ -151,7 +153,7 @@ def test_roundtrip_gen_ppl_is_the_judge_perplexity_of_the_rendered_truth(monkeyp
                                        judge=judge)
   assert exact == {"roundtrip_gen_ppl": evaluation.judge_perplexity(judge, prompts, truth)}
   # Every sentence rendered as its words reversed: the judge finds it far less likely.
-  monkeypatch.setattr(evaluation.gen_lib, "roundtrip", lambda gen, texts, contexts: [
+  monkeypatch.setattr(evaluation.gen_lib, "roundtrip", lambda gen, texts, contexts, render_dims: [
       types.SimpleNamespace(text=" ".join(t.split()[::-1])) for t in texts])
   garbled = evaluation.roundtrip_metrics(gen, pairs, max_tokens=16, judge=judge)
   assert set(garbled) == {"roundtrip_consistent", "roundtrip_gen_ppl"}
