@@ -18,6 +18,8 @@ the first `num_prompts` documents of iterate_documents(config, "eval")):
 | `contrastive_accuracy` | concepts | share of positions whose sampled next concept is closer (L2) to the true next concept than to every concept of the other documents in the batch (copies of the true concept excluded) |
 | `bits_per_token` | ar, mdm | ar: exact next-token cross-entropy in bits over held-out tokens (EOD included, BOS given); mdm: the masked-diffusion ELBO in bits over the same tokens (an upper bound) |
 | `gen_ppl` | all but render | perplexity, under the judge AR run (`--judge_workdir`, its tokenizer), of the generated continuations given their prompts: exp(total NLL / total continuation tokens) |
+| `gen_ppl_end` | all but render | `gen_ppl` with the judge's end-of-document token scored after every continuation that ended the document: ending where the text goes on costs, an empty continuation counts one token (under `gen_ppl` it counts none, so a run that ends early is scored on little text) |
+| `gen_tokens` / `gen_empty` | all but render | mean continuation length in the generating run's tokens / share of empty continuations (read `gen_ppl` with them) |
 | `unigram_entropy` | all but render | entropy in bits of each continuation's token frequencies, averaged over non-empty continuations (low = repetition) |
 | `coherence_well_formed` | all but render, synthetic data | share of continuation sentences that are exactly a corpus template (`data.synthetic.check_continuation`), averaged over prompts; an empty continuation scores 0 |
 | `coherence_consistent` | all but render, synthetic data | share of continuation sentences that are well formed and agree with the facts of the prompt and of the earlier continuation |
@@ -47,7 +49,7 @@ import numpy as np
 
 from concept_diffusion import generate as gen_lib
 from concept_diffusion.data import segment, synthetic
-from concept_diffusion.data.tokenizer import BOS_ID, MASK_ID, PAD_ID
+from concept_diffusion.data.tokenizer import BOS_ID, EOD_ID, MASK_ID, PAD_ID
 from concept_diffusion.diffusion import continuous, masked
 from concept_diffusion.models import concept_model
 from concept_diffusion.models.concept_model import ConceptModel
@@ -56,8 +58,8 @@ from concept_diffusion.models.renderer import concept_prefix, previous_chunks, p
 EVAL_FILE = "eval.json"
 ORDER = ("roundtrip_token_accuracy", "roundtrip_exact_match", "elbo_bits_per_token",
          "roundtrip_consistent", "roundtrip_gen_ppl", "next_concept_l2", "next_concept_cosine",
-         "contrastive_accuracy", "bits_per_token", "gen_ppl", "unigram_entropy",
-         "coherence_well_formed", "coherence_consistent", "gen_ended", "gen_tokens_per_sec",
+         "contrastive_accuracy", "bits_per_token", "gen_ppl", "gen_ppl_end", "gen_tokens",
+         "gen_empty", "unigram_entropy", "coherence_well_formed", "coherence_consistent", "gen_ended", "gen_tokens_per_sec",
          "gen_latency_s")
 
 
@@ -354,12 +356,19 @@ def judge_nll(judge: gen_lib.Generator, prompt_ids: Sequence[Sequence[int]],
 
 
 def judge_perplexity(judge: gen_lib.Generator, prompts: Sequence[str],
-                     continuations: Sequence[str]) -> float:
-  """exp(total NLL / tokens) of text continuations given text prompts, in the judge's tokenizer."""
+                     continuations: Sequence[str], ended: Sequence[bool] | None = None) -> float:
+  """exp(total NLL / tokens) of text continuations given text prompts, in the judge's tokenizer.
+
+  ended: which continuations end their document; each of those is scored with the judge's
+  end-of-document token after it, so ending where the text goes on costs, and an empty
+  continuation counts as one token (without: it counts as none).
+  """
   tok = judge.tokenizer
   prompt_ids = [segment.flat_document(segment.tokenize_document(tok, p))[:-1].tolist()
                 for p in prompts]
   cont_ids = [segment.tokenize_document(tok, c).tokens_T.tolist() for c in continuations]
+  if ended is not None:
+    cont_ids = [ids + [EOD_ID] if end else ids for ids, end in zip(cont_ids, ended, strict=True)]
   nll, count = judge_nll(judge, prompt_ids, cont_ids)
   return math.exp(nll / count) if count else float("nan")
 
@@ -376,14 +385,17 @@ def generation_metrics(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]],
   start = time.perf_counter()
   samples = run()  # Same seed: the same samples, timed after compilation.
   wall = time.perf_counter() - start
-  made = sum(len(s.token_ids) for s in samples)
+  lengths = [len(s.token_ids) for s in samples]
   out = {"unigram_entropy": mean_unigram_entropy(s.token_ids for s in samples),
          "gen_ended": float(np.mean([s.ended for s in samples])),
-         "gen_tokens_per_sec": made / wall, "gen_latency_s": wall / len(samples)}
+         "gen_tokens": float(np.mean(lengths)), "gen_empty": float(np.mean(np.equal(lengths, 0))),
+         "gen_tokens_per_sec": sum(lengths) / wall, "gen_latency_s": wall / len(samples)}
   if synthetic_data:
     out.update(coherence_scores(prompts, [s.text for s in samples]))
   if judge is not None:
-    out["gen_ppl"] = judge_perplexity(judge, prompts, [s.text for s in samples])
+    texts = [s.text for s in samples]
+    out["gen_ppl"] = judge_perplexity(judge, prompts, texts)
+    out["gen_ppl_end"] = judge_perplexity(judge, prompts, texts, [s.ended for s in samples])
   return out, samples
 
 

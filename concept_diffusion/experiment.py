@@ -33,6 +33,7 @@ from typing import Any, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 
 from concept_diffusion import config as config_lib
 from concept_diffusion.models import sizes
@@ -44,6 +45,8 @@ COLUMNS = (  # (results key, table heading)
     ("next_concept_cosine", "next cos"),
     ("contrastive_accuracy", "contrastive acc"),
     ("gen_ppl", "gen-PPL"),
+    ("gen_ppl_end", "gen-PPL with the end"),
+    ("gen_tokens", "tokens"),
     ("unigram_entropy", "unigram H (bits)"),
     ("coherence_well_formed", "well-formed"),
     ("coherence_consistent", "consistent"),
@@ -481,8 +484,12 @@ def _evaluate_reference(judge, settings: Settings, ar_workdir: str) -> dict:
   gen = judge or generate.load(ar_workdir)
   pairs = evaluation.eval_prompts(evaluation.eval_config(gen), settings.num_prompts)
   prompts, truth = [p for p, _ in pairs], [c for _, c in pairs]
-  out = {"gen_ppl": evaluation.judge_perplexity(judge, prompts, truth)} if judge else {}
+  out = {}
+  if judge:  # Each truth is the rest of its document: all of them end it.
+    out["gen_ppl"] = evaluation.judge_perplexity(judge, prompts, truth)
+    out["gen_ppl_end"] = evaluation.judge_perplexity(judge, prompts, truth, [True] * len(truth))
   ids = [gen.tokenizer.encode(c) for c in truth]
+  out["gen_tokens"] = float(np.mean([len(x) for x in ids]))
   out["unigram_entropy"] = evaluation.mean_unigram_entropy(ids)
   if settings.source == "synthetic":
     out.update(evaluation.coherence_scores(prompts, truth))

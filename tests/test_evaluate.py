@@ -180,6 +180,43 @@ def test_judge_prefers_its_own_training_text_to_shuffled_tokens(tiny_ar_run):
   assert ppl_true < judge.tokenizer.vocab_size / 2  # Far below a uniform guess.
 
 
+def test_gen_ppl_with_the_end_scores_the_end_of_each_ended_continuation(tiny_ar_run):
+  from concept_diffusion.data.tokenizer import EOD_ID
+  judge = generate.load(tiny_ar_run)
+  prompts = ["Mara lives in Oslo.", "Tovin works as a baker.", "Ilse owns a cat."]
+  texts, ended = ["Mara has a dog.", "", "Ilse paints the fence."], [True, True, False]
+  plain = evaluation.judge_perplexity(judge, prompts, texts)
+  assert evaluation.judge_perplexity(judge, prompts, texts, [False] * 3) == plain
+  tok = judge.tokenizer
+  prompt_ids = [segment.flat_document(segment.tokenize_document(tok, p))[:-1].tolist()
+                for p in prompts]
+  ids = [segment.tokenize_document(tok, t).tokens_T.tolist() for t in texts]
+  nll, n = evaluation.judge_nll(judge, prompt_ids, ids)
+  nll_end, n_end = evaluation.judge_nll(judge, prompt_ids,
+                                        [x + [EOD_ID] if e else x for x, e in zip(ids, ended)])
+  assert n_end == n + 2 and nll_end > nll  # One more token per ended continuation.
+  assert evaluation.judge_perplexity(judge, prompts, texts, ended) == pytest.approx(
+      math.exp(nll_end / n_end))
+  # Continuations that all end at once: no text to score without the end, the end with it.
+  assert math.isnan(evaluation.judge_perplexity(judge, prompts, [""] * 3))
+  assert math.isfinite(evaluation.judge_perplexity(judge, prompts, [""] * 3, [True] * 3))
+
+
+def test_generation_metrics_report_the_length_next_to_the_perplexity(monkeypatch, tiny_ar_run):
+  judge = generate.load(tiny_ar_run)
+  made = [generate.Sample("p", "Mara has a dog.", [5, 6, 7], True),
+          generate.Sample("p", "", [], True), generate.Sample("p", "Ilse", [8], False),
+          generate.Sample("p", "", [], True)]
+  monkeypatch.setattr(evaluation.gen_lib, "generate", lambda *a, **k: made)
+  pairs = [("Mara lives in Oslo.", "")] * 4
+  out, _ = evaluation.generation_metrics(judge, pairs, judge=judge)
+  assert out["gen_tokens"] == 1.0 and out["gen_empty"] == 0.5 and out["gen_ended"] == 0.75
+  prompts, texts = [p for p, _ in pairs], [s.text for s in made]
+  assert out["gen_ppl"] == evaluation.judge_perplexity(judge, prompts, texts)
+  assert out["gen_ppl_end"] == evaluation.judge_perplexity(judge, prompts, texts,
+                                                           [True, True, False, True])
+
+
 # ---------------------------------------------------------------- entry points
 
 
@@ -206,8 +243,8 @@ def test_evaluate_concepts_run_with_judge(tiny_concepts_run, tiny_ar_run):
   metrics = evaluation.evaluate(tiny_concepts_run, judge_workdir=tiny_ar_run, num_prompts=4,
                                 max_batches=1, batch_size=8, max_tokens=16)
   for name in ("roundtrip_consistent", "roundtrip_gen_ppl", "next_concept_l2",
-               "next_concept_cosine", "contrastive_accuracy", "gen_ppl",
-               "unigram_entropy", "coherence_well_formed", "coherence_consistent",
+               "next_concept_cosine", "contrastive_accuracy", "gen_ppl", "gen_ppl_end",
+               "gen_tokens", "gen_empty", "unigram_entropy", "coherence_well_formed", "coherence_consistent",
                "gen_tokens_per_sec", "gen_latency_s"):
     assert name in metrics, name
   _check_ranges(metrics)

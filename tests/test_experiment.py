@@ -114,7 +114,7 @@ def test_a_grid_without_the_judge_scores_all_but_gen_ppl(grid_run, monkeypatch):
       _settings(), judge=False, baselines=("ar",)))
   assert list(result["rows"]) == ["default", "ar", "ar_temp0.5", "reference"]
   assert not any(os.path.basename(w).startswith("judge-") for w in loaded + trained)
-  judged = ("gen_ppl", "roundtrip_gen_ppl")
+  judged = ("gen_ppl", "gen_ppl_end", "roundtrip_gen_ppl")
   for name, row in result["rows"].items():
     assert not set(judged) & set(row), name
   # Evaluated anew (a row's file names its judge), to the same figures but the judge's
