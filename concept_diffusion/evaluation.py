@@ -59,8 +59,8 @@ EVAL_FILE = "eval.json"
 ORDER = ("roundtrip_token_accuracy", "roundtrip_exact_match", "elbo_bits_per_token",
          "roundtrip_consistent", "roundtrip_gen_ppl", "next_concept_l2", "next_concept_cosine",
          "contrastive_accuracy", "bits_per_token", "gen_ppl", "gen_ppl_end", "gen_tokens",
-         "gen_empty", "unigram_entropy", "coherence_well_formed", "coherence_consistent", "gen_ended", "gen_tokens_per_sec",
-         "gen_latency_s")
+         "gen_empty", "unigram_entropy", "coherence_well_formed", "coherence_consistent",
+         "gen_ended", "gen_tokens_per_sec", "gen_latency_s")
 
 
 # ---------------------------------------------------------------- metrics (pure)

@@ -88,15 +88,15 @@ def test_objective_mix_gives_the_stated_mask_rates(full_mask_prob, dist, mean_re
   assert frac_M[~full_M].mean() == pytest.approx(mean_rest, abs=0.03)
 
 
-def _render_batch(config, seed=0):
+def _render_batch(config, seed=0, batch_size=2):
   rng = np.random.default_rng(seed)
-  n, l = config.data.num_concepts, config.data.concept_len
-  tokens = rng.integers(6, 200, (2, n, l)).astype(np.int32)
-  lengths = rng.integers(1, l + 1, (2, n))
+  b, n, l = batch_size, config.data.num_concepts, config.data.concept_len
+  tokens = rng.integers(6, 200, (b, n, l)).astype(np.int32)
+  lengths = rng.integers(1, l + 1, (b, n))
   token_mask = np.arange(l) < lengths[..., None]
   tokens = np.where(token_mask, tokens, PAD_ID)
   return {"tokens": jnp.asarray(tokens), "token_mask": jnp.asarray(token_mask),
-          "concept_mask": jnp.ones((2, n), bool), "segment_ids": jnp.ones((2, n), jnp.int32)}
+          "concept_mask": jnp.ones((b, n), bool), "segment_ids": jnp.ones((b, n), jnp.int32)}
 
 
 class _Tok:

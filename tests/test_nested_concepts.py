@@ -14,14 +14,11 @@ from concept_diffusion.train import stages
 from concept_diffusion.train.state import unbox
 
 from conftest import _train_in_process, _trained, tiny_config
+from test_concept_knobs import _render_batch, _Tok
 
 NESTED = (8, 16, 32)  # The tiny presets' concepts are 32 wide (conftest.TINY).
 PROMPTS = ["Mara lives in Oslo. Mara has a dog.", "Tovin works as a baker.",
            "Ilse paints the fence red. Ilse owns a cat.", "Bram moved to Lima."]
-
-
-class _Tok:
-  vocab_size = 256
 
 
 def test_concept_prefix_zeroes_every_dimension_from_dims_on():
@@ -40,14 +37,6 @@ def test_concept_prefix_zeroes_every_dimension_from_dims_on():
       assert (per_chunk[b, n, k:] == 0).all()
 
 
-def _batch(config, batch_size=32):
-  n, l = config.data.num_concepts, config.data.concept_len
-  tokens = jax.random.randint(jax.random.key(2), (batch_size, n, l), 6, 200)
-  return {"tokens": tokens, "token_mask": jnp.ones((batch_size, n, l), bool),
-          "concept_mask": jnp.ones((batch_size, n), bool),
-          "segment_ids": jnp.ones((batch_size, n), jnp.int32)}
-
-
 def test_nested_training_cuts_each_chunk_to_a_prefix_and_evaluation_to_none(monkeypatch):
   seen, prefix = [], renderer.concept_prefix
 
@@ -56,7 +45,7 @@ def test_nested_training_cuts_each_chunk_to_a_prefix_and_evaluation_to_none(monk
     return prefix(z, dims)
 
   config = tiny_config("render")
-  batch, key = _batch(config), jax.random.key(0)
+  batch, key = _render_batch(config, batch_size=32), jax.random.key(0)
   losses = {}
   for nested in ((), NESTED):
     config.render.nested_dims = nested

@@ -90,10 +90,8 @@ def concept_prefix(z_BxNxD, dims):
 
   dims: an int (0 keeps all), or one int per chunk (BxN).
   """
-  if isinstance(dims, int):
-    if dims == 0 or dims >= z_BxNxD.shape[-1]:
-      return z_BxNxD
-    dims = jnp.asarray(dims)
+  if isinstance(dims, int) and (dims == 0 or dims >= z_BxNxD.shape[-1]):
+    return z_BxNxD
   keep_BxNxD = jnp.arange(z_BxNxD.shape[-1]) < jnp.asarray(dims)[..., None]
   return jnp.where(keep_BxNxD, z_BxNxD, 0).astype(z_BxNxD.dtype)
 
