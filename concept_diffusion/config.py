@@ -15,6 +15,7 @@ import ml_collections
 STAGES = ("render", "concepts", "ar", "mdm")
 GRANULARITIES = ("sentence", "sentence_capped", "span")
 CONCEPT_OBJECTIVES = ("flow", "x0", "mse")
+CANDIDATE_RULES = ("consensus", "roundtrip")  # generate.consensus_index / roundtrip_index.
 MASK_RATES = ("uniform", "high")
 Z_NOISE_DISTS = ("constant", "uniform")
 ENCODER_POOLINGS = ("mean", "slots")
@@ -136,12 +137,22 @@ def base_config() -> ml_collections.ConfigDict:
   # concept, the rest zeroed, for a render run trained on nested concepts
   # (render.nested_dims); the concept model still reads whole samples. 0: all of them.
   c.concepts.render_dims = 0
+  # Generation default: decide END by one more sample per concept at this temperature,
+  # unguided (the model's own odds of ending), and keep a candidate that does not end
+  # (generate.concept_loop). Cool, guided samplers otherwise end far more often than the
+  # model would (on text, 2/3 of continuations at once against 44% at temperature 1).
+  # 0: off, END as the kept sample says.
+  c.concepts.end_temperature = 0.0
   # Generation default: render each new concept at once and feed the concept model the
   # encoder's concept of that chunk (generate.concept_loop), not the raw sample.
   c.concepts.reencode = False
   # Generation default: candidates sampled per new concept, the consensus one kept
   # (generate.consensus_index: highest mean cosine to the others; 1 = plain sampling).
   c.concepts.num_candidates = 1
+  # Generation default: which candidate is kept, one of CANDIDATE_RULES: the consensus, or
+  # the one whose rendered chunk re-encodes nearest to it (generate.roundtrip_index; needs
+  # reencode).
+  c.concepts.candidate_rule = "consensus"
   # Renderer in the loop: weight of the (frozen) renderer's loss on chunk n+1 rendered
   # from the head's estimate of concept n+1 (0 = off), on render_positions per example.
   c.concepts.render_weight = 0.0
@@ -230,6 +241,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(config, "data.granularity", GRANULARITIES)
   _choice(config, "data.tokenizer_model", TOKENIZER_MODELS)
   _choice(config, "concepts.objective", CONCEPT_OBJECTIVES)
+  _choice(config, "concepts.candidate_rule", CANDIDATE_RULES)
+  if config.concepts.candidate_rule == "roundtrip" and not config.concepts.reencode:
+    raise ConfigError("concepts.candidate_rule='roundtrip' compares each candidate with its "
+                      "rendered chunk's concept: it needs concepts.reencode=True")
   _choice(config, "render.mask_rate", MASK_RATES)
   _choice(config, "render.z_noise_dist", Z_NOISE_DISTS)
   if "encoder_pooling" in config.model:  # Configs saved before the field pooled by the mean.
@@ -249,6 +264,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field in ("train.learning_rate", "train.warmup_steps", "train.weight_decay",
                 "train.grad_clip", "render.z_noise", "render.concept_reg", "train.eval_every",
                 "concepts.render_weight", "concepts.temperature", "concepts.end_noise",
+                "concepts.end_temperature",
                 "concepts.cache_examples",
                 "concepts.contrastive_weight", "concepts.mean_weight"):
     _positive(config, field, allow_zero=True)

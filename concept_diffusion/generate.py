@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from concept_diffusion.config import CANDIDATE_RULES
 from concept_diffusion.data import segment
 from concept_diffusion.data.tokenizer import BOS_ID, EOD_ID, EOS_ID, MASK_ID, PAD_ID, Tokenizer
 from concept_diffusion.diffusion import masked
@@ -295,14 +296,31 @@ def is_end(tokens_BxNxL, z_BxNxD, z_end_D, end_cosine: float):
   return (tokens_BxNxL[..., 0] == EOD_ID) | (cosine(z_BxNxD, z_end_D) >= end_cosine)
 
 
-def consensus_index(feat_BxCxD):
+def consensus_index(feat_BxCxD, valid_BxC=None):
   """best_B: the candidate that agrees most with the others (highest mean cosine), a medoid.
 
   Self-consistency in concept space: of C samples of one next concept, keep the one
-  nearest to what most samples say (ties: the lowest index). C = 1 picks 0.
+  nearest to what most samples say (ties: the lowest index). C = 1 picks 0. valid_BxC:
+  only those candidates vote and may be kept (none valid: 0).
   """
   sim_BxCxC = cosine(feat_BxCxD[:, :, None], feat_BxCxD[:, None, :])
-  return jnp.argmax(jnp.sum(sim_BxCxC, -1), -1)
+  if valid_BxC is None:
+    return jnp.argmax(jnp.sum(sim_BxCxC, -1), -1)
+  score_BxC = jnp.sum(jnp.where(valid_BxC[:, None, :], sim_BxCxC, 0.0), -1)
+  return jnp.argmax(jnp.where(valid_BxC, score_BxC, -jnp.inf), -1)
+
+
+def roundtrip_index(z_BxCxD, z_ctx_BxCxD, valid_BxC=None):
+  """best_B: the candidate whose rendered chunk re-encodes nearest to it (highest cosine).
+
+  A sample that renders to a chunk the encoder maps back near it lies where the render
+  stage is faithful, near concepts of real chunks; a blend of them renders to a blend.
+  valid_BxC: only those may be kept (none valid: 0).
+  """
+  score_BxC = cosine(z_BxCxD, z_ctx_BxCxD)
+  if valid_BxC is not None:
+    score_BxC = jnp.where(valid_BxC, score_BxC, -jnp.inf)
+  return jnp.argmax(score_BxC, -1)
 
 
 def take_candidate(x_BCx, best_B, num_candidates: int):
@@ -321,7 +339,8 @@ def num_kept(end_BxN):
 def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, key, *,
                  num_new: int, objective: str, steps: int, guidance: float,
                  noise_scale: float, end_cosine: float, snap=None,
-                 num_candidates: int = 1, context_BxCL=None, end_noise: float = 0.0):
+                 num_candidates: int = 1, context_BxCL=None, end_noise: float = 0.0,
+                 end_temperature: float = 0.0, candidate_rule: str = "consensus"):
   """Samples `num_new` concepts after each prompt -> (z_BxNxD new, prev_BxNxD, extras).
 
   A while-loop over a fixed buffer of M = N + num_new concepts; position counts_B + i
@@ -341,9 +360,16 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
   With `num_candidates` C > 1, each step samples C concepts from the same context
   (and snaps each), and keeps the consensus one (consensus_index): of the re-encoded
   concepts with snap, else of the raw samples. C = 1 is the plain sampler, bit for bit.
+  candidate_rule "roundtrip" (needs snap) keeps the one whose chunk re-encodes nearest
+  to it instead (roundtrip_index).
 
   end_noise > 0 stops each sample at that noise (continuous.sample); the END test by
   cosine then rarely fires, and a chunk rendered as END stops the example instead.
+
+  end_temperature > 0 decides END apart from the content: one more sample per step, at
+  that temperature and unguided (the model's own odds of END), ends the example if it is
+  END; else the kept candidate is the consensus of those that are not END (none: that
+  sample). A cool, guided sampler otherwise ends far more often than the model would.
   """
   b, p, d = prompt_BxNxD.shape
   m = p + num_new
@@ -358,38 +384,59 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
     extras = tuple(jnp.full((b, num_new, *s.shape[2:]), PAD_ID, s.dtype) for s in shapes)
   pos_M = jnp.arange(m)
 
-  def body(carry):
-    i, buf_BxMxD, out_BxNxD, extras, done_B, text_BxCL = carry
-    seg_BxM = (pos_M < (counts_B + i)[:, None]).astype(jnp.int32)
-    h_BxMxE = model.apply({"params": params}, buf_BxMxD, seg_BxM, method=ConceptModel.context)
-    last_Bx1 = (counts_B + i - 1)[:, None]
-    h_Bx1xE = jnp.take_along_axis(h_BxMxE, last_Bx1[..., None], axis=1)
-    k_sample, k_snap = jax.random.split(jax.random.fold_in(key, i))
-    c = num_candidates  # Candidate-major rows: example j's candidates are rows j*C..j*C+C-1.
-    memory = None
-    if model.cfg.head_reads_context:  # The head reads the written concepts 0..last.
-      memory = (buf_BxMxD, (seg_BxM > 0)[:, None, :], last_Bx1,
-                jnp.broadcast_to(pos_M, seg_BxM.shape))
+  def draw(h_Bx1xE, memory, prev_Bx1xD, text_BxCL, key, c, noise_scale, guidance):
+    """c samples of the next concept per example, candidate-major (rows j*c..j*c+c-1 are
+    example j's) -> (z_BCx1xD, z_ctx_BCx1xD, snap's outputs, end_BC)."""
+    k_sample, k_snap = jax.random.split(key)
     z_BCx1xD = concept_model.sample_from_context(
         model, {"params": params}, jnp.repeat(h_Bx1xE, c, axis=0), k_sample,
         objective=objective, steps=steps, guidance=guidance, noise_scale=noise_scale,
         memory=concept_model.repeat_memory(memory, c), end_noise=end_noise)
     z_ctx_BCx1xD, outs = z_BCx1xD, []
     if snap is not None:
-      prev_Bx1xD = jnp.take_along_axis(buf_BxMxD, last_Bx1[..., None], axis=1)
       z_ctx_BCx1xD, *outs = snap(z_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
                                  jnp.repeat(text_BxCL, c, axis=0), k_snap)
-    z_Bx1xD, z_ctx_Bx1xD = z_BCx1xD, z_ctx_BCx1xD
-    if c > 1:
-      best_B = consensus_index(z_ctx_BCx1xD.reshape(b, c, d))
-      z_Bx1xD, z_ctx_Bx1xD, *outs = (take_candidate(x, best_B, c)
-                                      for x in (z_BCx1xD, z_ctx_BCx1xD, *outs))
+    end_BC = cosine(z_BCx1xD[:, 0], z_end_D) >= end_cosine
+    if snap is not None:
+      end_BC |= outs[0][:, 0, 0] == EOD_ID  # Rendered as the END chunk.
+    return z_BCx1xD, z_ctx_BCx1xD, outs, end_BC
+
+  def body(carry):
+    i, buf_BxMxD, out_BxNxD, extras, done_B, text_BxCL = carry
+    seg_BxM = (pos_M < (counts_B + i)[:, None]).astype(jnp.int32)
+    h_BxMxE = model.apply({"params": params}, buf_BxMxD, seg_BxM, method=ConceptModel.context)
+    last_Bx1 = (counts_B + i - 1)[:, None]
+    h_Bx1xE = jnp.take_along_axis(h_BxMxE, last_Bx1[..., None], axis=1)
+    prev_Bx1xD = jnp.take_along_axis(buf_BxMxD, last_Bx1[..., None], axis=1)
+    memory = None
+    if model.cfg.head_reads_context:  # The head reads the written concepts 0..last.
+      memory = (buf_BxMxD, (seg_BxM > 0)[:, None, :], last_Bx1,
+                jnp.broadcast_to(pos_M, seg_BxM.shape))
+    key_i, c = jax.random.fold_in(key, i), num_candidates
+    picked = draw(h_Bx1xE, memory, prev_Bx1xD, text_BxCL, key_i, c, noise_scale, guidance)
+    valid_BxC = ~picked[3].reshape(b, c) if end_temperature else None
+    if c > 1 or end_temperature:
+      z_BxCxD, z_ctx_BxCxD = (x.reshape(b, c, d) for x in picked[:2])
+      best_B = (roundtrip_index(z_BxCxD, z_ctx_BxCxD, valid_BxC)
+                if candidate_rule == "roundtrip" else consensus_index(z_ctx_BxCxD, valid_BxC))
+      z, z_ctx, outs, end_B = picked
+      picked = (take_candidate(z, best_B, c), take_candidate(z_ctx, best_B, c),
+                [take_candidate(o, best_B, c) for o in outs], take_candidate(end_B, best_B, c))
+    if end_temperature:
+      # END is decided by one sample at the model's own temperature, unguided; the content
+      # is a candidate that does not end (none: the deciding sample, which does not).
+      decided = draw(h_Bx1xE, memory, prev_Bx1xD, text_BxCL, jax.random.fold_in(key_i, 1), 1,
+                     end_temperature, 1.0)
+      use_B = decided[3] | ~jnp.any(valid_BxC, -1)
+      pick = lambda a, x: jnp.where(use_B.reshape(b, *([1] * (x.ndim - 1))), a, x)  # noqa: E731
+      picked = (pick(decided[0], picked[0]), pick(decided[1], picked[1]),
+                [pick(a, x) for a, x in zip(decided[2], picked[2])], pick(decided[3], picked[3]))
+    z_Bx1xD, z_ctx_Bx1xD, outs, end_B = picked
     out_BxNxD = jax.lax.dynamic_update_slice_in_dim(out_BxNxD, z_Bx1xD, i, axis=1)
-    done_B |= cosine(z_Bx1xD[:, 0], z_end_D) >= end_cosine
+    done_B |= end_B
     if snap is not None:
       extras = tuple(jax.lax.dynamic_update_slice_in_dim(e, o.astype(e.dtype), i, axis=1)
                      for e, o in zip(extras, outs))
-      done_B |= outs[0][:, 0, 0] == EOD_ID  # Rendered as the END chunk.
       if text_BxCL.shape[1]:  # The rendered chunk is the newest text before the next.
         l = outs[0].shape[-1]
         text_BxCL = jnp.concatenate([text_BxCL[:, l:], outs[0][:, 0].astype(text_BxCL.dtype)], 1)
@@ -447,6 +494,8 @@ class ConceptOptions:
   num_candidates: int = 1
   end_noise: float = 0.0
   render_dims: int = 0  # Render a prefix of each concept (concept_prefix; 0: all of it).
+  end_temperature: float = 0.0  # > 0: END decided by its own sample (concept_loop).
+  candidate_rule: str = "consensus"  # Which of num_candidates is kept (CANDIDATE_RULES).
 
 
 def _concepts_program(gen: Generator, opts: ConceptOptions):
@@ -471,7 +520,8 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
         num_new=opts.num_new, objective=objective, steps=opts.concept_steps,
         guidance=opts.guidance, noise_scale=opts.noise_scale, end_cosine=opts.end_cosine,
         snap=snap, num_candidates=opts.num_candidates, context_BxCL=text_BxCL,
-        end_noise=opts.end_noise)
+        end_noise=opts.end_noise, end_temperature=opts.end_temperature,
+        candidate_rule=opts.candidate_rule)
     if opts.reencode:  # Rendered one chunk at a time inside the loop.
       tokens_BxNxL = extras[0]
       states_SxBxNxL = jnp.moveaxis(extras[1], 2, 0) if opts.show_steps else None
@@ -765,7 +815,9 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
              show_steps: bool = False, end_cosine: float = 0.9,
              block_size: int | None = None, reencode: bool | None = None,
              num_candidates: int | None = None, end_noise: float | None = None,
-             render_dims: int | None = None) -> list[Sample]:
+             render_dims: int | None = None,
+             end_temperature: float | None = None,
+             candidate_rule: str | None = None) -> list[Sample]:
   """Continuations of `prompts` (one jitted call for the whole batch).
 
   concepts runs: `num_concepts` new concepts, `concept_steps` sampler steps each
@@ -781,7 +833,12 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
   renderer gets the concept as it saw concepts in training, under noise; meant with
   `reencode`, so the concept model still reads clean concepts. `render_dims` (default
   concepts.render_dims) renders that prefix of each concept, for a render run trained on
-  nested concepts (render.nested_dims). ar / mdm runs: up to
+  nested concepts (render.nested_dims). `end_temperature` (default
+  concepts.end_temperature; 0: off) decides END by one more sample per concept at that
+  temperature, unguided, and keeps a candidate that does not end (see concept_loop): a
+  cool, guided sampler then ends about as often as the model does. `candidate_rule`
+  (default concepts.candidate_rule): which candidate is kept, the consensus or (with
+  `reencode`) the one that round-trips best. ar / mdm runs: up to
   `max_tokens` tokens at `temperature` (default 1; mdm: `render_steps` unmasking steps, default
   max_tokens, optional semi-autoregressive `block_size`). A continuation stops at
   end-of-document: an END concept (renders to EOD, or cosine >= end_cosine to
@@ -803,13 +860,25 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
     if end_noise < 0:
       raise GenerateError(f"end_noise={end_noise} must be >= 0")
     render_dims = checked_render_dims(gen, render_dims)
+    end_temperature = float(c.get("end_temperature", 0.0) if end_temperature is None
+                            else end_temperature)
+    if end_temperature < 0:
+      raise GenerateError(f"end_temperature={end_temperature} must be >= 0 (0: off)")
+    if candidate_rule is None:  # .get: runs saved before the field kept the consensus.
+      candidate_rule = c.get("candidate_rule", "consensus")
+    if candidate_rule not in CANDIDATE_RULES:
+      raise GenerateError(f"candidate_rule={candidate_rule!r} must be one of {CANDIDATE_RULES}")
+    if candidate_rule == "roundtrip" and not reencode:
+      raise GenerateError("candidate_rule='roundtrip' compares each candidate with its "
+                          "rendered chunk's concept: it needs reencode=True")
     opts = ConceptOptions(
         num_new=int(num_concepts), concept_steps=int(concept_steps or c.sample_steps),
         render_steps=int(render_steps or gen.render_config.render.sample_steps),
         guidance=float(c.guidance if guidance is None else guidance),
         noise_scale=float(temperature), render_temperature=float(render_temperature),
         end_cosine=float(end_cosine), show_steps=bool(show_steps), reencode=bool(reencode),
-        num_candidates=num_candidates, end_noise=end_noise, render_dims=render_dims)
+        num_candidates=num_candidates, end_noise=end_noise, render_dims=render_dims,
+        end_temperature=end_temperature, candidate_rule=candidate_rule)
     return _generate_concepts(gen, list(prompts), opts, key)
   temperature = 1.0 if temperature is None else temperature
   if gen.kind == "ar":

@@ -10,6 +10,8 @@ import sys
 
 from absl import app, flags, logging
 
+from concept_diffusion.config import CANDIDATE_RULES
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A concepts, ar or mdm run (render: --roundtrip).")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "One prompt a line, generated as a batch.")
@@ -40,6 +42,14 @@ _RENDER_DIMS = flags.DEFINE_integer("render_dims", None, "Render only this prefi
                                     "concept, for a render run trained on nested concepts "
                                     "(render.nested_dims; default concepts.render_dims of a "
                                     "concepts run, else 0 = all).")
+_END_TEMPERATURE = flags.DEFINE_float("end_temperature", None, "Concepts runs: decide END "
+                                     "by one more sample per concept at this temperature, "
+                                     "unguided, and keep a candidate that does not end "
+                                     "(default concepts.end_temperature; 0 = off).")
+_CANDIDATE_RULE = flags.DEFINE_enum("candidate_rule", None, list(CANDIDATE_RULES),
+                                    "Concepts runs: which candidate is kept, the consensus or "
+                                    "the one that round-trips best (needs reencode; default "
+                                    "concepts.candidate_rule).")
 _SHOW_STEPS = flags.DEFINE_bool("show_steps", False, "Print every denoising step (masks as _).")
 _ROUNDTRIP = flags.DEFINE_bool("roundtrip", False, "Encode the prompt's chunks and render them "
                                 "back (a render or concepts run).")
@@ -78,7 +88,8 @@ def main(argv):
           render_temperature=_RENDER_TEMPERATURE.value, seed=_SEED.value,
           show_steps=_SHOW_STEPS.value, reencode=_REENCODE.value,
           num_candidates=_CANDIDATES.value, end_noise=_END_NOISE.value,
-          render_dims=_RENDER_DIMS.value)
+          render_dims=_RENDER_DIMS.value, end_temperature=_END_TEMPERATURE.value,
+          candidate_rule=_CANDIDATE_RULE.value)
   except (generate.GenerateError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

@@ -418,11 +418,24 @@ def test_head_skip_run_trains_restores_and_generates(tiny_render_run, tmp_path):
   assert len(generate.generate(gen, ["Mara lives in Oslo."], num_concepts=2)) == 1
 
 
-@pytest.mark.parametrize("field", ["concepts.mean_weight", "concepts.end_noise"])
+@pytest.mark.parametrize("field", ["concepts.mean_weight", "concepts.end_noise",
+                                   "concepts.end_temperature"])
 def test_a_negative_weight_or_noise_is_a_config_error(field):
   config = tiny_config("concepts", **{"concepts.render_workdir": "/tmp/r", field: -1.0})
   with pytest.raises(config_lib.ConfigError, match=f"{field}=-1.0"):
     config_lib.validate(config)
+
+
+def test_a_candidate_rule_is_checked_by_name():
+  base = {"concepts.render_workdir": "/tmp/r"}
+  with pytest.raises(config_lib.ConfigError, match="concepts.candidate_rule"):
+    config_lib.validate(tiny_config("concepts", **base, **{"concepts.candidate_rule": "vote"}))
+  config = tiny_config("concepts", **base, **{"concepts.candidate_rule": "roundtrip",
+                                              "concepts.reencode": False})
+  with pytest.raises(config_lib.ConfigError, match="needs concepts.reencode=True"):
+    config_lib.validate(config)
+  config_lib.validate(tiny_config("concepts", **base, **{"concepts.candidate_rule": "roundtrip",
+                                                         "concepts.reencode": True}))
 
 
 def test_fill_and_end_keep_reach_the_train_split_only(monkeypatch, tmp_path):

@@ -293,6 +293,119 @@ def test_candidate_generation_is_bounded_reproducible_and_one_is_plain(concepts_
     generate.generate(concepts_gen, PROMPTS, num_candidates=0)
 
 
+def test_consensus_over_valid_candidates_ignores_the_others():
+  feat_1x4x2 = jnp.array([[[1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [0.1, 1.0]]])
+  assert int(generate.consensus_index(feat_1x4x2)[0]) == 2
+  # 2 and 3 out: neither kept nor voting (their votes would pick 1); 0 and 1 tie: the lowest.
+  valid_1x4 = jnp.array([[True, True, False, False]])
+  assert int(generate.consensus_index(feat_1x4x2, valid_1x4)[0]) == 0
+  assert int(generate.consensus_index(feat_1x4x2, jnp.array([[False, True, False, False]]))[0]) == 1
+  assert int(generate.consensus_index(feat_1x4x2, jnp.zeros((1, 4), bool))[0]) == 0
+
+
+def test_end_temperature_decides_end_by_a_sample_of_its_own(concepts_gen):
+  gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
+  enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
+  mods, z_BxNxD, counts_B, h_Bx1xE = _prompt_context(gen)
+  cm, objective, key = mods["concept_model"], gen.config.concepts.objective, jax.random.key(3)
+  draw = lambda h, k, t, g: concept_model.sample_from_context(  # noqa: E731
+      cm, {"params": cm_params}, h, k, objective=objective, steps=4, guidance=g, noise_scale=t)
+  loop = lambda z_end_D, c: generate.concept_loop(  # noqa: E731
+      cm, cm_params, z_BxNxD, counts_B, z_end_D, key, num_new=1, objective=objective,
+      steps=4, guidance=2.0, noise_scale=0.5, end_cosine=0.999, num_candidates=c,
+      end_temperature=1.0)[0][:, 0]
+  # Drawn here as the loop draws them: the content candidates (cool, guided) from step 0's
+  # key, the deciding sample (temperature 1, unguided) from its own.
+  key_0 = jax.random.fold_in(key, 0)
+  k_content, _ = jax.random.split(key_0)
+  k_decide, _ = jax.random.split(jax.random.fold_in(key_0, 1))
+  c = 3
+  cand_BxCxD = draw(jnp.repeat(h_Bx1xE, c, axis=0), k_content, 0.5, 2.0).reshape(2, c, -1)
+  one_BxD = draw(h_Bx1xE, k_content, 0.5, 2.0)[:, 0]
+  decide_BxD = draw(h_Bx1xE, k_decide, 1.0, 1.0)[:, 0]
+  best_B = generate.consensus_index(cand_BxCxD)
+  near = lambda a, b: float(generate.cosine(a, b)) >= 0.999  # noqa: E731
+  # END is the deciding sample of example 0: it ends there; example 1 keeps its consensus.
+  assert not near(decide_BxD[1], decide_BxD[0])
+  assert not any(near(x, decide_BxD[0]) for x in cand_BxCxD[1])
+  kept = loop(decide_BxD[0], c)
+  np.testing.assert_allclose(kept[0], decide_BxD[0], atol=1e-5)
+  np.testing.assert_allclose(kept[1], cand_BxCxD[1, best_B[1]], atol=1e-5)
+  # END is example 1's consensus candidate: it keeps the consensus of the two others.
+  z_end_D = cand_BxCxD[1, best_B[1]]
+  assert not near(decide_BxD[1], z_end_D) and not near(decide_BxD[0], z_end_D)
+  others = [j for j in range(c) if j != int(best_B[1])]
+  unit = np.asarray(cand_BxCxD[1, others], np.float64)
+  unit /= np.linalg.norm(unit, axis=-1, keepdims=True)
+  second = others[int(np.argmax((unit @ unit.T).sum(-1)))]
+  kept = loop(z_end_D, c)
+  np.testing.assert_allclose(kept[0], cand_BxCxD[0, best_B[0]], atol=1e-5)
+  np.testing.assert_allclose(kept[1], cand_BxCxD[1, second], atol=1e-5)
+  # One candidate, and it is END where the deciding sample is not: the deciding sample.
+  assert not near(decide_BxD[1], one_BxD[1])
+  kept = loop(one_BxD[1], 1)
+  np.testing.assert_allclose(kept[0], one_BxD[0], atol=1e-5)
+  np.testing.assert_allclose(kept[1], decide_BxD[1], atol=1e-5)
+
+
+def test_roundtrip_rule_keeps_the_candidate_whose_chunk_encodes_back_nearest(concepts_gen):
+  gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
+  enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
+  mods, z_BxNxD, counts_B, h_Bx1xE = _prompt_context(gen)
+  cm, objective, key, c = mods["concept_model"], gen.config.concepts.objective, jax.random.key(3), 4
+  snap = generate.snap_fn(mods["encoder"], enc_params, mods["renderer"],
+                          gen.render_params["renderer"], steps=8, temperature=0.0)
+  loop = lambda rule: generate.concept_loop(  # noqa: E731
+      cm, cm_params, z_BxNxD, counts_B, generate.end_concept(mods["encoder"], enc_params, l),
+      key, num_new=1, objective=objective, steps=4, guidance=1.0, noise_scale=1.0,
+      end_cosine=2.0, snap=snap, num_candidates=c, candidate_rule=rule)
+  # The candidates and their re-encoded chunks, drawn as the loop draws them.
+  k_content, k_snap = jax.random.split(jax.random.fold_in(key, 0))
+  cand_BCx1xD = concept_model.sample_from_context(
+      cm, {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_content,
+      objective=objective, steps=4)
+  prev_Bx1xD = z_BxNxD[np.arange(2), counts_B - 1][:, None]
+  back_BCx1xD, chunk_BCx1xL = snap(cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
+                                   jnp.zeros((2 * c, 0), jnp.int32), k_snap)
+  cand_BxCxD, back_BxCxD = (x.reshape(2, c, -1) for x in (cand_BCx1xD, back_BCx1xD))
+  cand, back = (np.asarray(x, np.float64) for x in (cand_BxCxD, back_BxCxD))
+  # (A chunk rendered all PAD encodes to zeros: cosine 0, as generate.cosine's epsilon gives.)
+  norms = np.linalg.norm(cand, axis=-1) * np.linalg.norm(back, axis=-1)
+  best_B = np.argmax(np.sum(cand * back, -1) / (norms + 1e-6), -1)
+  new_BxNxD, _, (tokens_BxNxL,) = loop("roundtrip")
+  np.testing.assert_allclose(new_BxNxD[:, 0], cand_BxCxD[np.arange(2), best_B], atol=1e-5)
+  np.testing.assert_array_equal(tokens_BxNxL[:, 0],
+                                chunk_BCx1xL.reshape(2, c, -1)[np.arange(2), best_B])
+  consensus_B = generate.consensus_index(back_BxCxD)
+  assert (np.asarray(consensus_B) != best_B).any()  # The two rules differ here.
+  np.testing.assert_allclose(loop("consensus")[0][:, 0],
+                             cand_BxCxD[np.arange(2), consensus_B], atol=1e-5)
+  valid_BxC = jnp.ones((2, c), bool).at[np.arange(2), best_B].set(False)
+  assert (np.asarray(generate.roundtrip_index(cand_BxCxD, back_BxCxD, valid_BxC)) != best_B).all()
+
+
+def test_end_temperature_generation_defaults_to_the_config(concepts_gen):
+  gen = concepts_gen
+  kwargs = dict(num_concepts=3, seed=1, temperature=0.5, guidance=2.0, reencode=True)
+  ids = lambda samples: [s.token_ids for s in samples]  # noqa: E731
+  plain = ids(generate.generate(gen, PROMPTS, **kwargs))
+  assert gen.config.concepts.end_temperature == 0.0
+  assert ids(generate.generate(gen, PROMPTS, end_temperature=0.0, **kwargs)) == plain
+  guarded = generate.generate(gen, PROMPTS, end_temperature=1.0, **kwargs)
+  assert ids(guarded) == ids(generate.generate(gen, PROMPTS, end_temperature=1.0, **kwargs))
+  l = gen.chunk_config.data.concept_len
+  assert all(len(s.token_ids) <= 3 * l and EOD_ID not in s.token_ids for s in guarded)
+  configured = dataclasses.replace(gen, config=gen.config.copy_and_resolve_references())
+  configured.config.concepts.end_temperature = 1.0
+  assert ids(generate.generate(configured, PROMPTS, **kwargs)) == ids(guarded)
+  with pytest.raises(generate.GenerateError, match="end_temperature=-1"):
+    generate.generate(gen, PROMPTS, end_temperature=-1.0)
+  with pytest.raises(generate.GenerateError, match="candidate_rule='medoid'"):
+    generate.generate(gen, PROMPTS, candidate_rule="medoid")
+  with pytest.raises(generate.GenerateError, match="needs reencode=True"):
+    generate.generate(gen, PROMPTS, candidate_rule="roundtrip", reencode=False)
+
+
 def test_end_detection_and_cut():
   end_2x3 = jnp.array([[False, True, False], [False, False, False]])
   assert generate.num_kept(end_2x3).tolist() == [1, 3]
