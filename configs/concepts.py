@@ -84,7 +84,8 @@ def get_config(preset="tiny"):
     # 0.562 -> 0.646 on the previous default, where temperature 0.5 had the better
     # gen-PPL (6.7 against 11.0); 256 steps are no better than 64. Under today's presets
     # 0.5 still loses facts (consistent 0.757 -> 0.592) and reads better on real text
-    # (gen-PPL 441.4 -> 386.5): sample real text at --temperature=0.5.
+    # (gen-PPL 441.4 -> 386.5): sample real text at --temperature=0.5 (with
+    # --end_temperature=1, so END keeps the model's own odds: configs/render.py).
     c.concepts.temperature = 1.0
     c.concepts.sample_steps = 64
     # Measured: feeding the concept model the encoder's concept of each rendered chunk
@@ -108,7 +109,11 @@ def get_config(preset="tiny"):
     # noise (concepts.end_noise = 1.5: 0.764 -> 0.613 consistent; on text level at best)
     # and, under 512-dimensional concepts, a head that moves every dimension
     # (model.head_skip: gen-PPL 99.7 / 287.7 -> 680.8 / 601.1 sampled cool; README
-    # "Results", "where the concept sampler stops").
+    # "Results", "where the concept sampler stops"). Left off too: deciding END by a
+    # sample of its own (concepts.end_temperature = 1), which at temperature 1 changes
+    # no odds (0.762 against 0.764 consistent) and costs a second sample; and 4
+    # candidates kept by consensus or by round trip (concepts.candidate_rule), 0.715 -
+    # 0.723 with it or without (README "Results", "deciding END apart from the content").
   elif preset == "small":  # ~100M-param concept model.
     c.data.num_concepts = 64
     c.model.embed_dim = 768

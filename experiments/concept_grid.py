@@ -331,7 +331,12 @@ GUARDED = [guarded(R1800_T05_CFG4), *seeded(guarded(R1800_T05_CFG4))[:1],
            *[guarded(dataclasses.replace(R1800_T05, name=f"render1800_temp{t:g}_cfg{g:g}",
                                          sample={"temperature": t, "guidance": float(g)}))
              for t, g in ((0.3, 4), (0.5, 8), (1.0, 4))],
-           *[guarded(R1800_T05_CFG4, candidates=c, rule="roundtrip") for c in (4, 8)]]
+           *[guarded(R1800_T05_CFG4, candidates=c, rule="roundtrip") for c in (4, 8)],
+           # The default samples at temperature 1, unguided: deciding END by a sample of
+           # its own changes no odds there, only which sample is kept (a control).
+           guarded(Variant("default")), guarded(Variant("default"), candidates=4),
+           guarded(Variant("default"), candidates=4, rule="roundtrip"),
+           guarded(sampled(Variant("default"), 0.7))]
 
 # The concept sampler stopped at the render stage's z noise (1.5; concepts.end_noise): the
 # renderer gets z + 1.5 N(0, 1), its training input, instead of a clean concept it never
@@ -367,7 +372,10 @@ FULL = [
                                            *seeded(cooled(cut(R1800_DIM512_NESTED, k)))[:1])],
     cut(R1800_DIM512_NESTED, 128),
     *[cut(NESTED, k) for k in (32, 64, 128)],
+    *[r for k in (32, 64, 128) for r in seeded(cut(NESTED, k), RENDER_SEEDS, "render seed")],
     DIM512_FT, *map(cooled, R1800_Z), *GUARDED,
+    # Unguarded controls of the built-in corpus's guarded rows.
+    sampled(Variant("default"), 0.7), Variant("cand4", "sampling", sample={"num_candidates": 4}),
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
     cooled(FILL_CONCEPTS),
     *[r for v in (CONTEXT1, CONTEXT1_R830)
