@@ -228,6 +228,8 @@ R1800_Z = [Variant(f"render1800_z_noise{z:g}_eqflops", "render steps, render z n
 # formed 0.893-0.904 against 0.935.
 NESTED = Variant("nested_eqflops", "nested concepts",
                  render={"render.nested_dims": (32, 64, 128)}, equal_flops=True)
+R1800_NESTED = Variant("render1800_nested_eqflops", "render steps, nested concepts",
+                       render={**RENDER1800.render, **NESTED.render}, equal_flops=True)
 R1800_T05 = dataclasses.replace(RENDER1800, name="render1800_temp0.5",
                                 axis="render steps, sampling", sample={"temperature": 0.5})
 COOL = [Variant(f"temp{t:g}", "sampling", sample={"temperature": t}) for t in (0.5, 0.7)]
@@ -333,7 +335,10 @@ GUARDED = [guarded(R1800_T05_CFG4), *seeded(guarded(R1800_T05_CFG4))[:1],
            *[guarded(dataclasses.replace(R1800_T05, name=f"render1800_temp{t:g}_cfg{g:g}",
                                          sample={"temperature": t, "guidance": float(g)}))
              for t, g in ((0.3, 4), (0.5, 8), (1.0, 4))],
-           *[guarded(R1800_T05_CFG4, candidates=c, rule="roundtrip") for c in (4, 8)]]
+           *[guarded(R1800_T05_CFG4, candidates=c, rule="roundtrip") for c in (4, 8)],
+           # Nested concepts at 128 dimensions on the best text row (the built-in corpus
+           # gained from them over three render runs).
+           *[guarded(cooled(cut(R1800_NESTED, k))) for k in (64, 128)]]
 # Built-in corpus. The default samples at temperature 1, unguided: deciding END by a
 # sample of its own changes no odds there, only which sample is kept (a control).
 GUARDED_BUILTIN = [guarded(Variant("default")), guarded(Variant("default"), candidates=4),
