@@ -62,8 +62,12 @@ def get_config(preset="tiny"):
     # 0.672 consistent: precise concepts are harder to generate (README "Results").
     # Nested concepts (render.nested_dims, rendered from a prefix) concentrate the
     # encoder's energy in the prefix, so it carries more bits, not fewer: on text 187.7 /
-    # 226.8 from 128 of 512 (bound 29.8); on the built-in corpus 0.779-0.787 against
-    # 0.764 from one render run, less well formed. Left off (README "Results").
+    # 226.8 from 128 of 512 (bound 29.8). At 128 dimensions (32 / 64 / 128), rendered
+    # from 64: on the built-in corpus better from each of three render runs, 0.795
+    # against 0.771 consistent (concept seed 0), less well formed (0.911 against 0.928);
+    # on text worse (232.3 against 177.4 sampled cool with END at temperature 1, bound
+    # 103.7 against 82.5). Left off until its concept seeds are measured (README
+    # "Results", Next).
     c.model.concept_dim = 128
     c.model.encoder_layers = 2
     c.model.renderer_layers = 2
