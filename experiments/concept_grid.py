@@ -383,6 +383,7 @@ FULL = [
     cut(R1800_DIM512_NESTED, 128),
     *[cut(NESTED, k) for k in (32, 64, 128)],
     *[r for k in (32, 64, 128) for r in seeded(cut(NESTED, k), RENDER_SEEDS, "render seed")],
+    *seeded(cut(NESTED, 64)),
     DIM512_FT, *map(cooled, R1800_Z), *GUARDED, *GUARDED_BUILTIN,
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
     cooled(FILL_CONCEPTS),
