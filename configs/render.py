@@ -63,11 +63,11 @@ def get_config(preset="tiny"):
     # Nested concepts (render.nested_dims, rendered from a prefix) concentrate the
     # encoder's energy in the prefix, so it carries more bits, not fewer: on text 187.7 /
     # 226.8 from 128 of 512 (bound 29.8). At 128 dimensions (32 / 64 / 128), rendered
-    # from 64: on the built-in corpus better from each of three render runs, 0.795
-    # against 0.771 consistent (concept seed 0), less well formed (0.911 against 0.928);
-    # on text worse (232.3 against 177.4 sampled cool with END at temperature 1, bound
-    # 103.7 against 82.5). Left off until its concept seeds are measured (README
-    # "Results", Next).
+    # from 64: on the built-in corpus better in each of five runs (three render seeds,
+    # three concept seeds), 0.804 against 0.769 consistent, less well formed (0.911
+    # against 0.928); on text worse (232.3 against 177.4 sampled cool with END at
+    # temperature 1, bound 103.7 against 82.5). Not yet the default: a preset change
+    # renames every default row (README "Results", Next).
     c.model.concept_dim = 128
     c.model.encoder_layers = 2
     c.model.renderer_layers = 2
