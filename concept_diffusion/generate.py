@@ -386,7 +386,7 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
 
   def draw(h_Bx1xE, memory, prev_Bx1xD, text_BxCL, key, c, noise_scale, guidance):
     """c samples of the next concept per example, candidate-major (rows j*c..j*c+c-1 are
-    example j's) -> (z_BCx1xD, z_ctx_BCx1xD, snap's outputs, end_BC)."""
+    example j's) -> (z_BCx1xD, z_ctx_BCx1xD, end_BC, *snap's outputs)."""
     k_sample, k_snap = jax.random.split(key)
     z_BCx1xD = concept_model.sample_from_context(
         model, {"params": params}, jnp.repeat(h_Bx1xE, c, axis=0), k_sample,
@@ -399,7 +399,7 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
     end_BC = cosine(z_BCx1xD[:, 0], z_end_D) >= end_cosine
     if snap is not None:
       end_BC |= outs[0][:, 0, 0] == EOD_ID  # Rendered as the END chunk.
-    return z_BCx1xD, z_ctx_BCx1xD, outs, end_BC
+    return z_BCx1xD, z_ctx_BCx1xD, end_BC, *outs
 
   def body(carry):
     i, buf_BxMxD, out_BxNxD, extras, done_B, text_BxCL = carry
@@ -414,24 +414,21 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
                 jnp.broadcast_to(pos_M, seg_BxM.shape))
     key_i, c = jax.random.fold_in(key, i), num_candidates
     picked = draw(h_Bx1xE, memory, prev_Bx1xD, text_BxCL, key_i, c, noise_scale, guidance)
-    valid_BxC = ~picked[3].reshape(b, c) if end_temperature else None
+    valid_BxC = ~picked[2].reshape(b, c) if end_temperature else None
     if c > 1 or end_temperature:
       z_BxCxD, z_ctx_BxCxD = (x.reshape(b, c, d) for x in picked[:2])
       best_B = (roundtrip_index(z_BxCxD, z_ctx_BxCxD, valid_BxC)
                 if candidate_rule == "roundtrip" else consensus_index(z_ctx_BxCxD, valid_BxC))
-      z, z_ctx, outs, end_B = picked
-      picked = (take_candidate(z, best_B, c), take_candidate(z_ctx, best_B, c),
-                [take_candidate(o, best_B, c) for o in outs], take_candidate(end_B, best_B, c))
+      picked = tuple(take_candidate(x, best_B, c) for x in picked)
     if end_temperature:
       # END is decided by one sample at the model's own temperature, unguided; the content
       # is a candidate that does not end (none: the deciding sample, which does not).
       decided = draw(h_Bx1xE, memory, prev_Bx1xD, text_BxCL, jax.random.fold_in(key_i, 1), 1,
                      end_temperature, 1.0)
-      use_B = decided[3] | ~jnp.any(valid_BxC, -1)
-      pick = lambda a, x: jnp.where(use_B.reshape(b, *([1] * (x.ndim - 1))), a, x)  # noqa: E731
-      picked = (pick(decided[0], picked[0]), pick(decided[1], picked[1]),
-                [pick(a, x) for a, x in zip(decided[2], picked[2])], pick(decided[3], picked[3]))
-    z_Bx1xD, z_ctx_Bx1xD, outs, end_B = picked
+      use_B = decided[2] | ~jnp.any(valid_BxC, -1)
+      picked = tuple(jnp.where(use_B.reshape(b, *([1] * (x.ndim - 1))), a, x)
+                     for a, x in zip(decided, picked))
+    z_Bx1xD, z_ctx_Bx1xD, end_B, *outs = picked
     out_BxNxD = jax.lax.dynamic_update_slice_in_dim(out_BxNxD, z_Bx1xD, i, axis=1)
     done_B |= end_B
     if snap is not None:
