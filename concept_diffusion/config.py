@@ -137,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
   # concept, the rest zeroed, for a render run trained on nested concepts
   # (render.nested_dims); the concept model still reads whole samples. 0: all of them.
   c.concepts.render_dims = 0
+  # Fit the head (and its mean) on the first loss_dims dimensions of each next concept
+  # only, the prefix a nested render run renders (concepts.render_dims <= loss_dims, with
+  # reencode so the context never reads the dimensions left unmodelled). 0: all of them.
+  c.concepts.loss_dims = 0
   # Generation default: decide END by one more sample per concept at this temperature,
   # unguided (the model's own odds of ending), and keep a candidate that does not end
   # (generate.concept_loop). Cool, guided samplers otherwise end far more often than the
@@ -233,6 +237,17 @@ def _nested(config: ml_collections.ConfigDict) -> None:
   if not (type(render_dims) is int and 0 <= render_dims <= d):
     raise ConfigError(f"concepts.render_dims={render_dims!r} must be a whole number of "
                       f"dimensions in [0, model.concept_dim={d}] (0: all)")
+  loss_dims = config.concepts.get("loss_dims", 0)  # .get: configs saved before the field.
+  if not (type(loss_dims) is int and 0 <= loss_dims <= d):
+    raise ConfigError(f"concepts.loss_dims={loss_dims!r} must be a whole number of "
+                      f"dimensions in [0, model.concept_dim={d}] (0: all)")
+  if loss_dims and not (0 < render_dims <= loss_dims and config.concepts.reencode
+                        and not config.concepts.render_weight):
+    raise ConfigError(f"concepts.loss_dims={loss_dims} leaves the dimensions after it "
+                      "unmodelled: it needs 0 < concepts.render_dims <= loss_dims (got "
+                      f"{render_dims}), concepts.reencode=True (got {config.concepts.reencode}) "
+                      "and concepts.render_weight=0 (got "
+                      f"{config.concepts.render_weight}), so nothing reads them")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

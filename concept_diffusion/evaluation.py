@@ -247,7 +247,8 @@ def concept_metrics(gen: gen_lib.Generator, batches, key, *, steps: int | None =
   """Next-concept L2 / cosine and contrastive accuracy of sampled next concepts.
 
   steps / guidance default to the run's concepts.sample_steps / guidance;
-  temperature scales the sampler's starting noise, as in generation.
+  temperature scales the sampler's starting noise, as in generation. A head fitted on a
+  prefix of each concept (concepts.loss_dims) is measured on that prefix.
   """
   mods = gen_lib.build_modules(gen)
   enc, cm = mods["encoder"], mods["concept_model"]
@@ -269,7 +270,9 @@ def concept_metrics(gen: gen_lib.Generator, batches, key, *, steps: int | None =
         noise_scale=temperature, memory=cm.apply(variables, z_BxNxD, seg_BxN, method=cm.memory))
     target_BxNxD, valid_BxN = continuous.next_concept_targets(z_BxNxD, batch["concept_mask"],
                                                               seg_BxN)
-    return pred_BxNxD, target_BxNxD, valid_BxN, z_BxNxD
+    dims = c.get("loss_dims", 0)  # .get: configs saved before the field.
+    return tuple(continuous.prefix(x, dims) for x in (pred_BxNxD, target_BxNxD)) + (
+        valid_BxN, continuous.prefix(z_BxNxD, dims))
 
   fn = gen.jitted("eval_concepts", (steps, guidance, temperature), lambda: program)
   sums = {"l2": 0.0, "cosine": 0.0, "count": 0, "hits": 0, "contrastive": 0}

@@ -340,7 +340,8 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
                  num_new: int, objective: str, steps: int, guidance: float,
                  noise_scale: float, end_cosine: float, snap=None,
                  num_candidates: int = 1, context_BxCL=None, end_noise: float = 0.0,
-                 end_temperature: float = 0.0, candidate_rule: str = "consensus"):
+                 end_temperature: float = 0.0, candidate_rule: str = "consensus",
+                 model_dims: int = 0):
   """Samples `num_new` concepts after each prompt -> (z_BxNxD new, prev_BxNxD, extras).
 
   A while-loop over a fixed buffer of M = N + num_new concepts; position counts_B + i
@@ -370,6 +371,10 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
   that temperature and unguided (the model's own odds of END), ends the example if it is
   END; else the kept candidate is the consensus of those that are not END (none: that
   sample). A cool, guided sampler otherwise ends far more often than the model would.
+
+  model_dims > 0: the head models only that prefix of a concept (concepts.loss_dims), so
+  each sample is cut to it (the rest zeroed) before anything reads it; pass z_end_D cut
+  alike, so the END test compares what was modelled.
   """
   b, p, d = prompt_BxNxD.shape
   m = p + num_new
@@ -392,6 +397,7 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
         model, {"params": params}, jnp.repeat(h_Bx1xE, c, axis=0), k_sample,
         objective=objective, steps=steps, guidance=guidance, noise_scale=noise_scale,
         memory=concept_model.repeat_memory(memory, c), end_noise=end_noise)
+    z_BCx1xD = concept_prefix(z_BCx1xD, model_dims)
     z_ctx_BCx1xD, outs = z_BCx1xD, []
     if snap is not None:
       z_ctx_BCx1xD, *outs = snap(z_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
@@ -493,6 +499,7 @@ class ConceptOptions:
   render_dims: int = 0  # Render a prefix of each concept (concept_prefix; 0: all of it).
   end_temperature: float = 0.0  # > 0: END decided by its own sample (concept_loop).
   candidate_rule: str = "consensus"  # Which of num_candidates is kept (CANDIDATE_RULES).
+  model_dims: int = 0  # The prefix the head models (concepts.loss_dims; 0: all of it).
 
 
 def _concepts_program(gen: Generator, opts: ConceptOptions):
@@ -506,6 +513,7 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
     enc_params = params["encoder"]
     prompt_BxNxD = mods["encoder"].apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
     z_end_D = end_concept(mods["encoder"], enc_params, concept_len)
+    z_end_D = concept_prefix(z_end_D[None, None], opts.model_dims)[0, 0]
     text_BxCL = last_chunks(chunks_BxNxL, counts_B, mods["renderer"].cfg.context_chunks)
     snap = None
     if opts.reencode:
@@ -518,7 +526,7 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
         guidance=opts.guidance, noise_scale=opts.noise_scale, end_cosine=opts.end_cosine,
         snap=snap, num_candidates=opts.num_candidates, context_BxCL=text_BxCL,
         end_noise=opts.end_noise, end_temperature=opts.end_temperature,
-        candidate_rule=opts.candidate_rule)
+        candidate_rule=opts.candidate_rule, model_dims=opts.model_dims)
     if opts.reencode:  # Rendered one chunk at a time inside the loop.
       tokens_BxNxL = extras[0]
       states_SxBxNxL = jnp.moveaxis(extras[1], 2, 0) if opts.show_steps else None
@@ -802,6 +810,11 @@ def checked_render_dims(gen: Generator, render_dims: int | None) -> int:
     raise GenerateError(f"render_dims={render_dims} renders a prefix of each concept, but the "
                         "render run was trained on whole concepts (render.nested_dims is "
                         "empty): its renderer never saw a cut concept")
+  loss_dims = gen.config.concepts.get("loss_dims", 0) if gen.kind == "concepts" else 0
+  if loss_dims and not 0 < render_dims <= loss_dims:
+    raise GenerateError(f"render_dims={render_dims} renders dimensions this concepts run's "
+                        f"head never modelled: it was fitted on the first {loss_dims} "
+                        f"(concepts.loss_dims); use render_dims in [1, {loss_dims}]")
   return int(render_dims)
 
 
@@ -868,6 +881,10 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
     if candidate_rule == "roundtrip" and not reencode:
       raise GenerateError("candidate_rule='roundtrip' compares each candidate with its "
                           "rendered chunk's concept: it needs reencode=True")
+    if c.get("loss_dims", 0) and not reencode:
+      raise GenerateError(f"this concepts run's head models only the first {c.loss_dims} "
+                          "dimensions of a concept (concepts.loss_dims): the concept model "
+                          "must read re-encoded chunks, not its raw samples; reencode=True")
     opts = ConceptOptions(
         num_new=int(num_concepts), concept_steps=int(concept_steps or c.sample_steps),
         render_steps=int(render_steps or gen.render_config.render.sample_steps),
@@ -875,7 +892,8 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
         noise_scale=float(temperature), render_temperature=float(render_temperature),
         end_cosine=float(end_cosine), show_steps=bool(show_steps), reencode=bool(reencode),
         num_candidates=num_candidates, end_noise=end_noise, render_dims=render_dims,
-        end_temperature=end_temperature, candidate_rule=candidate_rule)
+        end_temperature=end_temperature, candidate_rule=candidate_rule,
+        model_dims=int(c.get("loss_dims", 0)))
     return _generate_concepts(gen, list(prompts), opts, key)
   temperature = 1.0 if temperature is None else temperature
   if gen.kind == "ar":

@@ -234,6 +234,12 @@ NESTED = Variant("nested_eqflops", "nested concepts",
 # concepts run the rest of the budget.
 NESTED_R800 = Variant("nested_render800_eqflops", "nested concepts, render steps",
                       render={**NESTED.render, "train.num_steps": 800}, equal_flops=True)
+# The head fitted on the prefix it renders (concepts.loss_dims): the concept model spends
+# nothing on the 64 dimensions a nested run's generation zeroes.
+NESTED_LOSS64 = Variant("nested_loss64_eqflops", "nested concepts, concept loss",
+                        render=NESTED.render,
+                        concepts={"concepts.loss_dims": 64, "concepts.render_dims": 64},
+                        equal_flops=True)
 R1800_NESTED = Variant("render1800_nested_eqflops", "render steps, nested concepts",
                        render={**RENDER1800.render, **NESTED.render}, equal_flops=True)
 R1800_T05 = dataclasses.replace(RENDER1800, name="render1800_temp0.5",
@@ -390,7 +396,7 @@ FULL = [
     *[cut(NESTED, k) for k in (32, 64, 128)],
     *[r for k in (32, 64, 128) for r in seeded(cut(NESTED, k), RENDER_SEEDS, "render seed")],
     *seeded(cut(NESTED, 64)),
-    cut(NESTED_R800, 64),
+    cut(NESTED_R800, 64), NESTED_LOSS64,
     DIM512_FT, *map(cooled, R1800_Z), *GUARDED, *GUARDED_BUILTIN,
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
     cooled(FILL_CONCEPTS),

@@ -145,3 +145,113 @@ def test_render_dims_need_a_nested_render_run_and_a_prefix_of_it(nested_runs, ti
     with pytest.raises(generate.GenerateError, match=f"render_dims={bad} must"):
       generate.generate(nested, PROMPTS[:1], render_dims=bad)
   assert generate.checked_render_dims(whole, None) == 0  # Nothing asked: whole concepts.
+
+
+# concepts.loss_dims: the head fitted on the prefix a nested render run renders.
+
+
+def _head_grads(loss_dims: int):
+  """Gradients of the concepts objective (with the head's mean) at loss_dims."""
+  from concept_diffusion.models import concept_model
+  cfg = ModelConfig.from_config(tiny_config("concepts", **{"model.head_mean": True}), 256)
+  cm = concept_model.ConceptModel(cfg)
+  z = jax.random.normal(jax.random.key(0), (2, 4, 32))
+  seg = jnp.ones((2, 4), jnp.int32)
+  params = unbox(cm.init(jax.random.key(1), z, seg, z, jnp.zeros((2, 4))))["params"]
+  # The mean starts at zero (its init): move it, so its tail reaches the head's input.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.1 if "mean_proj" in jax.tree_util.keystr(p) else x, params)
+
+  def loss(params, which):
+    out = concept_model.concept_objective(cm, {"params": params}, z, seg > 0, seg,
+                                          jax.random.key(2), mean_weight=1.0,
+                                          loss_dims=loss_dims)
+    return out[1][which]
+
+  return {w: jax.grad(loss)(params, w) for w in ("diffusion_loss", "mean_loss")}
+
+
+def test_loss_dims_fit_the_head_and_its_mean_on_the_prefix_only():
+  for dims in (0, 8):
+    grads = _head_grads(dims)
+    out_kernel = np.asarray(grads["diffusion_loss"]["diffusion_head"]["out_proj"]["kernel"])
+    mean_kernel = np.asarray(grads["mean_loss"]["mean_proj"]["kernel"])
+    for kernel in (out_kernel, mean_kernel):  # [width, concept_dim]: one column a dimension.
+      assert np.abs(kernel[:, :8]).max() > 0
+      tail = np.abs(kernel[:, 8:]).max()
+      assert tail == 0 if dims else tail > 0
+
+
+def test_loss_dims_average_the_error_over_the_prefix():
+  from concept_diffusion.diffusion import continuous
+  z1 = jax.random.normal(jax.random.key(0), (2, 3, 16))
+  mask = jnp.ones((2, 3), bool)
+  pred = jax.random.normal(jax.random.key(1), (2, 3, 16))
+  tail_moved = pred.at[..., 4:].add(5.0)
+  loss = lambda p, dims: float(continuous.concept_loss("mse", lambda zt, t: p, z1, mask, None,
+                                                       dims=dims)[0])
+  assert loss(pred, 4) == pytest.approx(float(jnp.mean(jnp.square(pred - z1)[..., :4])))
+  assert loss(tail_moved, 4) == loss(pred, 4)
+  assert loss(tail_moved, 0) > loss(pred, 0)
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"concepts.loss_dims": 33}, "concepts.loss_dims=33 must"),
+    ({"concepts.loss_dims": -1}, "concepts.loss_dims=-1 must"),
+    ({"concepts.loss_dims": 16}, r"0 < concepts.render_dims <= loss_dims \(got 0\)"),
+    ({"concepts.loss_dims": 16, "concepts.render_dims": 24}, r"\(got 24\)"),
+    ({"concepts.loss_dims": 16, "concepts.render_dims": 8, "concepts.reencode": False},
+     r"concepts.reencode=True \(got False\)"),
+    ({"concepts.loss_dims": 16, "concepts.render_dims": 8, "concepts.render_weight": 1.0},
+     r"concepts.render_weight=0 \(got 1.0\)"),
+])
+def test_bad_loss_dims_are_refused_by_name(over, match):
+  base = {"concepts.reencode": True, "concepts.render_workdir": "runs/render"}
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(tiny_config("concepts", **{**base, **over}))
+  good = tiny_config("concepts", **{**base, "concepts.loss_dims": 16, "concepts.render_dims": 8})
+  config_lib.validate(good)
+
+
+def test_the_sampler_cuts_each_sample_to_the_modelled_prefix():
+  from concept_diffusion.models import concept_model
+  cfg = ModelConfig.from_config(tiny_config("concepts"), 256)
+  cm = concept_model.ConceptModel(cfg)
+  prompt = jax.random.normal(jax.random.key(0), (2, 3, 32))
+  seg = jnp.ones((2, 3), jnp.int32)
+  params = unbox(cm.init(jax.random.key(1), prompt, seg, prompt, jnp.zeros((2, 3))))["params"]
+  z_end = jnp.zeros((32,)).at[0].set(1.0)  # Far from every sample: nothing ends.
+  loop = lambda dims: np.asarray(generate.concept_loop(
+      cm, params, prompt, jnp.array([3, 2]), z_end, jax.random.key(2), num_new=1,
+      objective="flow", steps=4, guidance=1.0, noise_scale=1.0, end_cosine=0.999,
+      model_dims=dims)[0])
+  whole, cut = loop(0), loop(8)
+  np.testing.assert_array_equal(cut[..., :8], whole[..., :8])  # The same sample, ...
+  assert (cut[..., 8:] == 0).all() and np.abs(whole[..., 8:]).min() > 0  # ... cut.
+
+
+def test_generation_from_a_prefix_head_renders_inside_the_prefix(nested_runs):
+  gen = generate.load(nested_runs[1])
+  gen.config.concepts.update(loss_dims=16, render_dims=8, reencode=True)
+  assert _texts(generate.generate(gen, PROMPTS[:2], num_concepts=2, seed=1))
+  with pytest.raises(generate.GenerateError, match="never modelled"):
+    generate.generate(gen, PROMPTS[:1], render_dims=24)
+  with pytest.raises(generate.GenerateError, match="never modelled"):
+    generate.generate(gen, PROMPTS[:1], render_dims=0)
+  with pytest.raises(generate.GenerateError, match="reencode=True"):
+    generate.generate(gen, PROMPTS[:1], reencode=False)
+
+
+def test_next_concept_metrics_of_a_prefix_head_compare_the_prefix(nested_runs, monkeypatch):
+  seen = []
+  sums = evaluation.next_concept_sums
+  monkeypatch.setattr(evaluation, "next_concept_sums",
+                      lambda pred, target, valid: seen.append(pred.shape[-1]) or sums(
+                          pred, target, valid))
+  for dims in (0, 16):
+    gen = generate.load(nested_runs[1])  # A fresh load: its programs are cached per run.
+    gen.config.concepts.update(loss_dims=dims, render_dims=min(dims, 8), reencode=True)
+    config = evaluation.eval_config(gen)
+    batches = evaluation.eval_batches(config, gen.tokenizer, "concepts", 4, 1)
+    evaluation.concept_metrics(gen, batches, jax.random.key(0))
+  assert seen == [32, 16]

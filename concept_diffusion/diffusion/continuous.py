@@ -65,10 +65,11 @@ def clean_estimate(objective: str, out_BxNxD, zt_BxNxD, t_BxN):
 
 
 def concept_loss(objective: str, pred_fn, z1_BxNxD, mask_BxN, key, with_estimate: bool = False,
-                 time_shift: float = 1.0):
+                 time_shift: float = 1.0, dims: int = 0):
   """Per-dimension squared error of the objective's target -> (loss, metrics).
 
   time_shift: training times are shift_times of stratified U(0, 1) ones.
+  dims: the error over the first `dims` dimensions only (0: all of them).
   with_estimate: also return the head's clean-concept estimate z1_hat_BxNxD
   (differentiable), for losses that look at what the head would generate.
   """
@@ -88,11 +89,16 @@ def concept_loss(objective: str, pred_fn, z1_BxNxD, mask_BxN, key, with_estimate
     out_BxNxD = pred_fn(zt_BxNxD, t_BxN)
     target_BxNxD = z1_BxNxD - noise_BxNxD if objective == "flow" else z1_BxNxD
   out_BxNxD = out_BxNxD.astype(jnp.float32)
-  err_BxN = jnp.mean(jnp.square(out_BxNxD - target_BxNxD), axis=-1)
+  err_BxN = jnp.mean(jnp.square(prefix(out_BxNxD - target_BxNxD, dims)), axis=-1)
   loss = masked_mean(err_BxN, mask_BxN)
   if with_estimate:
     return loss, {"loss": loss}, clean_estimate(objective, out_BxNxD, zt_BxNxD, t_BxN)
   return loss, {"loss": loss}
+
+
+def prefix(x_BxNxD, dims: int):
+  """The first `dims` dimensions of x (0: all of them)."""
+  return x_BxNxD[..., :dims] if dims else x_BxNxD
 
 
 def next_concept_infonce(q_BxNxD, target_BxNxD, mask_BxN, temperature: float):

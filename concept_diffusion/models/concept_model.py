@@ -243,7 +243,7 @@ class ContrastiveProjection(nn.Module):
 def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN, segment_ids_BxN,
                       key, objective: str = "flow", cfg_dropout: float = 0.0,
                       with_estimate: bool = False, time_shift: float = 1.0,
-                      context_loss=None, mean_weight: float = 0.0):
+                      context_loss=None, mean_weight: float = 0.0, loss_dims: int = 0):
   """Next-concept loss of the concept model on a batch of concepts -> (loss, metrics).
 
   The context at position n predicts concept n+1 of the same document; with
@@ -253,10 +253,11 @@ def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN,
   context_loss(h_BxNxE, target_BxNxD, mask_BxN) -> (loss, metrics), if given, is
   added to the loss (the contrastive term); so is mean_weight times the squared error
   of mu(h) where the model has a mean (cfg.head_mean); metrics then hold the head's
-  own loss as diffusion_loss.
+  own loss as diffusion_loss. loss_dims: the head and the mean are fitted on the first
+  loss_dims dimensions of concept n+1 only (0: all of them).
   """
   if mean_weight > 0 and model.cfg.head_mean:
-    mean_loss = functools.partial(_mean_loss, model, variables, mean_weight)
+    mean_loss = functools.partial(_mean_loss, model, variables, mean_weight, loss_dims)
     context_loss = mean_loss if context_loss is None else _both(context_loss, mean_loss)
   k_drop, k_loss = jax.random.split(key)
   h_BxNxE = model.apply(variables, z_BxNxD, segment_ids_BxN, method=model.context)
@@ -272,7 +273,8 @@ def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN,
   pred_fn = lambda zt, t: model.apply(variables, zt, t, head_h_BxNxE, memory,  # noqa: E731
                                       method=model.head)
   out = continuous.concept_loss(objective, pred_fn, target_BxNxD, mask_BxN, k_loss,
-                                with_estimate=with_estimate, time_shift=time_shift)
+                                with_estimate=with_estimate, time_shift=time_shift,
+                                dims=loss_dims)
   if context_loss is None:
     return out
   # On the context before guidance dropout: the term trains what h carries, not the null.
@@ -281,10 +283,13 @@ def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN,
   return (loss, {**out[1], **extra_metrics, "diffusion_loss": out[0], "loss": loss}, *out[2:])
 
 
-def _mean_loss(model: ConceptModel, variables, weight: float, h_BxNxE, target_BxNxD, mask_BxN):
-  """weight x the per-dimension squared error of mu(h) against concept n+1."""
+def _mean_loss(model: ConceptModel, variables, weight: float, dims: int, h_BxNxE, target_BxNxD,
+               mask_BxN):
+  """weight x the per-dimension squared error of mu(h) against concept n+1 (its first
+  `dims` dimensions; 0: all)."""
   mu_BxNxD = model.apply(variables, h_BxNxE, method=model.mean)
-  loss = continuous.masked_mean(jnp.mean(jnp.square(mu_BxNxD - target_BxNxD), -1), mask_BxN)
+  err_BxNxD = continuous.prefix(jnp.square(mu_BxNxD - target_BxNxD), dims)
+  loss = continuous.masked_mean(jnp.mean(err_BxNxD, -1), mask_BxN)
   return weight * loss, {"mean_loss": loss}
 
 

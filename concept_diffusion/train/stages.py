@@ -331,7 +331,7 @@ def concepts_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
         batch["segment_ids"], k_concept, c.objective, c.cfg_dropout,
         with_estimate=ren is not None, time_shift=c.get("time_shift", 1.0),
         context_loss=functools.partial(contrastive_loss, params) if proj is not None else None,
-        mean_weight=c.get("mean_weight", 0.0))
+        mean_weight=c.get("mean_weight", 0.0), loss_dims=c.get("loss_dims", 0))
     loss, metrics = out[:2]
     metrics = {k: v for k, v in metrics.items() if k != "loss"}
     if ren is not None:
