@@ -240,6 +240,16 @@ NESTED_LOSS64 = Variant("nested_loss64_eqflops", "nested concepts, concept loss"
                         render=NESTED.render,
                         concepts={"concepts.loss_dims": 64, "concepts.render_dims": 64},
                         equal_flops=True)
+# One step on from nested concepts, each rendered from 64: four prefixes (16 / 32 / 64 /
+# 128), z noise 1.25 (their prefix read more precisely; the bound was 0.97), 1,600 render
+# steps (the same; the concepts run gives up the FLOPs).
+NESTED_NEXT = [
+    Variant("nested16_eqflops", "nested concepts", equal_flops=True,
+            render={"render.nested_dims": (16, 32, 64, 128)}),
+    Variant("nested_z_noise1.25_eqflops", "nested concepts, render z noise", equal_flops=True,
+            render={**NESTED.render, "render.z_noise": 1.25}),
+    Variant("nested_render1600_eqflops", "nested concepts, render steps", equal_flops=True,
+            render={**NESTED.render, "train.num_steps": 1600})]
 R1800_NESTED = Variant("render1800_nested_eqflops", "render steps, nested concepts",
                        render={**RENDER1800.render, **NESTED.render}, equal_flops=True)
 R1800_T05 = dataclasses.replace(RENDER1800, name="render1800_temp0.5",
@@ -396,7 +406,7 @@ FULL = [
     *[cut(NESTED, k) for k in (32, 64, 128)],
     *[r for k in (32, 64, 128) for r in seeded(cut(NESTED, k), RENDER_SEEDS, "render seed")],
     *seeded(cut(NESTED, 64)),
-    cut(NESTED_R800, 64), NESTED_LOSS64,
+    cut(NESTED_R800, 64), NESTED_LOSS64, *[cut(v, 64) for v in NESTED_NEXT],
     DIM512_FT, *map(cooled, R1800_Z), *GUARDED, *GUARDED_BUILTIN,
     FILL_CONCEPTS, *seeded(FILL_CONCEPTS),
     cooled(FILL_CONCEPTS),
