@@ -309,7 +309,10 @@ def _differences(config: ml_collections.ConfigDict, workdir: str, strict: bool =
   are compared by their saved configs, which resolve_config copies in, so a run still
   matches after adopt_runs moved its render run to a new name. A field the saved
   config lacks (added since) is skipped, or, if strict, compared as its base_config
-  value: what a run trained before the field ran as.
+  value: what a run trained before the field ran as. Strict compares so a field the
+  plan lacks too, as a concepts run's copy of a render run trained before the field
+  (concepts.render_config) does: two concepts runs over render runs that differ only
+  in a newer field are told apart.
   """
   from concept_diffusion.train import stages
   resolved = stages.resolve_config(ml_collections.ConfigDict(config.to_dict()))
@@ -318,7 +321,10 @@ def _differences(config: ml_collections.ConfigDict, workdir: str, strict: bool =
     saved = _flat(json.load(f))
   if strict:
     base = _flat(json.loads(json.dumps(config_lib.base_config().to_dict(), default=str)))
-    saved = {**{k: base.get(k, "(missing)") for k in planned}, **saved}
+    copied = "concepts.render_config."  # A render run's config, copied into a concepts run's.
+    default = lambda k: base.get(k[len(copied):] if k.startswith(copied) else k, "(missing)")
+    saved, planned = ({**{k: default(k) for k in planned}, **saved},
+                      {**{k: default(k) for k in saved}, **planned})
   return [(k, saved[k], planned[k]) for k in sorted(planned.keys() & saved.keys())
           if k not in SAMPLING_FIELDS and not k.startswith("checkpoint.")
           and k.rsplit(".", 1)[-1] not in RUN_PATH_FIELDS and planned[k] != saved[k]]
@@ -374,15 +380,32 @@ def adopt_runs(grid: Sequence[Variant], workdir: str, settings: Settings | None 
   deleted. Equal-FLOPs rows are planned after their render runs (if trained).
   """
   settings = settings or Settings(**kwargs)
-  plans = [plan_variant(v, workdir, settings) for v in grid]
+  moves = []
+  # The budget is the first row's, read before anything moves (its render run may).
+  first = plan_variant(grid[0], workdir, settings)
   vocab = budget = None
-  if any(v.equal_flops for v in grid) and _finished(plans[0].render[0]):
-    vocab = _vocab_size(plans[0].render[0])
-    budget = _variant_flops(plans[0], vocab)
+  if any(v.equal_flops for v in grid) and _finished(first.render[0]):
+    vocab = _vocab_size(first.render[0])
+    budget = _variant_flops(first, vocab)
+  # An equal-FLOPs row's concepts run is planned once its render run is in place (the
+  # steps follow from it): a second pass adopts those whose render run the first moved.
+  for _ in range(2):
+    done = _adopt_pass(grid, workdir, settings, vocab, budget)
+    moves += done
+    if not done:
+      break
+  return moves
+
+
+def _adopt_pass(grid: Sequence[Variant], workdir: str, settings: Settings, vocab, budget
+                ) -> list:
+  """One pass of adopt_runs over the runs it can plan now -> [(from, to)]."""
+  plans = [plan_variant(v, workdir, settings) for v in grid]
   by_stage = ({}, {}, {})  # name -> config per stage: render runs first (the others name them).
   for v, plan in zip(grid, plans):
     if v.equal_flops:
       if budget is None or not _finished(plan.render[0]):
+        by_stage[0].setdefault(*plan.render)  # Its render run needs no FLOPs to plan.
         continue
       plan = plan_variant(match_flops(v, workdir, settings, vocab, budget), workdir, settings)
     for stage, run in zip(by_stage, (plan.render, plan.concepts, plan.finetune)):
@@ -393,16 +416,16 @@ def adopt_runs(grid: Sequence[Variant], workdir: str, settings: Settings | None 
   for run_dir, config in planned.items():
     if not _source_finished(config):  # Its config cannot be resolved: nothing to match.
       continue
-    if _finished(run_dir) and not _differences(config, run_dir, strict=True):
+    if _finished(run_dir) and _matches(config, run_dir):
       continue
     kind = os.path.basename(run_dir).split("-")[0] + "-"
     # (A planned run whose render run has just moved away cannot be compared yet.)
     taken = {d for d, c in planned.items() if d != run_dir and _finished(d)
-             and _source_finished(c) and not _differences(c, d, strict=True)}
+             and _source_finished(c) and _matches(c, d)}
     found = next((d for d in sorted(os.listdir(workdir)) if d.startswith(kind)
                   and os.path.join(workdir, d) not in taken | {run_dir}
                   and _finished(os.path.join(workdir, d))
-                  and not _differences(config, os.path.join(workdir, d), strict=True)), None)
+                  and _matches(config, os.path.join(workdir, d))), None)
     if found is None:
       continue
     if os.path.exists(run_dir):
@@ -413,6 +436,16 @@ def adopt_runs(grid: Sequence[Variant], workdir: str, settings: Settings | None 
     os.rename(os.path.join(workdir, found), run_dir)
     moves.append((os.path.join(workdir, found), run_dir))
   return moves
+
+
+def _matches(config: ml_collections.ConfigDict, run_dir: str) -> bool:
+  """Whether `run_dir` holds the run `config` plans (strictly); False where the plan cannot
+  be resolved: a fine-tune whose concepts run names a render run moved away (the path
+  saved in its checkpoint is where the render run was trained)."""
+  try:
+    return not _differences(config, run_dir, strict=True)
+  except config_lib.ConfigError:
+    return False
 
 
 def _finished(run_dir: str) -> bool:

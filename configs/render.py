@@ -60,15 +60,22 @@ def get_config(preset="tiny"):
     # 17.0, but the concept model's samples render worse (193.7 against 100.5 over two
     # seeds, sampled cool; 1,974 at temperature 1) and the built-in corpus falls 0.764 ->
     # 0.672 consistent: precise concepts are harder to generate (README "Results").
-    # Nested concepts (render.nested_dims, rendered from a prefix) concentrate the
-    # encoder's energy in the prefix, so it carries more bits, not fewer: on text 187.7 /
-    # 226.8 from 128 of 512 (bound 29.8). At 128 dimensions (32 / 64 / 128), rendered
-    # from 64: on the built-in corpus better in each of five runs (three render seeds,
-    # three concept seeds), 0.804 against 0.769 consistent, less well formed (0.911
-    # against 0.928); on text worse (232.3 against 177.4 sampled cool with END at
-    # temperature 1, bound 103.7 against 82.5). Not yet the default: a preset change
-    # renames every default row (README "Results", Next).
     c.model.concept_dim = 128
+    # Measured: nested concepts. Each chunk's concept is cut in training to its first 32,
+    # 64 or all 128 dimensions (the rest zeroed), so the encoder puts the coarse content
+    # first and the renderer learns to fill in from a prefix; generation renders the first
+    # 64 of each sample (configs/concepts.py, concepts.render_dims). On the built-in corpus
+    # better in each of five runs at equal FLOPs (three render seeds, three concept
+    # seeds): 0.804 against 0.769 consistent (AR 0.838), though less well formed (0.911
+    # against 0.928). Rendered from 32 / all 128: 0.792 / 0.790 (three render seeds).
+    # Measured on top and not better (one run each, against 0.787 from the same seeds):
+    # 800 render steps (the concepts run taking their FLOPs), 0.778; the head fitted on
+    # the 64 rendered dimensions only (concepts.loss_dims), 0.762. On real text worse:
+    # 232.3 against 177.4 gen-PPL (1,800 render steps, sampled cool with END at
+    # temperature 1; bound 103.7 against 82.5): there the render stage's bits are short,
+    # and a nested prefix carries more of them (README "Results"). On text train with
+    # --config.render.nested_dims='()' (and sample all of each concept: below).
+    c.render.nested_dims = (32, 64, 128)
     c.model.encoder_layers = 2
     c.model.renderer_layers = 2
     # Measured: twice the steps of the earlier default (600), with the concepts run
@@ -91,11 +98,13 @@ def get_config(preset="tiny"):
     # Measured: 1,800 steps (the concepts run giving up their FLOPs) are the best on real
     # text (gen-PPL 100.5 sampled cool over two seeds) and lose on the built-in corpus
     # from every render seed: 0.744 against 0.771 consistent (render seeds 0 / 1 / 2,
-    # concept seed 0; README "Results", Next). On text, train 1,800 here and 1,194 in the
-    # concepts run (the same budget), and sample with --temperature=0.5 --guidance=4
-    # --end_temperature=1: cooled and guided alone, the sampler ends 2/3 of the
-    # continuations at once (gen-PPL ~100 on 7 tokens); with END decided at temperature
-    # 1 it ends as the text does (42-48%) and scores 146-177 on 14-16 tokens.
+    # concept seed 0, whole concepts; README "Results", Next). On text, train 1,800 here
+    # (whole concepts: --config.render.nested_dims='()') and 1,194 in the concepts run
+    # (the same budget; --config.concepts.render_dims=0), and sample with
+    # --temperature=0.5 --guidance=4 --end_temperature=1: cooled and guided alone, the
+    # sampler ends 2/3 of the continuations at once (gen-PPL ~100 on 7 tokens); with END
+    # decided at temperature 1 it ends as the text does (42-48%) and scores 146-177 on
+    # 14-16 tokens.
     c.train.num_steps = 1200
     c.train.learning_rate = 3e-3
     c.train.warmup_steps = 100
@@ -111,6 +120,7 @@ def get_config(preset="tiny"):
     c.data.num_concepts = 8
     c.render.z_noise = 1.5
     c.model.encoder_pooling = "slots"  # As tiny (measured there only).
+    c.render.nested_dims = (64, 128, 256)  # As tiny, in quarters (measured there only).
     c.data.fill_examples = True  # As tiny (measured there only).
     c.render.end_keep = 0.25
     c.data.tokenizer_docs = 20000

@@ -104,7 +104,7 @@ class _Tok:
 
 
 def test_z_noise_is_on_in_training_and_off_at_evaluation():
-  config = tiny_config("render")
+  config = tiny_config("render", **{"render.nested_dims": ()})  # Noise alone.
   batch, key = _render_batch(config), jax.random.key(0)
   losses = {}
   for noise in (0.0, 5.0):

@@ -4,8 +4,10 @@ import dataclasses
 import json
 import os
 
+import ml_collections
 import pytest
 
+from concept_diffusion import config as config_lib
 from concept_diffusion import experiment
 from concept_diffusion.experiment import Settings, Variant
 
@@ -181,12 +183,16 @@ def test_a_changed_preset_is_not_silently_reused(grid_run):
   newer = ("end_noise", "render_dims", "end_temperature", "candidate_rule")
   assert not set(newer) & set(experiment.sampling(GRID[0], plan))
   ended = experiment.apply_overrides(config.copy_and_resolve_references(),
-                                     {"concepts.end_noise": 1.5, "concepts.render_dims": 8,
-                                      "concepts.end_temperature": 1.0,
+                                     {"concepts.end_noise": 1.5, "concepts.end_temperature": 1.0,
                                       "concepts.candidate_rule": "roundtrip"})
   experiment.train_once(ended, concepts_dir)
   options = experiment.sampling(GRID[0], experiment.Plan(plan.render, (concepts_dir, ended), None))
-  assert [options[k] for k in newer] == [1.5, 8, 1.0, "roundtrip"]
+  assert [options.get(k) for k in newer] == [1.5, None, 1.0, "roundtrip"]
+  # A prefix of concepts the render run never trained on nested: refused, not reused.
+  cut = experiment.apply_overrides(config.copy_and_resolve_references(),
+                                   {"concepts.render_dims": 8})
+  with pytest.raises(config_lib.ConfigError, match="render.nested_dims is empty"):
+    experiment.train_once(cut, concepts_dir)
   changed = experiment.apply_overrides(config.copy_and_resolve_references(),
                                        {"model.concept_layers": 3})
   with pytest.raises(experiment.ExperimentError, match="model.concept_layers: trained 2"):
@@ -315,6 +321,62 @@ def test_adopt_runs_moves_a_render_run_and_the_concepts_run_over_it(grid_run, tm
   experiment.check_reuse(new[1].concepts[1], new[1].concepts[0])
 
 
+def test_adopt_runs_moves_an_equal_flops_row_whose_render_run_moves(grid_run, tmp_path):
+  """A row measured with an explicit override that a preset edit makes the default's (as
+  nested concepts were) is planned under a new name: its render run moves, then its
+  concepts run, whose steps follow from the render run in its new place."""
+  import shutil
+  workdir = str(tmp_path / "grid")
+  shutil.copytree(grid_run[0], workdir)
+  before = Variant("x", "render steps", render={"render.end_keep": 0.5,
+                                                "train.num_steps": 1400}, equal_flops=True)
+  trained = experiment.run_grid([GRID[0], before], workdir, _settings())["variants"]["x"]
+  old = experiment.plan_variant(dataclasses.replace(before, concepts=trained["concepts"]),
+                                workdir, _settings())
+  settings = dataclasses.replace(_settings(), render_preset=_edited_preset(
+      tmp_path, "render", "c.render.end_keep = 0.5"))
+  after = Variant("y", "render steps", render={"train.num_steps": 1400}, equal_flops=True)
+  grid = [Variant("default"), Variant("old", "old default", render={"render.end_keep": 0.25}),
+          after]
+  first = experiment.plan_variant(grid[0], workdir, settings)  # Its budget, as adopt reads it.
+  vocab = experiment._vocab_size(first.render[0])
+  budget = experiment._variant_flops(first, vocab)
+  moves = experiment.adopt_runs(grid, workdir, settings)
+  new = experiment.plan_variant(after, workdir, settings)
+  assert (old.render[0], new.render[0]) in moves
+  matched = experiment.plan_variant(experiment.match_flops(after, workdir, settings, vocab,
+                                                           budget), workdir, settings)
+  assert [m for m in moves if m[1] == matched.concepts[0]] == [(old.concepts[0],
+                                                                matched.concepts[0])]
+  assert not experiment._differences(matched.concepts[1], matched.concepts[0], strict=True)
+  assert experiment.adopt_runs(grid, workdir, settings) == []  # Settled: nothing moves.
+
+
+def test_strict_differences_compare_a_field_both_sides_may_lack(grid_run, tmp_path,
+                                                              monkeypatch):
+  """A concepts run keeps a copy of its render run's config: two concepts runs over render
+  runs a newer field apart are told apart even where the planned render run predates it."""
+  from concept_diffusion.train import stages
+  concepts_dir, config = experiment.plan_variant(GRID[0], grid_run[0], _settings()).concepts
+  saved = json.load(open(os.path.join(concepts_dir, "config.json")))
+  saved["concepts"]["render_config"]["render"]["nested_dims"] = [8, 16, 32]
+  other = tmp_path / "other"
+  other.mkdir()
+  json.dump(saved, open(other / "config.json", "w"))
+  run_config = stages._run_config
+
+  def predating(*args):  # The planned render run, as trained before render.nested_dims.
+    run = run_config(*args).to_dict()
+    del run["render"]["nested_dims"]
+    return ml_collections.ConfigDict(run)
+
+  monkeypatch.setattr(stages, "_run_config", predating)
+  assert experiment._differences(config, str(other), strict=True) == [
+      ("concepts.render_config.render.nested_dims", [8, 16, 32], [])]
+  assert not experiment._differences(config, concepts_dir, strict=True)  # [] = its default.
+  assert not experiment._differences(config, str(other))  # The lax check skips it.
+
+
 def test_grid_runs_checkpoint_periodically_and_reuse_ignores_how_often(grid_run):
   plan = experiment.plan_variant(GRID[0], "/tmp/unused", Settings(checkpoint_every=500))
   assert plan.concepts[1].checkpoint.every_steps == 500  # Of 2,400 steps: a killed run resumes.
@@ -396,9 +458,10 @@ def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
   render = {name: (plans[name][1].render[1].model.encoder_pooling,
                    plans[name][1].render[1].render.z_noise,
                    plans[name][1].render[1].train.num_steps)
-            for name in ("default", "v9", "v8", "v7", "v6", "v5", "v4", "v1")}
+            for name in ("default", "v10", "v9", "v8", "v7", "v6", "v5", "v4", "v1")}
   # Each earlier default's render stage and concept head, as measured.
-  assert render == {"default": ("slots", 1.5, 1200), "v9": ("slots", 1.5, 1200),
+  assert render == {"default": ("slots", 1.5, 1200), "v10": ("slots", 1.5, 1200),
+                    "v9": ("slots", 1.5, 1200),
                     "v8": ("slots", 1.5, 1200),
                     "v7": ("slots", 1.5, 600),
                     "v6": ("slots", 1.5, 600), "v5": ("slots", 1.0, 600),
@@ -408,15 +471,25 @@ def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
   # that try each half).
   halves = {"v9_fill_only": (True, 1.0), "v9_end0.25": (False, 0.25)}
   for name, (_, plan) in plans.items():
-    earlier = name[0] == "v" and name[1].isdigit()
+    earlier = name[0] == "v" and name[1].isdigit() and not name.startswith("v10")
     want = halves.get(name, (False, 1.0) if earlier else (True, 0.25))
     assert (plan.render[1].data.fill_examples, plan.render[1].render.end_keep) == want, name
+  # Today's rows train nested concepts and render 64 dimensions of each sample; every
+  # earlier default's rows whole concepts, rendered whole (but the rows that set them).
+  for name, (v, plan) in plans.items():
+    earlier = name[0] == "v" and name[1].isdigit()
+    nested = v.render.get("render.nested_dims", () if earlier else (32, 64, 128))
+    assert tuple(plan.render[1].render.nested_dims) == nested, name
+    dims = v.sample.get("render_dims", v.concepts.get("concepts.render_dims",
+                                                      0 if earlier else 64))
+    assert experiment.sampling(v, plan).get("render_dims", 0) == dims, name
   assert not plans["v1_generated"][1].finetune[1].data.fill_examples  # It refuses filling.
   heads = {name: (plans[name][1].concepts[1].model.diff_head_layers,
                   plans[name][1].concepts[1].model.head_mean,
                   plans[name][1].concepts[1].train.num_steps)
-           for name in ("default", "v9", "v8", "v7", "v6", "v5", "v4", "v3", "v2", "v1")}
-  assert heads == {"default": (6, True, 2209), "v9": (6, True, 2209), "v8": (6, False, 2234),
+           for name in ("default", "v10", "v9", "v8", "v7", "v6", "v5", "v4", "v3", "v2", "v1")}
+  assert heads == {"default": (6, True, 2209), "v10": (6, True, 2209), "v9": (6, True, 2209),
+                   "v8": (6, False, 2234),
                    "v7": (6, False, 3260),
                    "v6": (2, False, 5990), "v5": (2, False, 5990), "v4": (2, False, 6037),
                    "v3": (2, False, 5310), "v2": (2, False, 2400), "v1": (2, False, 2400)}
@@ -430,6 +503,6 @@ def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
   assert v2.train.num_steps == 2400 and plans["v1"][1].concepts[1].train.learning_rate == 1e-3
   for name, (v, plan) in plans.items():
     s = experiment.sampling(v, plan)
-    if name.startswith(("v1", "v2")) and "sampling" not in v.axis and "t1s64" not in name:
+    if name.split("_")[0] in ("v1", "v2") and "sampling" not in v.axis and "t1s64" not in name:
       assert (s["temperature"], s["concept_steps"]) == (0.5, 16), name  # As measured then.
   assert experiment.sampling(*plans["v1"])["reencode"] is False

@@ -134,12 +134,17 @@ def test_the_round_trip_and_its_metrics_render_the_prefix(nested_runs):
   assert m[8]["elbo_bits_per_token"] > m[0]["elbo_bits_per_token"]  # Less of z, more bits.
 
 
-def test_render_dims_need_a_nested_render_run_and_a_prefix_of_it(nested_runs, tiny_concepts_run):
+def test_render_dims_need_a_nested_render_run_and_a_prefix_of_it(nested_runs, tiny_render_run,
+                                                                 tiny_concepts_run):
   whole = generate.load(tiny_concepts_run)  # Its render run trained on whole concepts.
   with pytest.raises(generate.GenerateError, match="render.nested_dims is empty"):
     generate.generate(whole, PROMPTS[:1], render_dims=8)
   with pytest.raises(generate.GenerateError, match="render.nested_dims is empty"):
     generate.roundtrip(whole, PROMPTS[:1], render_dims=8)
+  # Training over it with the presets' render_dims is refused before it starts.
+  with pytest.raises(config_lib.ConfigError, match="render_dims=16 renders a prefix"):
+    stages.resolve_config(tiny_config("concepts", **{"concepts.render_workdir": tiny_render_run,
+                                                     "concepts.render_dims": 16}))
   nested = generate.load(nested_runs[1])
   for bad in (-1, 33):
     with pytest.raises(generate.GenerateError, match=f"render_dims={bad} must"):
@@ -198,7 +203,8 @@ def test_loss_dims_average_the_error_over_the_prefix():
 @pytest.mark.parametrize("over,match", [
     ({"concepts.loss_dims": 33}, "concepts.loss_dims=33 must"),
     ({"concepts.loss_dims": -1}, "concepts.loss_dims=-1 must"),
-    ({"concepts.loss_dims": 16}, r"0 < concepts.render_dims <= loss_dims \(got 0\)"),
+    ({"concepts.loss_dims": 16, "concepts.render_dims": 0},
+     r"0 < concepts.render_dims <= loss_dims \(got 0\)"),
     ({"concepts.loss_dims": 16, "concepts.render_dims": 24}, r"\(got 24\)"),
     ({"concepts.loss_dims": 16, "concepts.render_dims": 8, "concepts.reencode": False},
      r"concepts.reencode=True \(got False\)"),

@@ -27,6 +27,8 @@ TINY = [
     "--config.model.embed_dim=32", "--config.model.mlp_dim=64", "--config.model.num_heads=2",
     "--config.model.num_kv_heads=2", "--config.model.head_dim=16",
     "--config.model.concept_dim=16", "--config.model.encoder_layers=1",
+    # The presets' nested concepts (32 / 64 / 128, rendered from 64), scaled to 16 wide.
+    "--config.render.nested_dims=(4, 8, 16)", "--config.concepts.render_dims=8",
     "--config.model.renderer_layers=1", "--config.model.concept_layers=1",
     "--config.model.diff_head_layers=1", "--config.model.diff_head_dim=32",
     "--config.train.batch_size=8", "--config.train.log_every=1",

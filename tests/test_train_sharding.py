@@ -10,7 +10,7 @@ import sys
 from test_train import REPO, TINY, _args, _env, _metrics, _run, _steps, tokenizer_dir, workdir  # noqa: F401
 
 _EQUIVALENCE = r"""
-import json, os, shutil, sys
+import ast, json, os, shutil, sys
 import ml_collections
 from concept_diffusion.train import trainer
 sys.path.insert(0, "configs")
@@ -23,7 +23,10 @@ def build(module, overrides):
     *path, leaf = k.replace("--config.", "").split(".")
     for p in path:
       node = node[p]
-    node[leaf] = type(node[leaf])(v) if not isinstance(node[leaf], bool) else v == "true"
+    if isinstance(node[leaf], tuple):
+      node[leaf] = ast.literal_eval(v)
+    else:
+      node[leaf] = type(node[leaf])(v) if not isinstance(node[leaf], bool) else v == "true"
   return c
 root = sys.argv[1]
 losses = {}
