@@ -377,7 +377,10 @@ def adopt_runs(grid: Sequence[Variant], workdir: str, settings: Settings | None 
   kind whose saved config matches its plan (strictly: a field the run predates counts
   as its base_config value); a run under a planned name that does not match is moved
   aside first (NAME.parked-I), so another row can take it. Nothing is trained or
-  deleted. Equal-FLOPs rows are planned after their render runs (if trained).
+  deleted. An equal-FLOPs row's render run is planned as any other; its concepts run once
+  the render run is in place (a second pass plans those whose render run the first moved).
+  A planned run that cannot be resolved (a fine-tune whose concepts run's checkpoint names
+  a render run moved away) is left to train.
   """
   settings = settings or Settings(**kwargs)
   moves = []

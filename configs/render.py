@@ -68,9 +68,12 @@ def get_config(preset="tiny"):
     # better in each of five runs at equal FLOPs (three render seeds, three concept
     # seeds): 0.804 against 0.769 consistent (AR 0.838), though less well formed (0.911
     # against 0.928). Rendered from 32 / all 128: 0.792 / 0.790 (three render seeds).
-    # Measured on top and not better (one run each, against 0.787 from the same seeds):
-    # 800 render steps (the concepts run taking their FLOPs), 0.778; the head fitted on
-    # the 64 rendered dimensions only (concepts.loss_dims), 0.762. On real text worse:
+    # Measured on top, not better (one run each, against 0.787 from the same seeds):
+    # 800 / 1,600 render steps (the concepts run taking the FLOPs), 0.778 / 0.791; the
+    # head fitted on the 64 rendered dimensions only (concepts.loss_dims), 0.762. Four
+    # prefixes (16 / 32 / 64 / 128) gave 0.809 from one run; z noise 1.25 0.828 from the
+    # same seeds, but over five runs Z125_MEAN against 0.804, better in 2 of 5 pairs
+    # (bound 0.993 against 0.973). On real text worse:
     # 232.3 against 177.4 gen-PPL (1,800 render steps, sampled cool with END at
     # temperature 1; bound 103.7 against 82.5): there the render stage's bits are short,
     # and a nested prefix carries more of them (README "Results"). On text train with

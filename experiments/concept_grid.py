@@ -259,7 +259,9 @@ LOSS64 = Variant("loss_dims64", "concept loss", concepts={"concepts.loss_dims": 
 # One step on: four prefixes (16 / 32 / 64 / 128), z noise 1.25 (the prefix read more
 # precisely; the bound was 0.97), 1,600 render steps (the same; the concepts run gives
 # up the FLOPs). Measured as v10's nested16_eqflops_dims64, nested_z_noise1.25_eqflops_dims64
-# and nested_render1600_eqflops_dims64.
+# (and its _seedS, _render_seedR) and nested_render1600_eqflops_dims64: 0.809, 0.828 and
+# 0.791 against 0.787 (bounds 0.912, 0.993, 0.989); z noise 1.25 over five runs Z125_MEAN
+# against 0.804, not better pair by pair (README "Results").
 NESTED_NEXT = [
     Variant("nested16_eqflops", "nested concepts", equal_flops=True,
             render={"render.nested_dims": (16, 32, 64, 128)}),
@@ -404,6 +406,7 @@ FULL = [
     *SEED_ROWS,
     *[r for v in RENDER_DIMS for r in (v, *seeded(v, RENDER_SEEDS, "render seed"))],
     RENDER800, LOSS64, *NESTED_NEXT,
+    *seeded(NESTED_NEXT[1]), *seeded(NESTED_NEXT[1], RENDER_SEEDS, "render seed"),
     # The v10 default (whole concepts) and one change from it per row.
     *map(from_v10, [
         Variant("default"),

@@ -7,7 +7,6 @@ import os
 import ml_collections
 import pytest
 
-from concept_diffusion import config as config_lib
 from concept_diffusion import experiment
 from concept_diffusion.experiment import Settings, Variant
 
@@ -188,11 +187,6 @@ def test_a_changed_preset_is_not_silently_reused(grid_run):
   experiment.train_once(ended, concepts_dir)
   options = experiment.sampling(GRID[0], experiment.Plan(plan.render, (concepts_dir, ended), None))
   assert [options.get(k) for k in newer] == [1.5, None, 1.0, "roundtrip"]
-  # A prefix of concepts the render run never trained on nested: refused, not reused.
-  cut = experiment.apply_overrides(config.copy_and_resolve_references(),
-                                   {"concepts.render_dims": 8})
-  with pytest.raises(config_lib.ConfigError, match="render.nested_dims is empty"):
-    experiment.train_once(cut, concepts_dir)
   changed = experiment.apply_overrides(config.copy_and_resolve_references(),
                                        {"model.concept_layers": 3})
   with pytest.raises(experiment.ExperimentError, match="model.concept_layers: trained 2"):

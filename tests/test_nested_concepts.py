@@ -135,16 +135,19 @@ def test_the_round_trip_and_its_metrics_render_the_prefix(nested_runs):
 
 
 def test_render_dims_need_a_nested_render_run_and_a_prefix_of_it(nested_runs, tiny_render_run,
-                                                                 tiny_concepts_run):
+                                                                 tiny_concepts_run, tmp_path):
   whole = generate.load(tiny_concepts_run)  # Its render run trained on whole concepts.
   with pytest.raises(generate.GenerateError, match="render.nested_dims is empty"):
     generate.generate(whole, PROMPTS[:1], render_dims=8)
   with pytest.raises(generate.GenerateError, match="render.nested_dims is empty"):
     generate.roundtrip(whole, PROMPTS[:1], render_dims=8)
-  # Training over it with the presets' render_dims is refused before it starts.
+  # Training over it with the presets' render_dims is refused before anything is written.
+  from concept_diffusion import train
+  workdir = tmp_path / "refused"
   with pytest.raises(config_lib.ConfigError, match="render_dims=16 renders a prefix"):
-    stages.resolve_config(tiny_config("concepts", **{"concepts.render_workdir": tiny_render_run,
-                                                     "concepts.render_dims": 16}))
+    train.train(tiny_config("concepts", **{"concepts.render_workdir": tiny_render_run,
+                                           "concepts.render_dims": 16}), str(workdir))
+  assert not workdir.exists()
   nested = generate.load(nested_runs[1])
   for bad in (-1, 33):
     with pytest.raises(generate.GenerateError, match=f"render_dims={bad} must"):

@@ -478,13 +478,18 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
       config.data[field] = render.data[field]
   config.model.concept_dim = render.model.concept_dim
   config.concepts.render_config = _without(render, "concepts", "render_config")
-  render_dims = config.concepts.get("render_dims", 0)  # .get: configs saved before the field.
-  if render_dims and not render.render.get("nested_dims", ()):
-    # Refused before training, not at the first generation after it.
-    raise ConfigError(f"concepts.render_dims={render_dims} renders a prefix of each concept, "
-                      f"but the render run {workdir} was trained on whole concepts "
-                      "(render.nested_dims is empty): set --config.concepts.render_dims=0")
   return config
+
+
+def check_render_dims(config: ml_collections.ConfigDict) -> None:
+  """A resolved concepts config's render_dims against its render run: refused before
+  training, not at the first generation after it."""
+  render_dims = config.concepts.get("render_dims", 0)  # .get: configs saved before the field.
+  if render_dims and not config.concepts.render_config.render.get("nested_dims", ()):
+    raise ConfigError(f"concepts.render_dims={render_dims} renders a prefix of each concept, "
+                      f"but the render run {config.concepts.render_workdir} was trained on "
+                      "whole concepts (render.nested_dims is empty): set "
+                      "--config.concepts.render_dims=0")
 
 
 def inherit_finetune(config: ml_collections.ConfigDict, concepts: ml_collections.ConfigDict,

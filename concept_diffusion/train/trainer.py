@@ -334,6 +334,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   multihost.maybe_initialize(config)
   check_config(config, jax.device_count())
   config = stages_lib.resolve_config(config)
+  if config.stage == "concepts":
+    stages_lib.check_render_dims(config)
   mesh = mesh_lib.make_mesh(config)
   os.makedirs(workdir, exist_ok=True)
   _write_config(config, workdir)
