@@ -72,7 +72,7 @@ def get_config(preset="tiny"):
     # 800 / 1,600 render steps (the concepts run taking the FLOPs), 0.778 / 0.791; the
     # head fitted on the 64 rendered dimensions only (concepts.loss_dims), 0.762. Four
     # prefixes (16 / 32 / 64 / 128) gave 0.809 from one run; z noise 1.25 0.828 from the
-    # same seeds, but over five runs Z125_MEAN against 0.804, better in 2 of 5 pairs
+    # same seeds, but over five runs 0.799 against 0.804, better in 2 of 5 pairs
     # (bound 0.993 against 0.973). On real text worse:
     # 232.3 against 177.4 gen-PPL (1,800 render steps, sampled cool with END at
     # temperature 1; bound 103.7 against 82.5): there the render stage's bits are short,

@@ -260,7 +260,7 @@ LOSS64 = Variant("loss_dims64", "concept loss", concepts={"concepts.loss_dims": 
 # precisely; the bound was 0.97), 1,600 render steps (the same; the concepts run gives
 # up the FLOPs). Measured as v10's nested16_eqflops_dims64, nested_z_noise1.25_eqflops_dims64
 # (and its _seedS, _render_seedR) and nested_render1600_eqflops_dims64: 0.809, 0.828 and
-# 0.791 against 0.787 (bounds 0.912, 0.993, 0.989); z noise 1.25 over five runs Z125_MEAN
+# 0.791 against 0.787 (bounds 0.912, 0.993, 0.989); z noise 1.25 over five runs 0.799
 # against 0.804, not better pair by pair (README "Results").
 NESTED_NEXT = [
     Variant("nested16_eqflops", "nested concepts", equal_flops=True,
