@@ -513,7 +513,7 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
     enc_params = params["encoder"]
     prompt_BxNxD = mods["encoder"].apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
     z_end_D = end_concept(mods["encoder"], enc_params, concept_len)
-    z_end_D = concept_prefix(z_end_D[None, None], opts.model_dims)[0, 0]
+    z_end_D = concept_prefix(z_end_D, opts.model_dims)
     text_BxCL = last_chunks(chunks_BxNxL, counts_B, mods["renderer"].cfg.context_chunks)
     snap = None
     if opts.reencode:
