@@ -238,6 +238,30 @@ def test_render_finetune_counts_and_samples_its_concepts_as_generation_does(tiny
   assert losses[0] != losses[1]
 
 
+def test_render_finetune_renders_the_prefix_generation_renders(tiny_concepts_run, monkeypatch):
+  """Under concepts.render_dims (and so under loss_dims) the fine-tune's generated concepts
+  are cut as generation cuts them: the renderer never learns unmodelled dimensions."""
+  config = stages.resolve_config(tiny_config("render", **{
+      "render.generated_from": tiny_concepts_run, "data.fill_examples": False,
+      "render.generated_prob": 1.0}))
+  d, k = config.model.concept_dim, 4
+  sample = jax.random.normal(jax.random.key(3), (1, config.data.num_concepts, d))
+  cut = sample.at[..., k:].set(0.0)
+
+  def loss(zgen, render_dims):
+    monkeypatch.setattr(stages, "generated_concepts", lambda *a, **kw: (
+        jnp.broadcast_to(zgen, (a[2].shape[0], *zgen.shape[1:])), a[3]))
+    ft = config.copy_and_resolve_references()
+    ft.render.concepts_config.concepts.render_dims = render_dims
+    stage = stages.build_stage(ft, _Tok())
+    params = unbox(stage.init_params(jax.random.key(1)))
+    return float(stage.loss_fn(params, _render_batch(ft), jax.random.key(2))[0])
+
+  assert loss(sample, k) == loss(cut, 0)
+  assert loss(sample, k) != loss(sample, 0)
+  assert loss(sample, d) == loss(sample, 0)
+
+
 def test_render_finetune_needs_a_concepts_run(tiny_render_run, tmp_path):
   from concept_diffusion import train
   config = tiny_config("render", **{"render.generated_from": tiny_render_run,

@@ -176,6 +176,8 @@ def render_stage(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
             cm, {"params": params["concept_model"]}, z_BxNxD, concept_mask_BxN, seg_BxN, k_gen,
             objective=c.objective, steps=c.sample_steps, guidance=c.guidance,
             noise_scale=c.get("temperature", 1.0), end_noise=c.get("end_noise", 0.0))
+        # Generation renders a prefix of each sample (concepts.render_dims): so must this.
+        zgen_BxNxD = renderer.concept_prefix(zgen_BxNxD, c.get("render_dims", 0))
         pick_BxN = valid_BxN & jax.random.bernoulli(k_pick, r.generated_prob, valid_BxN.shape)
         z_in_BxNxD = jnp.where(pick_BxN[..., None], zgen_BxNxD, z_in_BxNxD)
     prev_BxNxD = renderer.previous_concepts(z_in_BxNxD, seg_BxN) if cfg.prev_concept else None
