@@ -55,7 +55,8 @@ COLUMNS = (  # (results key, table heading)
 )
 DONE_FILE = "grid_done.json"
 # Settings that only add rows: changing them re-evaluates no other row.
-ROW_FREE = ("ar_temperatures", "ar_seeds", "ar_fill", "baselines", "checkpoint_every")
+ROW_FREE = ("ar_temperatures", "ar_seeds", "ar_fill", "ar_learning_rates", "baselines",
+            "checkpoint_every")
 # Generation defaults a run's config carries that do not change training: a finished run
 # is reused when only these change, and the grid samples with the planned values.
 SAMPLING_FIELDS = {"concepts.temperature": "temperature", "concepts.reencode": "reencode",
@@ -122,6 +123,9 @@ class Settings:
   # same change as a row that fills its own batches, so the baseline is not left with
   # the padding that row gave up.
   ar_fill: bool = False
+  # The ar baseline also trained at these learning rates (rows ar_lrX, seed 0): a
+  # concepts-run rate tuned on this grid is compared with a baseline given the same try.
+  ar_learning_rates: tuple = ()
   baselines: tuple = ("ar", "mdm")  # Flat baselines trained and shown.
   # Train the judge and score gen-PPL. False: every other column, without the ~22 CPU
   # minutes of the judge's run (rows so made are evaluated again once it is on).
@@ -606,14 +610,18 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
     if settings.ar_fill:
       specs["ar_fill"] = ("ar", settings.ar_preset, {"train.seed": settings.seed,
                                                      "data.fill_examples": True})
+    specs.update({f"ar_lr{lr:g}": ("ar", settings.ar_preset,
+                                   {"train.seed": settings.seed, "train.learning_rate": lr})
+                  for lr in settings.ar_learning_rates})
   for name, (kind, spec, seeds) in specs.items():
     config = _preset(spec, settings, seeds)
     config.train.num_steps = matched_steps(config, vocab, budget)
     config.checkpoint.every_steps = min(settings.checkpoint_every, config.train.num_steps)
     fill = ("fill",) if seeds.get("data.fill_examples") else ()  # Older names stay.
+    lr = (("lr", seeds["train.learning_rate"]),) if "train.learning_rate" in seeds else ()
     run_dir = os.path.join(workdir, _run_name(kind, settings.source, settings.steps_scale,
                                               settings.common, config.train.num_steps,
-                                              seeds["train.seed"], *fill))
+                                              seeds["train.seed"], *fill, *lr))
     train_once(config, run_dir)
     baselines[name] = (run_dir, config)
 
@@ -635,8 +643,10 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
         if name == "judge":
           continue
         run_dir, config = baselines[name]
-        axis = {"ar_fill": "baseline, filled rows"}.get(
-            name, "baseline, seed" if name.startswith("ar_seed") else "baseline (equal FLOPs)")
+        axis = ("baseline, filled rows" if name == "ar_fill"
+                else "baseline, seed" if name.startswith("ar_seed")
+                else "baseline, learning rate" if name.startswith("ar_lr")
+                else "baseline (equal FLOPs)")
         add_row(name, axis, None, [run_dir],
                 lambda: {**_evaluate_flat(run_dir, judge, settings),
                          "train_pflops": training_flops(config, vocab) / 1e15})

@@ -19,7 +19,8 @@ minutes for the default row and the baselines, ~8-12 minutes per row that trains
 minutes per sampling row.
 --only=v2,v2_t1s64 picks rows; --baselines=ar leaves out mdm (~20 minutes);
 --ar_seeds=2 adds an ar run from another seed (row ar_seed2); --ar_fill one trained on
-filled rows (data.fill_examples, row ar_fill); --nojudge skips the judge's
+filled rows (data.fill_examples, row ar_fill); --ar_learning_rates=5e-3 one at that
+learning rate (row ar_lr0.005); --nojudge skips the judge's
 run (~22 minutes) and the gen-PPL column, for a first look at rows. After a preset edit
 (a new default), --adopt moves the runs already trained to the names the grid now plans
 for them (experiment.adopt_runs) instead of refusing them.
@@ -747,6 +748,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("judge", True, "Train the judge ar run and score gen-PPL.")
   flags.DEFINE_list("ar_seeds", [], "The ar baseline also trained from these seeds (rows "
                     "ar_seedS).")
+  flags.DEFINE_list("ar_learning_rates", [], "The ar baseline also trained at these "
+                    "learning rates (rows ar_lrX).")
   flags.DEFINE_bool("ar_fill", False, "Also an ar baseline on filled rows "
                     "(data.fill_examples; row ar_fill).")
   flags.DEFINE_bool("adopt", False, "First move finished runs to the names the whole grid "
@@ -762,7 +765,8 @@ def main(argv):
   settings = experiment.Settings(source=f.source, num_prompts=f.num_prompts,
                                  baselines=tuple(f.baselines),
                                  ar_seeds=tuple(int(s) for s in f.ar_seeds), judge=f.judge,
-                                 ar_fill=f.ar_fill)
+                                 ar_fill=f.ar_fill,
+                                 ar_learning_rates=tuple(float(x) for x in f.ar_learning_rates))
   if f.adopt:  # Over every row, so a run displaced by a new default finds its new name.
     for src, dst in experiment.adopt_runs(grid, f.workdir, settings):
       print(f"moved {src} -> {dst}")

@@ -100,6 +100,20 @@ def test_ar_is_also_sampled_at_a_lower_temperature(grid_run, monkeypatch):
       with open(os.path.join(workdir, name, "config.json")) as f:
         fills[name] = json.load(f)["data"].get("fill_examples")
   assert sorted(fills.values(), key=str) == [False, False, True]
+  # An ar run at another learning rate: one more run and row, the same FLOPs and seed.
+  tuned = experiment.run_grid(GRID[:1], workdir, dataclasses.replace(
+      _settings(), baselines=("ar",), ar_learning_rates=(5e-3,)))
+  assert list(tuned["rows"]) == ["default", "ar", "ar_lr0.005", "ar_temp0.5", "reference"]
+  assert tuned["rows"]["ar"] == first["rows"]["ar"] and len(temps) == 4
+  assert tuned["rows"]["ar_lr0.005"]["axis"] == "baseline, learning rate"
+  assert tuned["rows"]["ar_lr0.005"]["train_pflops"] == first["rows"]["ar"]["train_pflops"]
+  rates = {}
+  for name in os.listdir(workdir):
+    if name.startswith("ar-"):
+      with open(os.path.join(workdir, name, "config.json")) as f:
+        saved = json.load(f)
+      rates[name] = (saved["train"]["learning_rate"], saved["train"]["seed"])
+  assert sorted(rates.values())[-1] == (5e-3, 0) and len(rates) == 4
   with pytest.raises(experiment.ExperimentError, match="baselines \\['gpt'\\]"):
     experiment.run_grid(GRID[:1], workdir, dataclasses.replace(_settings(), baselines=("gpt",)))
 
