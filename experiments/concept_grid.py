@@ -262,7 +262,9 @@ LOSS64 = Variant("loss_dims64", "concept loss", concepts={"concepts.loss_dims": 
 # up the FLOPs). Measured as v10's nested16_eqflops_dims64, nested_z_noise1.25_eqflops_dims64
 # (and its _seedS, _render_seedR) and nested_render1600_eqflops_dims64: 0.809, 0.828 and
 # 0.791 against 0.787 (bounds 0.912, 0.993, 0.989); z noise 1.25 over five runs 0.799
-# against 0.804, not better pair by pair (README "Results").
+# against 0.804, not better pair by pair; four prefixes over the same five 0.804 against
+# 0.804 (0.809 / 0.783 / 0.823 from concept seeds 0 / 1 / 2, 0.819 / 0.785 from render
+# seeds 1 / 2; bounds 0.90-0.92), level (README "Results").
 NESTED_NEXT = [
     Variant("nested16_eqflops", "nested concepts", equal_flops=True,
             render={"render.nested_dims": (16, 32, 64, 128)}),
