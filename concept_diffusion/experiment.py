@@ -248,11 +248,12 @@ def matched_steps(config: ml_collections.ConfigDict, vocab_size: int, budget: fl
 
 
 def _variant_flops(plan: Plan, vocab_size: int) -> float:
-  """Training FLOPs of a variant's trained runs, configs resolved as the trainer does."""
+  """Training FLOPs of a variant's runs, configs resolved as the trainer does (from the
+  planned render config: the runs need not exist)."""
   from concept_diffusion.train import stages
-  resolve = lambda c: stages.resolve_config(ml_collections.ConfigDict(c.to_dict()))
   render = plan.render[1]
-  concepts = resolve(plan.concepts[1])
+  concepts = stages.inherit_render(ml_collections.ConfigDict(plan.concepts[1].to_dict()),
+                                   ml_collections.ConfigDict(render.to_dict()))
   total = training_flops(render, vocab_size) + training_flops(concepts, vocab_size, render)
   if plan.finetune is not None:  # Resolved from the plan: its concepts run may not exist yet.
     finetune = ml_collections.ConfigDict(plan.finetune[1].to_dict())
@@ -388,12 +389,13 @@ def adopt_runs(grid: Sequence[Variant], workdir: str, settings: Settings | None 
   """
   settings = settings or Settings(**kwargs)
   moves = []
-  # The budget is the first row's, read before anything moves (its render run may).
+  # The budget is the first row's, read before anything moves (its render run may), from
+  # its planned configs: on a source where today's default never ran it has no runs.
   first = plan_variant(grid[0], workdir, settings)
   vocab = budget = None
-  if any(v.equal_flops for v in grid) and _finished(first.render[0]):
-    vocab = _vocab_size(first.render[0])
-    budget = _variant_flops(first, vocab)
+  if any(v.equal_flops for v in grid):
+    vocab = _grid_vocab(first, workdir)
+    budget = None if vocab is None else _variant_flops(first, vocab)
   # An equal-FLOPs row's concepts run is planned once its render run is in place (the
   # steps follow from it): a second pass adopts those whose render run the first moved.
   for _ in range(2):
@@ -671,6 +673,28 @@ def _write_tables(result: dict, workdir: str) -> None:
   if kinds:
     with open(os.path.join(workdir, "results_by_kind.md"), "w") as f:
       f.write(kinds + "\n")
+
+
+# The data fields a tokenizer is trained from (pipeline.make_tokenizer).
+TOKENIZER_FIELDS = ("source", "vocab_size", "tokenizer_model", "tokenizer_docs", "corpus_seed",
+                    "max_doc_chars", "eval_fraction", "eval_docs")
+
+
+def _grid_vocab(first: Plan, workdir: str) -> int | None:
+  """The vocabulary of the first row's tokenizer: its render run's, or where that is not
+  trained, a finished render run's trained from the same data fields (None: no such run)."""
+  if _finished(first.render[0]):
+    return _vocab_size(first.render[0])
+  want = {k: first.render[1].data.get(k) for k in TOKENIZER_FIELDS}
+  for name in sorted(os.listdir(workdir)):
+    run_dir = os.path.join(workdir, name)
+    if not (name.startswith("render-") and _finished(run_dir)):
+      continue
+    with open(os.path.join(run_dir, "config.json")) as f:
+      data = json.load(f)["data"]
+    if {k: data.get(k) for k in TOKENIZER_FIELDS} == want:
+      return _vocab_size(run_dir)
+  return None
 
 
 def _vocab_size(render_dir: str) -> int:

@@ -108,7 +108,13 @@ def get_config(preset="tiny"):
     # EMA of the weights (0.999: 0.714 -> 0.682 on the same run), a contrastive term
     # on the context (weight 0.1 / 1.0: 0.684 / 0.687 consistent) and no guidance
     # dropout (0.632): none outside the seeds' spread (README).
-    c.train.learning_rate = 3e-3
+    # Measured since: the held-out loss was still falling at the end of the 2,209 steps
+    # (no overfitting of the cache), and fell further at 5e-3 (1.394 -> 1.363; 2e-3 1.431,
+    # 8e-3 1.370). On the built-in corpus, over five runs (render seeds 0 / 1 / 2, concept
+    # seeds 0 / 1 / 2), consistent-with-prompt 0.804 -> 0.813 and well-formed 0.913 -> 0.917,
+    # no pair worse (README "Results", "the concepts run's learning rate"). Not measured
+    # on real text: the text recipe (configs/render.py) keeps 3e-3, as measured.
+    c.train.learning_rate = 5e-3
     c.train.warmup_steps = 100
     c.train.log_every = 50
     c.checkpoint.every_steps = 200

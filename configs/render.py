@@ -103,7 +103,8 @@ def get_config(preset="tiny"):
     # from every render seed: 0.744 against 0.771 consistent (render seeds 0 / 1 / 2,
     # concept seed 0, whole concepts; README "Results", Next). On text, train 1,800 here
     # (whole concepts: --config.render.nested_dims='()') and 1,194 in the concepts run
-    # (the same budget; --config.concepts.render_dims=0), and sample with
+    # (the same budget; --config.concepts.render_dims=0, and the rate it was measured at,
+    # --config.train.learning_rate=3e-3), and sample with
     # --temperature=0.5 --guidance=4 --end_temperature=1: cooled and guided alone, the
     # sampler ends 2/3 of the continuations at once (gen-PPL ~100 on 7 tokens); with END
     # decided at temperature 1 it ends as the text does (42-48%) and scores 146-177 on

@@ -41,6 +41,9 @@ from concept_diffusion.experiment import Variant
 # concept steps.
 V10_RENDER = {"render.nested_dims": ()}
 V10 = {"concepts.render_dims": 0}
+# v11 (nested concepts; the default until the concepts run's rate 5e-3) and every earlier
+# default from v2 on trained the concepts run at 3e-3 (v1 at 1e-3).
+V11 = {"train.learning_rate": 3e-3}
 PLAIN_HEAD = {"model.head_mean": False}
 # v9 (the default until filled render batches) and every earlier one trained the render
 # stage on padded examples with every END chunk.
@@ -74,8 +77,16 @@ def _from(v: Variant, tag: str, concepts: dict, sample: dict, render: dict = MEA
   name = tag if v.name == "default" else f"{tag}_{v.name}"
   return dataclasses.replace(v, name=name, axis=f"{v.axis} ({tag})",
                              render={**V10_RENDER, **render, **v.render},
-                             concepts={**V10, **concepts, **v.concepts},
+                             concepts={**V11, **V10, **concepts, **v.concepts},
                              sample={**sample, **v.sample})
+
+
+def from_v11(v: Variant) -> Variant:
+  """The row `v` as one change from the v11 default (nested concepts, the concepts run at
+  3e-3; named v11_...)."""
+  name = "v11" if v.name == "default" else f"v11_{v.name}"
+  return dataclasses.replace(v, name=name, axis=f"{v.axis} (v11)",
+                             concepts={**V11, **v.concepts})
 
 
 def from_v10(v: Variant) -> Variant:
@@ -272,12 +283,13 @@ NESTED_NEXT = [
             render={"render.z_noise": 1.25}),
     Variant("render1600_eqflops", "render steps", equal_flops=True,
             render={"train.num_steps": 1600})]
-# The concepts run's learning rate (3e-3 since v2, measured then against 1e-3). Its
-# held-out loss was still falling at the end of the default's 2,209 steps (1.476 at
-# 1,200, 1.394 at 2,209; train 1.359: no overfitting of the 12,800-example cache), and
-# it fell further at a higher rate: 1.431 / 1.394 / 1.363 / 1.370 at 2e-3 / 3e-3 / 5e-3 /
-# 8e-3 (seed 0, eval over 16 held-out batches; batch 64 for half the steps: 1.426).
-LR5 = Variant("lr5e-3", "concept learning rate", concepts={"train.learning_rate": 5e-3})
+# The concepts run's learning rate (3e-3 from v2 to v11, measured then against 1e-3):
+# today's default trains it at 5e-3 (configs/concepts.py). Its held-out loss was still
+# falling at the end of v11's 2,209 steps (1.476 at 1,200, 1.394 at 2,209; train 1.359:
+# no overfitting of the 12,800-example cache), and fell further at a higher rate: 1.431
+# / 1.394 / 1.363 / 1.370 at 2e-3 / 3e-3 / 5e-3 / 8e-3 (seed 0, 16 held-out batches;
+# batch 64 for half the steps: 1.426). Measured as v11's rows lr5e-3(_seedS,
+# _render_seedR), today's default(_X) (README "Results").
 R1800_NESTED = Variant("render1800_nested_eqflops", "render steps, nested concepts",
                        render={**RENDER1800.render, **NESTED.render}, equal_flops=True)
 R1800_T05 = dataclasses.replace(RENDER1800, name="render1800_temp0.5",
@@ -413,10 +425,17 @@ FULL = [
     # the noise of a row. The render run has its own seed (render_seedS): a second render
     # run moved v9 0.788 -> 0.760 consistent (three concept seeds each).
     *SEED_ROWS,
-    *[r for v in RENDER_DIMS for r in (v, *seeded(v, RENDER_SEEDS, "render seed"))],
-    RENDER800, LOSS64, *NESTED_NEXT,
-    *[r for v in NESTED_NEXT[:2] for r in (*seeded(v), *seeded(v, RENDER_SEEDS, "render seed"))],
-    LR5, *seeded(LR5), *seeded(LR5, RENDER_SEEDS, "render seed"),
+    # The v11 default (nested concepts, the concepts run at 3e-3) and one change from it
+    # per row (measured while it was the default, under the names without v11_; its rows
+    # lr5e-3(_X) were runs of today's default(_X)).
+    *map(from_v11, [
+        Variant("default"),
+        *SEED_ROWS,
+        *[r for v in RENDER_DIMS for r in (v, *seeded(v, RENDER_SEEDS, "render seed"))],
+        RENDER800, LOSS64, *NESTED_NEXT,
+        *[r for v in NESTED_NEXT[:2]
+          for r in (*seeded(v), *seeded(v, RENDER_SEEDS, "render seed"))],
+    ]),
     # The v10 default (whole concepts) and one change from it per row.
     *map(from_v10, [
         Variant("default"),

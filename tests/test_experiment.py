@@ -360,6 +360,39 @@ def test_adopt_runs_moves_an_equal_flops_row_whose_render_run_moves(grid_run, tm
   assert experiment.adopt_runs(grid, workdir, settings) == []  # Settled: nothing moves.
 
 
+def test_adopt_runs_moves_an_equal_flops_row_when_the_default_never_ran_here(grid_run, tmp_path):
+  """A source where today's default was never trained (its runs moved away as an earlier
+  default's): the budget comes from the planned configs, so equal-FLOPs rows still move."""
+  import shutil
+  workdir = str(tmp_path / "grid")
+  shutil.copytree(grid_run[0], workdir)
+  before = Variant("x", "render steps", render={"render.end_keep": 0.5,
+                                                "train.num_steps": 1400}, equal_flops=True)
+  trained = experiment.run_grid([GRID[0], before], workdir, _settings())["variants"]["x"]
+  old = experiment.plan_variant(dataclasses.replace(before, concepts=trained["concepts"]),
+                                workdir, _settings())
+  default = experiment.plan_variant(GRID[0], workdir, _settings())
+  budget = experiment._variant_flops(default, experiment._vocab_size(default.render[0]))
+  for run_dir in (default.render[0], default.concepts[0]):
+    shutil.rmtree(run_dir)  # Never trained here under today's presets.
+  settings = dataclasses.replace(_settings(), render_preset=_edited_preset(
+      tmp_path, "render", "c.render.end_keep = 0.5"))
+  after = Variant("y", "render steps", render={"train.num_steps": 1400}, equal_flops=True)
+  grid = [Variant("default"), after]
+  first = experiment.plan_variant(grid[0], workdir, settings)
+  assert not experiment._finished(first.render[0])
+  vocab = experiment._vocab_size(old.render[0])
+  assert experiment._variant_flops(first, vocab) == pytest.approx(budget)  # end_keep: no FLOPs.
+  moves = experiment.adopt_runs(grid, workdir, settings)
+  matched = experiment.plan_variant(experiment.match_flops(after, workdir, settings, vocab,
+                                                           budget), workdir, settings)
+  assert (old.render[0], matched.render[0]) in moves  # (Other tests' runs may move too.)
+  assert [m for m in moves if m[1] == matched.concepts[0]] == [(old.concepts[0],
+                                                                matched.concepts[0])]
+  assert not experiment._differences(matched.concepts[1], matched.concepts[0], strict=True)
+  assert experiment.adopt_runs(grid, workdir, settings) == []  # Settled: nothing moves.
+
+
 def test_strict_differences_compare_a_field_both_sides_may_lack(grid_run, tmp_path,
                                                               monkeypatch):
   """A concepts run keeps a copy of its render run's config: two concepts runs over render
@@ -479,24 +512,32 @@ def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
   # that try each half).
   halves = {"v9_fill_only": (True, 1.0), "v9_end0.25": (False, 0.25)}
   for name, (_, plan) in plans.items():
-    earlier = name[0] == "v" and name[1].isdigit() and not name.startswith("v10")
+    earlier = name[0] == "v" and name[1].isdigit() and not name.startswith(("v10", "v11"))
     want = halves.get(name, (False, 1.0) if earlier else (True, 0.25))
     assert (plan.render[1].data.fill_examples, plan.render[1].render.end_keep) == want, name
   # Today's rows train nested concepts and render 64 dimensions of each sample; every
   # earlier default's rows whole concepts, rendered whole (but the rows that set them).
   for name, (v, plan) in plans.items():
-    earlier = name[0] == "v" and name[1].isdigit()
+    earlier = name[0] == "v" and name[1].isdigit() and not name.startswith("v11")
     nested = v.render.get("render.nested_dims", () if earlier else (32, 64, 128))
     assert tuple(plan.render[1].render.nested_dims) == nested, name
     dims = v.sample.get("render_dims", v.concepts.get("concepts.render_dims",
                                                       0 if earlier else 64))
     assert experiment.sampling(v, plan).get("render_dims", 0) == dims, name
+  # Today's concepts runs train at 5e-3; v11's and every earlier default's from v2 at
+  # 3e-3, v1's at 1e-3 (but the rows that set it).
+  for name, (v, plan) in plans.items():
+    today = not (name[0] == "v" and name[1].isdigit())
+    want = v.concepts.get("train.learning_rate", 5e-3 if today else 3e-3)
+    assert plan.concepts[1].train.learning_rate == want, name
+  assert plans["v1"][1].concepts[1].train.learning_rate == 1e-3
   assert not plans["v1_generated"][1].finetune[1].data.fill_examples  # It refuses filling.
   heads = {name: (plans[name][1].concepts[1].model.diff_head_layers,
                   plans[name][1].concepts[1].model.head_mean,
                   plans[name][1].concepts[1].train.num_steps)
-           for name in ("default", "v10", "v9", "v8", "v7", "v6", "v5", "v4", "v3", "v2", "v1")}
-  assert heads == {"default": (6, True, 2209), "v10": (6, True, 2209), "v9": (6, True, 2209),
+           for name in ("default", "v11", "v10", "v9", "v8", "v7", "v6", "v5", "v4", "v3", "v2",
+                        "v1")}
+  assert heads == {"default": (6, True, 2209), "v11": (6, True, 2209), "v10": (6, True, 2209), "v9": (6, True, 2209),
                    "v8": (6, False, 2234),
                    "v7": (6, False, 3260),
                    "v6": (2, False, 5990), "v5": (2, False, 5990), "v4": (2, False, 6037),

@@ -469,8 +469,14 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return inherit_finetune(config, concepts, render, render_dir)
   if config.stage != "concepts":
     return config
-  workdir = config.concepts.render_workdir
-  render = _run_config(workdir, "concepts.render_workdir", "render")
+  render = _run_config(config.concepts.render_workdir, "concepts.render_workdir", "render")
+  return inherit_render(config, render)
+
+
+def inherit_render(config: ml_collections.ConfigDict,
+                   render: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A concepts config given its render run's config (resolve_config, from a config in
+  hand: a grid plans FLOPs of runs not trained yet)."""
   cache = config.data.source.startswith("concepts:")  # A concept cache is this run's own.
   if cache and config.concepts.get("render_weight", 0.0) > 0:
     raise ConfigError("concepts.render_weight > 0 renders chunk tokens, which a concept cache "
