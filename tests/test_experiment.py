@@ -57,6 +57,16 @@ def test_grid_writes_one_table_row_per_variant_and_baseline(grid_run):
   assert len(kinds) == 2 + 2 * 3 and kinds[2].startswith("| default (generated) |")
 
 
+def _ar_configs(workdir):
+  """The saved configs of the ar runs in a grid's workdir."""
+  configs = []
+  for name in sorted(os.listdir(workdir)):
+    if name.startswith("ar-"):
+      with open(os.path.join(workdir, name, "config.json")) as f:
+        configs.append(json.load(f))
+  return configs
+
+
 def test_ar_is_also_sampled_at_a_lower_temperature(grid_run, monkeypatch):
   workdir, first = grid_run
   from concept_diffusion import evaluation
@@ -80,13 +90,8 @@ def test_ar_is_also_sampled_at_a_lower_temperature(grid_run, monkeypatch):
   assert list(seeded["rows"]) == ["default", "ar", "ar_seed2", "ar_temp0.5", "reference"]
   assert seeded["rows"]["ar"] == first["rows"]["ar"] and len(temps) == 2
   assert seeded["rows"]["ar_seed2"]["axis"] == "baseline, seed"
-  seeds = {}
-  for name in os.listdir(workdir):
-    if name.startswith("ar-"):
-      with open(os.path.join(workdir, name, "config.json")) as f:
-        saved = json.load(f)
-      seeds[name] = (saved["train"]["seed"], saved["data"]["seed"])
-  assert sorted(seeds.values()) == [(0, 0), (2, 2)]
+  seeds = [(c["train"]["seed"], c["data"]["seed"]) for c in _ar_configs(workdir)]
+  assert sorted(seeds) == [(0, 0), (2, 2)]
   # An ar run on filled rows (data.fill_examples): one more run and row, the same FLOPs.
   filled = experiment.run_grid(GRID[:1], workdir, dataclasses.replace(
       _settings(), baselines=("ar",), ar_fill=True))
@@ -94,12 +99,8 @@ def test_ar_is_also_sampled_at_a_lower_temperature(grid_run, monkeypatch):
   assert filled["rows"]["ar"] == first["rows"]["ar"] and len(temps) == 3
   assert filled["rows"]["ar_fill"]["axis"] == "baseline, filled rows"
   assert filled["rows"]["ar_fill"]["train_pflops"] == first["rows"]["ar"]["train_pflops"]
-  fills = {}
-  for name in os.listdir(workdir):
-    if name.startswith("ar-"):
-      with open(os.path.join(workdir, name, "config.json")) as f:
-        fills[name] = json.load(f)["data"].get("fill_examples")
-  assert sorted(fills.values(), key=str) == [False, False, True]
+  fills = [c["data"].get("fill_examples") for c in _ar_configs(workdir)]
+  assert sorted(fills, key=str) == [False, False, True]
   # An ar run at another learning rate: one more run and row, the same FLOPs and seed.
   tuned = experiment.run_grid(GRID[:1], workdir, dataclasses.replace(
       _settings(), baselines=("ar",), ar_learning_rates=(5e-3,)))
@@ -107,13 +108,8 @@ def test_ar_is_also_sampled_at_a_lower_temperature(grid_run, monkeypatch):
   assert tuned["rows"]["ar"] == first["rows"]["ar"] and len(temps) == 4
   assert tuned["rows"]["ar_lr0.005"]["axis"] == "baseline, learning rate"
   assert tuned["rows"]["ar_lr0.005"]["train_pflops"] == first["rows"]["ar"]["train_pflops"]
-  rates = {}
-  for name in os.listdir(workdir):
-    if name.startswith("ar-"):
-      with open(os.path.join(workdir, name, "config.json")) as f:
-        saved = json.load(f)
-      rates[name] = (saved["train"]["learning_rate"], saved["train"]["seed"])
-  assert sorted(rates.values())[-1] == (5e-3, 0) and len(rates) == 4
+  rates = [(c["train"]["learning_rate"], c["train"]["seed"]) for c in _ar_configs(workdir)]
+  assert sorted(rates)[-1] == (5e-3, 0) and len(rates) == 4
   with pytest.raises(experiment.ExperimentError, match="baselines \\['gpt'\\]"):
     experiment.run_grid(GRID[:1], workdir, dataclasses.replace(_settings(), baselines=("gpt",)))
 
