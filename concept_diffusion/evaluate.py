@@ -31,7 +31,8 @@ _COMPARE = flags.DEFINE_list("compare", None, "Runs to compare side by side (spa
                              "separated); each DIR/eval.json is read, or computed.")
 _BY_KIND = flags.DEFINE_bool("by_kind", False, "Built-in corpus, with --workdir: also print "
                              "consistency per sentence kind, of the true continuations "
-                             "rendered back and (concepts runs) of generated ones.")
+                             "rendered back (render and concepts runs) and of generated ones "
+                             "(concepts, ar and mdm runs).")
 _RECOMPUTE = flags.DEFINE_bool("recompute", False, "With --compare: evaluate even where "
                                "eval.json exists.")
 

@@ -445,18 +445,15 @@ def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str 
              judge=None, by_kind: bool = False, **gen_kwargs) -> dict:
   """All metrics of one run (see the module docstring); writes WORKDIR/eval.json.
 
-  by_kind (built-in corpus, render and concepts runs): the result also holds
-  roundtrip_by_kind and, for concepts runs, by_kind (coherence_by_kind of the same
-  rendered truths and samples the metrics score); they are not flat numbers and are
-  not written to eval.json.
+  by_kind (built-in corpus): the result also holds, for render and concepts runs,
+  roundtrip_by_kind and, for every run that generates (concepts, ar, mdm), by_kind
+  (coherence_by_kind of the same rendered truths and samples the metrics score); they
+  are not flat numbers and are not written to eval.json.
   """
   gen = gen or gen_lib.load(workdir)
   if judge is None and judge_workdir:
     judge = gen_lib.load(judge_workdir, mesh=gen.mesh)
   config = eval_config(gen, overrides)
-  if by_kind and gen.kind not in ("render", "concepts"):
-    raise gen_lib.GenerateError(f"{workdir} is an {gen.kind} run: per-kind consistency is "
-                                "measured for render and concepts runs")
   if by_kind and config.data.source != "synthetic":
     raise gen_lib.GenerateError(f"{workdir} was trained on {config.data.source}: sentence "
                                 "kinds exist on the built-in corpus (data.source=synthetic)")

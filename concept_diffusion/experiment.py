@@ -518,6 +518,9 @@ def _evaluate_flat(workdir: str, judge, settings: Settings, **gen_kwargs) -> dic
   out, samples = evaluation.generation_metrics(
       gen, pairs, judge=judge, synthetic_data=settings.source == "synthetic",
       max_tokens=settings.max_tokens, seed=settings.seed, **gen_kwargs)
+  if settings.source == "synthetic":  # The kinds a concepts row is compared on.
+    out["by_kind"] = evaluation.coherence_by_kind([p for p, _ in pairs],
+                                                  [x.text for x in samples])
   out["sample"] = f"{samples[0].prompt[-80:]} => {samples[0].text[:160]}"
   return out
 
@@ -723,9 +726,10 @@ def markdown_table(result: dict) -> str:
 
 
 def kind_table(result: dict) -> str:
-  """Consistency per sentence kind (built-in corpus): each concepts row's generated
-  sentences and its true continuations rendered back (the render stage's bound). The
-  malformed column is their share of the sentences (never consistent)."""
+  """Consistency per sentence kind (built-in corpus): each concepts and baseline row's
+  generated sentences, and a concepts row's true continuations rendered back (the render
+  stage's bound). The malformed column is their share of the sentences (never
+  consistent)."""
   sources = [(f"{name} ({what})", row[key]) for name, row in result["rows"].items()
              for key, what in (("by_kind", "generated"), ("roundtrip_by_kind", "round trip"))
              if isinstance(row.get(key), dict)]

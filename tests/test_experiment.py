@@ -48,13 +48,18 @@ def test_grid_writes_one_table_row_per_variant_and_baseline(grid_run):
   table = open(os.path.join(workdir, "results.md")).read()
   assert all(heading in table for _, heading in experiment.COLUMNS)
   assert len(table.strip().splitlines()) == 2 + 7
-  # Consistency per sentence kind: generated and rendered-back truth of each concepts row.
-  for name in ("default", "temp0.5", "mse+generated"):
-    for key in ("by_kind", "roundtrip_by_kind"):
+  # Consistency per sentence kind: generated and rendered-back truth of each concepts row,
+  # generated sentences of each baseline row (no round trip).
+  for name, keys in [*((n, ("by_kind", "roundtrip_by_kind"))
+                       for n in ("default", "temp0.5", "mse+generated")),
+                     *((n, ("by_kind",)) for n in ("ar", "mdm", "ar_temp0.5"))]:
+    assert {k for k, v in saved["rows"][name].items() if isinstance(v, dict)} == set(keys)
+    for key in keys:
       by_kind = saved["rows"][name][key]
       assert all(0 <= c["consistent"] <= 1 and c["sentences"] > 0 for c in by_kind.values())
   kinds = open(os.path.join(workdir, "results_by_kind.md")).read().strip().splitlines()
-  assert len(kinds) == 2 + 2 * 3 and kinds[2].startswith("| default (generated) |")
+  assert len(kinds) == 2 + 2 * 3 + 3 and kinds[2].startswith("| default (generated) |")
+  assert "| ar (generated) |" in "\n".join(kinds)
 
 
 def _ar_configs(workdir):
