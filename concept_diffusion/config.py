@@ -78,6 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
   # condition (concept_model.HeadSkip): the head then moves every concept dimension, also
   # when model.diff_head_dim < model.concept_dim.
   c.model.head_skip = False
+  # Concepts stage: the head also reads its own clean estimate of the concept (self-
+  # conditioning): the previous sampler step's, or in training, half of the time, a first
+  # pass's without gradient (continuous.concept_loss). Under model.head_reads_context the
+  # read's queries then carry that estimate: once it says whose sentence it is, the head
+  # can look that person's concept up in the context.
+  c.model.self_condition = False
   c.model.concept_layers = 2  # Concept model (causal contextualiser) depth.
   c.model.diff_head_layers = 2  # Residual blocks of the concept diffusion head.
   c.model.diff_head_dim = 256  # Width of the concept diffusion head.

@@ -442,6 +442,30 @@ def test_head_skip_run_trains_restores_and_generates(tiny_render_run, tmp_path):
   assert len(generate.generate(gen, ["Mara lives in Oslo."], num_concepts=2)) == 1
 
 
+def test_self_conditioned_run_trains_restores_and_generates(tiny_render_run, tmp_path):
+  from concept_diffusion import generate, train
+  from concept_diffusion.models import sizes
+  over = {"concepts.render_workdir": tiny_render_run, "model.self_condition": True,
+          "model.head_reads_context": True, "train.num_steps": 2, "train.log_every": 1,
+          "checkpoint.every_steps": 2}
+  config = tiny_config("concepts", **over)
+  base = tiny_config("concepts", **{**over, "model.self_condition": False})
+  _assert_sized(config, base)
+  # The first pass costs one forward of the head per concept: a third of its training.
+  head = sizes.concept_sampling_flops(base, 1, False) - sizes.concept_sampling_flops(base, 0, False)
+  proj = 2 * config.model.concept_dim * config.model.diff_head_dim
+  assert sizes.flops_per_token(config, "concepts") == pytest.approx(
+      sizes.flops_per_token(base, "concepts") + head + 4 * proj)
+  workdir = str(tmp_path / "self_condition")
+  train.train(config, workdir)
+  _, _, params = train.restore_params(workdir)
+  proj_kernel = params["concept_model"]["diffusion_head"]["self_cond_proj"]["kernel"]
+  assert float(jnp.abs(proj_kernel).max()) > 0  # Trained away from its zero init.
+  gen = generate.load(workdir, render_workdir=tiny_render_run)
+  assert gen.config.model.self_condition
+  assert len(generate.generate(gen, ["Mara lives in Oslo."], num_concepts=2, guidance=2.0)) == 1
+
+
 @pytest.mark.parametrize("field", ["concepts.mean_weight", "concepts.end_noise",
                                    "concepts.end_temperature"])
 def test_a_negative_weight_or_noise_is_a_config_error(field):

@@ -52,7 +52,8 @@ def test_every_param_has_logical_axis_names(scan):
 @pytest.mark.parametrize("overrides", [{}, {"num_kv_heads": 1, "scan_layers": True},
                                        {"prev_concept": True}, {"encoder_pooling": "slots"},
                                        {"head_reads_context": True}, {"head_mean": True},
-                                       {"head_skip": True, "diff_head_dim": 8}])
+                                       {"head_skip": True, "diff_head_dim": 8},
+                                       {"self_condition": True}])
 def test_param_count_matches_real_tree(overrides):
   c = tiny_config(**{k: v for k, v in overrides.items() if k != "prev_concept"})
   c.render.prev_concept = overrides.get("prev_concept", False)

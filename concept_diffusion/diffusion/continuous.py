@@ -2,7 +2,8 @@
 
 Pure functions. `pred_fn(zt_BxNxD, t_BxN) -> out_BxNxD` is the head with its
 context already bound. All objectives share one path between noise (t = 0) and
-data (t = 1): z_t = (1 - t) noise + t z1.
+data (t = 1): z_t = (1 - t) noise + t z1. A self-conditioned head takes a third
+argument, pred_fn(zt, t, sc): its own clean estimate of z1 (zeros: none).
   flow: predict the velocity z1 - noise (rectified flow / flow matching).
   x0:   predict the clean concept z1.
   mse:  ignore noise; pred_fn(0, 0) regresses z1 directly (the baseline).
@@ -14,6 +15,10 @@ import jax
 import jax.numpy as jnp
 
 OBJECTIVES = ("flow", "x0", "mse")
+# Share of training positions whose head reads a first pass's estimate (self_condition), as
+# in self-conditioning's introduction (Chen et al., Analog Bits): the rest read zeros, as
+# the sampler's first step does.
+SELF_CONDITION_RATE = 0.5
 
 
 def stratified_times(key, shape):
@@ -65,17 +70,23 @@ def clean_estimate(objective: str, out_BxNxD, zt_BxNxD, t_BxN):
 
 
 def concept_loss(objective: str, pred_fn, z1_BxNxD, mask_BxN, key, with_estimate: bool = False,
-                 time_shift: float = 1.0, dims: int = 0):
+                 time_shift: float = 1.0, dims: int = 0, self_condition: bool = False):
   """Per-dimension squared error of the objective's target -> (loss, metrics).
 
   time_shift: training times are shift_times of stratified U(0, 1) ones.
   dims: the error over the first `dims` dimensions only (0: all of them).
   with_estimate: also return the head's clean-concept estimate z1_hat_BxNxD
   (differentiable), for losses that look at what the head would generate.
+  self_condition: pred_fn(zt, t, sc); at SELF_CONDITION_RATE of the positions sc is
+  the clean estimate of a first pass at the same (z_t, t) without gradient, elsewhere
+  zeros (self_conditioned).
   """
   if objective not in OBJECTIVES:
     raise ValueError(f"concepts.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
   z1_BxNxD = z1_BxNxD.astype(jnp.float32)
+  if self_condition:
+    key, k_sc = jax.random.split(key)
+    pred_fn = self_conditioned(objective, pred_fn, k_sc)
   if objective == "mse":
     t_BxN = jnp.zeros(z1_BxNxD.shape[:-1])
     zt_BxNxD = jnp.zeros_like(z1_BxNxD)
@@ -94,6 +105,19 @@ def concept_loss(objective: str, pred_fn, z1_BxNxD, mask_BxN, key, with_estimate
   if with_estimate:
     return loss, {"loss": loss}, clean_estimate(objective, out_BxNxD, zt_BxNxD, t_BxN)
   return loss, {"loss": loss}
+
+
+def self_conditioned(objective: str, pred_fn, key):
+  """pred_fn(zt, t) of training: a first pass with no estimate, then, at SELF_CONDITION_RATE
+  of the positions (drawn from key), the head again with that pass's clean estimate."""
+  def fn(zt_BxNxD, t_BxN):
+    zeros_BxNxD = jnp.zeros_like(zt_BxNxD)
+    first_BxNxD = clean_estimate(objective, pred_fn(zt_BxNxD, t_BxN, zeros_BxNxD), zt_BxNxD,
+                                 t_BxN)
+    use_BxN = jax.random.bernoulli(key, SELF_CONDITION_RATE, t_BxN.shape)
+    sc_BxNxD = jnp.where(use_BxN[..., None], jax.lax.stop_gradient(first_BxNxD), zeros_BxNxD)
+    return pred_fn(zt_BxNxD, t_BxN, sc_BxNxD)
+  return fn
 
 
 def prefix(x_BxNxD, dims: int):
@@ -187,13 +211,39 @@ def ddim_sample(x0_fn, noise_BxNxD, steps: int, t_end: float = 1.0):
   return jax.lax.fori_loop(0, steps, step, noise_BxNxD.astype(jnp.float32))
 
 
+def self_conditioned_sample(objective: str, pred_fn, noise_BxNxD, steps: int,
+                            method: str = "euler", t_end: float = 1.0):
+  """Euler / Heun (flow) or DDIM (x0) from 0 to t_end, each call of pred_fn(z, t, sc) given
+  the clean estimate of the call before it (zeros at the first)."""
+  dt = t_end / steps
+
+  def step(i, carry):
+    z, sc = carry
+    t = _times(z, i * dt)
+    out = pred_fn(z, t, sc)
+    est = clean_estimate(objective, out, z, t)
+    if objective == "x0":  # DDIM, as ddim_sample.
+      noise_hat = (z - t[..., None] * est) / (1.0 - t[..., None])
+      t_next = (i + 1) * dt
+      return (1.0 - t_next) * noise_hat + t_next * est, est
+    if method == "heun":
+      z_end, t_next = z + dt * out, _times(z, (i + 1) * dt)
+      out_end = pred_fn(z_end, t_next, est)
+      return z + 0.5 * dt * (out + out_end), clean_estimate(objective, out_end, z_end, t_next)
+    return z + dt * out, est
+
+  noise_BxNxD = noise_BxNxD.astype(jnp.float32)
+  z, _ = jax.lax.fori_loop(0, steps, step, (noise_BxNxD, jnp.zeros_like(noise_BxNxD)))
+  return z
+
+
 def end_time(end_noise: float) -> float:
   """The path time t whose z_t / t is z1 + end_noise * noise (end_noise 0: t = 1, clean)."""
   return 1.0 / (1.0 + end_noise)
 
 
 def sample(objective: str, pred_fn, noise_BxNxD, steps: int, method: str = "euler",
-           end_noise: float = 0.0):
+           end_noise: float = 0.0, self_condition: bool = False):
   """Concepts from noise: Euler/Heun for flow, DDIM for x0, one call for mse.
 
   end_noise > 0 stops the path early, at end_time(end_noise), and returns z_t / t: a
@@ -201,14 +251,17 @@ def sample(objective: str, pred_fn, noise_BxNxD, steps: int, method: str = "eule
   the renderer's training input z + render.z_noise * N(0, 1) when end_noise equals
   render.z_noise. The head then leaves to the renderer the detail that noise hides,
   which the renderer was trained to fill in. mse has no path: its estimate plus
-  end_noise x the given noise.
+  end_noise x the given noise. self_condition: pred_fn(z, t, sc) reads the previous
+  call's clean estimate (self_conditioned_sample; mse's one call reads none).
   """
   if end_noise < 0:
     raise ValueError(f"end_noise={end_noise!r} must be >= 0")
   t_end = end_time(end_noise)
+  if objective == "flow" and method not in ("euler", "heun"):
+    raise ValueError(f"flow sampling method={method!r} is not one of euler, heun")
+  if self_condition and objective in ("flow", "x0"):
+    return self_conditioned_sample(objective, pred_fn, noise_BxNxD, steps, method, t_end) / t_end
   if objective == "flow":
-    if method not in ("euler", "heun"):
-      raise ValueError(f"flow sampling method={method!r} is not one of euler, heun")
     integrate = heun_sample if method == "heun" else euler_sample
     return integrate(pred_fn, noise_BxNxD, steps, t_end) / t_end
   if objective == "x0":

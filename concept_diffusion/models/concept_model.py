@@ -123,15 +123,22 @@ class DiffusionHead(nn.Module):
 
   With cfg.head_reads_context, a ContextRead after the first block reads `memory`
   (context_memory: the context's concepts, a mask per position and RoPE positions).
-  With cfg.head_skip, HeadSkip's affine map of z_t is added to the output.
+  With cfg.head_skip, HeadSkip's affine map of z_t is added to the output. With
+  cfg.self_condition, sc_BxNxD (a clean estimate of the concept; None: zeros, no
+  estimate) enters the stream beside z_t.
   """
   cfg: layers.ModelConfig
 
   @nn.compact
-  def __call__(self, zt_BxNxD, t_BxN, h_BxNxE, memory=None):
+  def __call__(self, zt_BxNxD, t_BxN, h_BxNxE, memory=None, sc_BxNxD=None):
     cfg, w = self.cfg, self.cfg.diff_head_dim
     x_BxNxW = layers.dense(w, ("concept_embed", "head_mlp"), cfg, use_bias=True, name="in_proj")(
         zt_BxNxD.astype(cfg.compute_dtype)).astype(jnp.float32)
+    if cfg.self_condition:  # Zero-initialised: at init the head is the plain one.
+      sc_BxNxD = jnp.zeros_like(zt_BxNxD) if sc_BxNxD is None else sc_BxNxD
+      x_BxNxW = x_BxNxW + layers.dense(w, ("concept_embed", "head_mlp"), cfg, init=ZEROS,
+                                       name="self_cond_proj")(
+          sc_BxNxD.astype(cfg.compute_dtype)).astype(jnp.float32)
     temb_BxNxW = timestep_features(t_BxN, w).astype(cfg.compute_dtype)
     temb_BxNxW = layers.dense(w, ("head_mlp", "mlp"), cfg, use_bias=True, name="time_1")(temb_BxNxW)
     temb_BxNxW = layers.dense(w, ("mlp", "head_mlp"), cfg, use_bias=True, name="time_2")(
@@ -203,8 +210,9 @@ class ConceptModel(nn.Module):
     """The null context broadcast to shape [..., E] (unconditional branch of CFG)."""
     return jnp.broadcast_to(self.null_context, (*shape, self.cfg.embed_dim))
 
-  def head(self, zt_BxNxD, t_BxN, h_BxNxE, memory=None):
-    """Denoiser output for noisy concepts zt at times t given contexts h (and memory).
+  def head(self, zt_BxNxD, t_BxN, h_BxNxE, memory=None, sc_BxNxD=None):
+    """Denoiser output for noisy concepts zt at times t given contexts h (and memory, and
+    under cfg.self_condition a clean estimate sc of the concept).
 
     With cfg.head_mean, mu + f(zt - t mu): the denoiser f sees the path of the residual
     z1 - mu (z_t = (1 - t) noise + t z1 is (1 - t) noise + t (z1 - mu) + t mu), and mu is
@@ -212,10 +220,10 @@ class ConceptModel(nn.Module):
     unchanged, and with a silent f every sampler takes zero noise to mu.
     """
     if not self.cfg.head_mean:
-      return self.diffusion_head(zt_BxNxD, t_BxN, h_BxNxE, memory)
+      return self.diffusion_head(zt_BxNxD, t_BxN, h_BxNxE, memory, sc_BxNxD)
     mu_BxNxD = self.mean(h_BxNxE)
     out_BxNxD = self.diffusion_head(zt_BxNxD - t_BxN[..., None] * mu_BxNxD, t_BxN, h_BxNxE,
-                                    memory)
+                                    memory, sc_BxNxD)
     return out_BxNxD + mu_BxNxD
 
   def mean(self, h_BxNxE):
@@ -270,11 +278,11 @@ def concept_objective(model: ConceptModel, variables, z_BxNxD, concept_mask_BxN,
       memory = (memory[0], memory[1] & ~drop_BxN[..., None], *memory[2:])
   target_BxNxD, mask_BxN = continuous.next_concept_targets(z_BxNxD, concept_mask_BxN,
                                                            segment_ids_BxN)
-  pred_fn = lambda zt, t: model.apply(variables, zt, t, head_h_BxNxE, memory,  # noqa: E731
-                                      method=model.head)
+  pred_fn = lambda zt, t, sc=None: model.apply(  # noqa: E731
+      variables, zt, t, head_h_BxNxE, memory, sc, method=model.head)
   out = continuous.concept_loss(objective, pred_fn, target_BxNxD, mask_BxN, k_loss,
                                 with_estimate=with_estimate, time_shift=time_shift,
-                                dims=loss_dims)
+                                dims=loss_dims, self_condition=model.cfg.self_condition)
   if context_loss is None:
     return out
   # On the context before guidance dropout: the term trains what h carries, not the null.
@@ -302,19 +310,23 @@ def _both(loss_a, loss_b):
 
 
 def guided_head(model: ConceptModel, variables, h_BxNxE, guidance: float, memory=None):
-  """pred_fn(zt, t) of the diffusion head given contexts h (and the head's memory, see
-  ConceptModel.memory), with classifier-free guidance."""
-  head = lambda zt, t, h, m: model.apply(variables, zt, t, h, m, method=model.head)  # noqa: E731
+  """pred_fn(zt, t, sc=None) of the diffusion head given contexts h (and the head's memory,
+  see ConceptModel.memory; sc: its clean estimate, cfg.self_condition), with
+  classifier-free guidance (both branches read the same estimate)."""
+  head = lambda zt, t, h, m, sc: model.apply(  # noqa: E731
+      variables, zt, t, h, m, sc, method=model.head)
   if guidance == 1.0:
-    return lambda zt_BxNxD, t_BxN: head(zt_BxNxD, t_BxN, h_BxNxE, memory)
+    return lambda zt_BxNxD, t_BxN, sc_BxNxD=None: head(zt_BxNxD, t_BxN, h_BxNxE, memory,
+                                                        sc_BxNxD)
   null_BxNxE = model.apply(variables, h_BxNxE.shape[:-1], method=model.null)
   both_memory = None if memory is None else tuple(
       jnp.concatenate([a, b]) for a, b in zip(memory, null_memory(memory)))
 
-  def pred_fn(zt_BxNxD, t_BxN):
+  def pred_fn(zt_BxNxD, t_BxN, sc_BxNxD=None):
     # Conditional and unconditional branches in one call (batch doubled).
+    both_sc = None if sc_BxNxD is None else jnp.concatenate([sc_BxNxD, sc_BxNxD])
     both = head(jnp.concatenate([zt_BxNxD, zt_BxNxD]), jnp.concatenate([t_BxN, t_BxN]),
-                jnp.concatenate([h_BxNxE, null_BxNxE]), both_memory)
+                jnp.concatenate([h_BxNxE, null_BxNxE]), both_memory, both_sc)
     cond, uncond = jnp.split(both, 2)
     return uncond + guidance * (cond - uncond)
 
@@ -330,7 +342,8 @@ def sample_from_context(model: ConceptModel, variables, h_BxNxE, key, *, objecti
   noise_BxNxD = noise_scale * jax.random.normal(key, (*h_BxNxE.shape[:-1],
                                                       model.cfg.concept_dim))
   return continuous.sample(objective, guided_head(model, variables, h_BxNxE, guidance, memory),
-                           noise_BxNxD, steps, method, end_noise)
+                           noise_BxNxD, steps, method, end_noise,
+                           self_condition=model.cfg.self_condition)
 
 
 def sample_next_concepts(model: ConceptModel, variables, z_BxNxD, segment_ids_BxN, key, *,

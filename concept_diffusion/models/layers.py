@@ -45,6 +45,7 @@ class ModelConfig:
   head_reads_context: bool = False
   head_mean: bool = False
   head_skip: bool = False
+  self_condition: bool = False
 
   @classmethod
   def from_config(cls, config, vocab_size: int | None = None) -> "ModelConfig":
@@ -65,7 +66,8 @@ class ModelConfig:
         encoder_pooling=m.get("encoder_pooling", "mean"),
         head_reads_context=bool(m.get("head_reads_context", False)),
         head_mean=bool(m.get("head_mean", False)),
-        head_skip=bool(m.get("head_skip", False)))
+        head_skip=bool(m.get("head_skip", False)),
+        self_condition=bool(m.get("self_condition", False)))
 
   @property
   def compute_dtype(self):

@@ -15,7 +15,8 @@ flops_per_token(config, stage) = 6 * M + 12 * sum_layers(H * K * ctx), per
   - 12 * H * K * ctx is attention's q.k and p.v products (2 * 2 * H * K * ctx
     forward, x 3 with backward), with the full context ctx (no causal halving,
     as in the PaLM MFU convention).
-The frozen encoder of the concepts stage (run on the fly) is not included. Given a
+The frozen encoder of the concepts stage (run on the fly) is not included; a
+self-conditioned head (model.self_condition) adds the forward of its first pass. Given a
 whole config (not a ModelConfig), the concepts stage counts its contrastive term
 (concepts.contrastive_weight > 0): the projection of h, and each concept's
 similarities to the batch's B x N candidates.
@@ -44,7 +45,7 @@ def _stack_params(c: ModelConfig, num_layers: int) -> int:
 def _head_matmuls(c: ModelConfig) -> int:
   d, e, w = c.concept_dim, c.embed_dim, c.diff_head_dim
   return (d * w + 2 * w * w + e * w + c.diff_head_layers * 5 * w * w + 2 * w * w + w * d
-          + _context_read(c))
+          + _context_read(c) + d * w * c.self_condition)
 
 
 def _context_read(c: ModelConfig) -> int:
@@ -124,6 +125,8 @@ def flops_per_token(config, stage: str, vocab_size: int | None = None,
       attention += c.diff_head_dim * num_concepts
     if _contrastive(config):  # Projection of h, then B x N similarities per concept.
       matmuls += e * d + config.train.batch_size * num_concepts * d
+    if c.self_condition:  # The first pass: a forward of the head, without gradient.
+      return 6.0 * matmuls + 12.0 * attention + _head_forward_flops(c, num_concepts)
   elif stage in ("ar", "mdm"):
     matmuls = _layer_matmuls(c) * c.baseline_layers + e * c.vocab_size
     attention = c.baseline_layers * hk * seq_len
@@ -140,14 +143,20 @@ def concept_sampling_flops(config, steps: int, guided: bool, vocab_size: int | N
   c = _cfg(config, vocab_size)
   if not isinstance(config, ModelConfig):
     num_concepts = num_concepts or config.data.num_concepts
-  hk, e, d, w = c.num_heads * c.head_dim, c.embed_dim, c.concept_dim, c.diff_head_dim
+  hk, e, d = c.num_heads * c.head_dim, c.embed_dim, c.concept_dim
   context = 2.0 * (d * e + _layer_matmuls(c) * c.concept_layers) + \
       4.0 * c.concept_layers * hk * num_concepts
+  return context + steps * (2 if guided else 1) * _head_forward_flops(c, num_concepts)
+
+
+def _head_forward_flops(c: ModelConfig, num_concepts: int) -> float:
+  """Forward FLOPs of one call of the head (with mu(h), the skip and the read it has)."""
+  e, d, w = c.embed_dim, c.concept_dim, c.diff_head_dim
   head = 2.0 * (_head_matmuls(c) + (e * d if c.head_mean else 0)
                 + (2 * w * d if c.head_skip else 0))
   if c.head_reads_context:
     head += 4.0 * w * num_concepts
-  return context + steps * (2 if guided else 1) * head
+  return head
 
 
 def encoder_forward_flops_per_token(config, vocab_size: int | None = None) -> float:
