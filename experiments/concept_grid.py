@@ -443,7 +443,7 @@ FULL = [
     # the noise of a row. The render run has its own seed (render_seedS): a second render
     # run moved v9 0.788 -> 0.760 consistent (three concept seeds each).
     *SEED_ROWS,
-    *five_runs(SELF_COND), *five_runs(SELF_COND_READS), *five_runs(WD01),
+    *five_runs(SELF_COND), SELF_COND_READS, WD01,
     # The v11 default (nested concepts, the concepts run at 3e-3) and one change from it
     # per row (measured while it was the default, under the names without v11_; its rows
     # lr5e-3(_X) were runs of today's default(_X)).
@@ -773,7 +773,9 @@ TEXT = [v for v in FULL if v.name in (
     "v9_render1800_temp0.5_cfg4", "v9_render1800_temp0.5_cfg4_seed1",
     *("v8" if n == "default" else f"v8_{n}" for n in V8_TEXT),
     "v7", "v7_seed1", "v7_z_noise1", "v7_z_noise2", "v2", "v1", "v1_temp1.0",
-    "v1_z_noise0.1")] + [SHORT_CLEAN, SHORT_CLEAN_LONG, *TEXT_RENDER]
+    "v1_z_noise0.1")] + [SHORT_CLEAN, SHORT_CLEAN_LONG, *TEXT_RENDER,
+                         # Today's default sampled as the text recipe samples.
+                         guarded(T05_CFG4)]
 GRIDS = {"full": FULL, "text": TEXT}
 
 
