@@ -41,6 +41,9 @@ from concept_diffusion.experiment import Variant
 # concept steps.
 V10_RENDER = {"render.nested_dims": ()}
 V10 = {"concepts.render_dims": 0}
+# v12 (the default until the sampler's temperature 1.25) and every earlier default from
+# v3 on sampled the concept head at temperature 1.0 (v2 and v1 at 0.5: V2_SAMPLE).
+V12_SAMPLE = {"temperature": 1.0}
 # v11 (nested concepts; the default until the concepts run's rate 5e-3) and every earlier
 # default from v2 on trained the concepts run at 3e-3 (v1 at 1e-3).
 V11 = {"train.learning_rate": 3e-3}
@@ -78,7 +81,15 @@ def _from(v: Variant, tag: str, concepts: dict, sample: dict, render: dict = MEA
   return dataclasses.replace(v, name=name, axis=f"{v.axis} ({tag})",
                              render={**V10_RENDER, **render, **v.render},
                              concepts={**V11, **V10, **concepts, **v.concepts},
-                             sample={**sample, **v.sample})
+                             sample={**V12_SAMPLE, **sample, **v.sample})
+
+
+def from_v12(v: Variant) -> Variant:
+  """The row `v` as one change from the v12 default (today's runs, sampled at temperature
+  1.0; named v12_...)."""
+  name = "v12" if v.name == "default" else f"v12_{v.name}"
+  return dataclasses.replace(v, name=name, axis=f"{v.axis} (v12)",
+                             sample={**V12_SAMPLE, **v.sample})
 
 
 def from_v11(v: Variant) -> Variant:
@@ -86,7 +97,7 @@ def from_v11(v: Variant) -> Variant:
   3e-3; named v11_...)."""
   name = "v11" if v.name == "default" else f"v11_{v.name}"
   return dataclasses.replace(v, name=name, axis=f"{v.axis} (v11)",
-                             concepts={**V11, **v.concepts})
+                             concepts={**V11, **v.concepts}, sample={**V12_SAMPLE, **v.sample})
 
 
 def from_v10(v: Variant) -> Variant:
@@ -443,7 +454,18 @@ FULL = [
     # the noise of a row. The render run has its own seed (render_seedS): a second render
     # run moved v9 0.788 -> 0.760 consistent (three concept seeds each).
     *SEED_ROWS,
-    *five_runs(SELF_COND), SELF_COND_READS, WD01,
+    # Sampled at other temperatures than today's 1.25 (v12's 1.0: row v12). Cooler than
+    # 1.0 loses facts (0.764 -> 0.710 at 0.7 under v10).
+    *[sampled(Variant("default"), t) for t in (1.1, 1.75, 2.0)],
+    *five_runs(sampled(Variant("default"), 1.5)),
+    # The v12 default (today's runs sampled at temperature 1.0) and one change from it per
+    # row (measured while it was the default, under the names without v12_; its rows
+    # default_temp1.25(_X) were today's default(_X)).
+    *map(from_v12, [
+        Variant("default"),
+        *SEED_ROWS,
+        *five_runs(SELF_COND), SELF_COND_READS, WD01,
+    ]),
     # The v11 default (nested concepts, the concepts run at 3e-3) and one change from it
     # per row (measured while it was the default, under the names without v11_; its rows
     # lr5e-3(_X) were runs of today's default(_X)).
@@ -767,7 +789,7 @@ V10_TEXT = (
       for s in ("", "_seed1", "_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
 )
 TEXT = [v for v in FULL if v.name in (
-    "default",
+    "default", "v12",
     *("v10" if n == "default" else f"v10_{n}" for n in V10_TEXT),
     "v9", "v9_seed1", "v9_render1800_eqflops",
     "v9_render1800_temp0.5_cfg4", "v9_render1800_temp0.5_cfg4_seed1",
