@@ -330,18 +330,24 @@ def test_adopt_runs_moves_a_render_run_and_the_concepts_run_over_it(grid_run, tm
   experiment.check_reuse(new[1].concepts[1], new[1].concepts[0])
 
 
-def test_adopt_runs_moves_an_equal_flops_row_whose_render_run_moves(grid_run, tmp_path):
-  """A row measured with an explicit override that a preset edit makes the default's (as
-  nested concepts were) is planned under a new name: its render run moves, then its
-  concepts run, whose steps follow from the render run in its new place."""
+def _grid_with_an_equal_flops_row(grid_run, tmp_path):
+  """A copy of the grid's workdir with an equal-FLOPs row trained under an explicit render
+  override (end_keep 0.5, 1,400 steps) -> (workdir, the row's plan as trained)."""
   import shutil
   workdir = str(tmp_path / "grid")
   shutil.copytree(grid_run[0], workdir)
   before = Variant("x", "render steps", render={"render.end_keep": 0.5,
                                                 "train.num_steps": 1400}, equal_flops=True)
   trained = experiment.run_grid([GRID[0], before], workdir, _settings())["variants"]["x"]
-  old = experiment.plan_variant(dataclasses.replace(before, concepts=trained["concepts"]),
-                                workdir, _settings())
+  return workdir, experiment.plan_variant(
+      dataclasses.replace(before, concepts=trained["concepts"]), workdir, _settings())
+
+
+def test_adopt_runs_moves_an_equal_flops_row_whose_render_run_moves(grid_run, tmp_path):
+  """A row measured with an explicit override that a preset edit makes the default's (as
+  nested concepts were) is planned under a new name: its render run moves, then its
+  concepts run, whose steps follow from the render run in its new place."""
+  workdir, old = _grid_with_an_equal_flops_row(grid_run, tmp_path)
   settings = dataclasses.replace(_settings(), render_preset=_edited_preset(
       tmp_path, "render", "c.render.end_keep = 0.5"))
   after = Variant("y", "render steps", render={"train.num_steps": 1400}, equal_flops=True)
@@ -365,13 +371,7 @@ def test_adopt_runs_moves_an_equal_flops_row_when_the_default_never_ran_here(gri
   """A source where today's default was never trained (its runs moved away as an earlier
   default's): the budget comes from the planned configs, so equal-FLOPs rows still move."""
   import shutil
-  workdir = str(tmp_path / "grid")
-  shutil.copytree(grid_run[0], workdir)
-  before = Variant("x", "render steps", render={"render.end_keep": 0.5,
-                                                "train.num_steps": 1400}, equal_flops=True)
-  trained = experiment.run_grid([GRID[0], before], workdir, _settings())["variants"]["x"]
-  old = experiment.plan_variant(dataclasses.replace(before, concepts=trained["concepts"]),
-                                workdir, _settings())
+  workdir, old = _grid_with_an_equal_flops_row(grid_run, tmp_path)
   default = experiment.plan_variant(GRID[0], workdir, _settings())
   budget = experiment._variant_flops(default, experiment._vocab_size(default.render[0]))
   for run_dir in (default.render[0], default.concepts[0]):
