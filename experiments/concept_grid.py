@@ -474,8 +474,7 @@ FULL = [
         *SEED_ROWS,
         *[r for v in RENDER_DIMS for r in (v, *seeded(v, RENDER_SEEDS, "render seed"))],
         RENDER800, LOSS64, *NESTED_NEXT,
-        *[r for v in NESTED_NEXT[:2]
-          for r in (*seeded(v), *seeded(v, RENDER_SEEDS, "render seed"))],
+        *[r for v in NESTED_NEXT[:2] for r in five_runs(v)[1:]],
     ]),
     # The v10 default (whole concepts) and one change from it per row.
     *map(from_v10, [
