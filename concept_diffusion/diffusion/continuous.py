@@ -175,46 +175,12 @@ def _times(x, value):
   return jnp.full(x.shape[:-1], value, jnp.float32)
 
 
-def euler_sample(velocity_fn, noise_BxNxD, steps: int, t_end: float = 1.0):
-  """Euler integration of dz/dt = v(z, t) from t = 0 (noise) to t_end (1: data)."""
-  dt = t_end / steps
-
-  def step(i, z):
-    return z + dt * velocity_fn(z, _times(z, i * dt))
-
-  return jax.lax.fori_loop(0, steps, step, noise_BxNxD.astype(jnp.float32))
-
-
-def heun_sample(velocity_fn, noise_BxNxD, steps: int, t_end: float = 1.0):
-  """Heun (2nd-order trapezoid) integration of dz/dt = v(z, t) from 0 to t_end."""
-  dt = t_end / steps
-
-  def step(i, z):
-    v0 = velocity_fn(z, _times(z, i * dt))
-    v1 = velocity_fn(z + dt * v0, _times(z, (i + 1) * dt))
-    return z + 0.5 * dt * (v0 + v1)
-
-  return jax.lax.fori_loop(0, steps, step, noise_BxNxD.astype(jnp.float32))
-
-
-def ddim_sample(x0_fn, noise_BxNxD, steps: int, t_end: float = 1.0):
-  """Deterministic DDIM for x0-prediction, 0 to t_end: re-noise the estimate with the
-  implied noise."""
-  dt = t_end / steps
-
-  def step(i, z):
-    t, t_next = i * dt, (i + 1) * dt
-    z1_hat = x0_fn(z, _times(z, t))
-    noise_hat = (z - t * z1_hat) / (1.0 - t)  # t < 1 at every evaluated step.
-    return (1.0 - t_next) * noise_hat + t_next * z1_hat
-
-  return jax.lax.fori_loop(0, steps, step, noise_BxNxD.astype(jnp.float32))
-
-
-def self_conditioned_sample(objective: str, pred_fn, noise_BxNxD, steps: int,
-                            method: str = "euler", t_end: float = 1.0):
-  """Euler / Heun (flow) or DDIM (x0) from 0 to t_end, each call of pred_fn(z, t, sc) given
-  the clean estimate of the call before it (zeros at the first)."""
+def integrate(objective: str, pred_fn, noise_BxNxD, steps: int, method: str = "euler",
+              t_end: float = 1.0):
+  """Euler / Heun integration of dz/dt = v(z, t) (flow) or deterministic DDIM (x0: the
+  estimate re-noised with its implied noise) from t = 0 (noise) to t_end (1: data). Each
+  call of pred_fn(z, t, sc) is given the clean estimate of the call before it (zeros at
+  the first; a head without self-conditioning ignores it)."""
   dt = t_end / steps
 
   def step(i, carry):
@@ -222,7 +188,7 @@ def self_conditioned_sample(objective: str, pred_fn, noise_BxNxD, steps: int,
     t = _times(z, i * dt)
     out = pred_fn(z, t, sc)
     est = clean_estimate(objective, out, z, t)
-    if objective == "x0":  # DDIM, as ddim_sample.
+    if objective == "x0":  # t < 1 at every evaluated step.
       noise_hat = (z - t[..., None] * est) / (1.0 - t[..., None])
       t_next = (i + 1) * dt
       return (1.0 - t_next) * noise_hat + t_next * est, est
@@ -252,20 +218,16 @@ def sample(objective: str, pred_fn, noise_BxNxD, steps: int, method: str = "eule
   render.z_noise. The head then leaves to the renderer the detail that noise hides,
   which the renderer was trained to fill in. mse has no path: its estimate plus
   end_noise x the given noise. self_condition: pred_fn(z, t, sc) reads the previous
-  call's clean estimate (self_conditioned_sample; mse's one call reads none).
+  call's clean estimate (integrate; mse's one call reads none).
   """
   if end_noise < 0:
     raise ValueError(f"end_noise={end_noise!r} must be >= 0")
   t_end = end_time(end_noise)
   if objective == "flow" and method not in ("euler", "heun"):
     raise ValueError(f"flow sampling method={method!r} is not one of euler, heun")
-  if self_condition and objective in ("flow", "x0"):
-    return self_conditioned_sample(objective, pred_fn, noise_BxNxD, steps, method, t_end) / t_end
-  if objective == "flow":
-    integrate = heun_sample if method == "heun" else euler_sample
-    return integrate(pred_fn, noise_BxNxD, steps, t_end) / t_end
-  if objective == "x0":
-    return ddim_sample(pred_fn, noise_BxNxD, steps, t_end) / t_end
+  if objective in ("flow", "x0"):
+    fn = pred_fn if self_condition else (lambda z, t, sc: pred_fn(z, t))
+    return integrate(objective, fn, noise_BxNxD, steps, method, t_end) / t_end
   if objective == "mse":
     return pred_fn(jnp.zeros_like(noise_BxNxD), _times(noise_BxNxD, 0.0)) + end_noise * noise_BxNxD
   raise ValueError(f"concepts.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
