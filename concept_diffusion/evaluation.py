@@ -183,11 +183,14 @@ def eval_batches(config, tokenizer, view: str, batch_size: int, max_batches: int
     yield batch
 
 
-def eval_prompts(config, num_prompts: int) -> list[tuple[str, str]]:
-  """(prompt, true continuation): first half of a held-out document's sentences, and the rest."""
+def eval_prompts(config, num_prompts: int, split: str = "eval") -> list[tuple[str, str]]:
+  """(prompt, true continuation): first half of a held-out document's sentences, and the
+  rest; split "dev" for prompts that choose sampling settings (data.sources)."""
   from concept_diffusion import data
+  if split not in ("eval", "dev"):
+    raise ValueError(f"prompts split={split!r} is not one of eval, dev")
   pairs = []
-  for doc in data.iterate_documents(config, "eval"):
+  for doc in data.iterate_documents(config, split):
     sentences = segment.split_sentences(doc)
     if not sentences:
       continue

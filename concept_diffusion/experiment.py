@@ -109,6 +109,9 @@ class Settings:
   finetune_steps: int = 300  # Steps of the generated-concept render fine-tune.
   steps_scale: float = 1.0  # Multiplies every run's num_steps (tests use a tiny value).
   num_prompts: int = 256  # ~770 sentences: consistent-rate standard error ~0.018.
+  # Held-out prompts from the eval split (what the tables report) or the dev split (for
+  # choosing sampling settings on prompts the reported rows never see; data.sources).
+  prompts: str = "eval"
   max_batches: int = 8
   batch_size: int = 32
   max_tokens: int = 64
@@ -494,7 +497,7 @@ def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dic
   out = evaluation.render_metrics(render_gen, batches(), key, render_dims=render_dims)
   out.update(evaluation.concept_metrics(gen, batches(), key, steps=s["concept_steps"],
                                         guidance=s["guidance"], temperature=s["temperature"]))
-  pairs = evaluation.eval_prompts(config, settings.num_prompts)
+  pairs = evaluation.eval_prompts(config, settings.num_prompts, settings.prompts)
   synthetic_data = settings.source == "synthetic"
   if synthetic_data or judge:
     out.update(evaluation.roundtrip_metrics(render_gen, pairs, max_tokens=settings.max_tokens,
@@ -514,7 +517,8 @@ def _evaluate_concepts(v: Variant, plan: Plan, judge, settings: Settings) -> dic
 def _evaluate_flat(workdir: str, judge, settings: Settings, **gen_kwargs) -> dict:
   from concept_diffusion import evaluation, generate
   gen = generate.load(workdir, mesh=judge.mesh if judge else None)
-  pairs = evaluation.eval_prompts(evaluation.eval_config(gen), settings.num_prompts)
+  pairs = evaluation.eval_prompts(evaluation.eval_config(gen), settings.num_prompts,
+                                   settings.prompts)
   out, samples = evaluation.generation_metrics(
       gen, pairs, judge=judge, synthetic_data=settings.source == "synthetic",
       max_tokens=settings.max_tokens, seed=settings.seed, **gen_kwargs)
@@ -530,7 +534,8 @@ def _evaluate_reference(judge, settings: Settings, ar_workdir: str) -> dict:
   with a judge; else tokenized as the ar run at `ar_workdir` reads them)."""
   from concept_diffusion import evaluation, generate
   gen = judge or generate.load(ar_workdir)
-  pairs = evaluation.eval_prompts(evaluation.eval_config(gen), settings.num_prompts)
+  pairs = evaluation.eval_prompts(evaluation.eval_config(gen), settings.num_prompts,
+                                   settings.prompts)
   prompts, truth = [p for p, _ in pairs], [c for _, c in pairs]
   out = {}
   if judge:  # Each truth is the rest of its document: all of them end it.
@@ -576,6 +581,8 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
   unknown = set(settings.baselines) - {"ar", "mdm"}
   if unknown:  # Before anything trains.
     raise ExperimentError(f"baselines {sorted(unknown)}: choose from ar, mdm")
+  if settings.prompts not in ("eval", "dev"):
+    raise ExperimentError(f"prompts={settings.prompts!r}: choose from eval, dev")
   from concept_diffusion import generate
   os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
   plans = [plan_variant(v, workdir, settings) for v in grid]
@@ -593,6 +600,8 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
     # reads included: a changed row, or one whose run was retrained, is evaluated anew.
     runs = [*runs, baselines["judge"][0]] if settings.judge else list(runs)
     shared = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ROW_FREE}
+    if settings.prompts == "eval":  # Rows measured before the dev split keep their files.
+      del shared["prompts"]
     spec = (name, axis, spec, shared, runs, [_saved(r) for r in runs])
     path = os.path.join(workdir, "results", f"{name}-{_run_name('row', *spec)}.json")
     result["rows"][name] = {**_cached(path, compute), "axis": axis}
@@ -668,13 +677,15 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
 
 
 def _write_tables(result: dict, workdir: str) -> None:
-  with open(os.path.join(workdir, "results.json"), "w") as f:
+  # Dev-prompt tables (settings chosen on them) never overwrite the reported ones.
+  dev = "_dev" if result["settings"]["prompts"] == "dev" else ""
+  with open(os.path.join(workdir, f"results{dev}.json"), "w") as f:
     json.dump(result, f, indent=2, default=str)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
+  with open(os.path.join(workdir, f"results{dev}.md"), "w") as f:
     f.write(markdown_table(result) + "\n")
   kinds = kind_table(result)
   if kinds:
-    with open(os.path.join(workdir, "results_by_kind.md"), "w") as f:
+    with open(os.path.join(workdir, f"results{dev}_by_kind.md"), "w") as f:
       f.write(kinds + "\n")
 
 

@@ -341,7 +341,7 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
                  noise_scale: float, end_cosine: float, snap=None,
                  num_candidates: int = 1, context_BxCL=None, end_noise: float = 0.0,
                  end_temperature: float = 0.0, candidate_rule: str = "consensus",
-                 model_dims: int = 0):
+                 model_dims: int = 0, render_dims: int = 0):
   """Samples `num_new` concepts after each prompt -> (z_BxNxD new, prev_BxNxD, extras).
 
   A while-loop over a fixed buffer of M = N + num_new concepts; position counts_B + i
@@ -362,7 +362,9 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
   (and snaps each), and keeps the consensus one (consensus_index): of the re-encoded
   concepts with snap, else of the raw samples. C = 1 is the plain sampler, bit for bit.
   candidate_rule "roundtrip" (needs snap) keeps the one whose chunk re-encodes nearest
-  to it instead (roundtrip_index).
+  to it instead (roundtrip_index), compared on the prefix the renderer reads
+  (`render_dims`; 0: all): the rest of a sample is never rendered, so it says nothing of
+  how faithfully the chunk came out.
 
   end_noise > 0 stops each sample at that noise (continuous.sample); the END test by
   cosine then rarely fires, and a chunk rendered as END stops the example instead.
@@ -423,7 +425,8 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
     valid_BxC = ~picked[2].reshape(b, c) if end_temperature else None
     if c > 1 or end_temperature:
       z_BxCxD, z_ctx_BxCxD = (x.reshape(b, c, d) for x in picked[:2])
-      best_B = (roundtrip_index(z_BxCxD, z_ctx_BxCxD, valid_BxC)
+      best_B = (roundtrip_index(concept_prefix(z_BxCxD, render_dims),
+                                concept_prefix(z_ctx_BxCxD, render_dims), valid_BxC)
                 if candidate_rule == "roundtrip" else consensus_index(z_ctx_BxCxD, valid_BxC))
       picked = tuple(take_candidate(x, best_B, c) for x in picked)
     if end_temperature:
@@ -526,7 +529,8 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
         guidance=opts.guidance, noise_scale=opts.noise_scale, end_cosine=opts.end_cosine,
         snap=snap, num_candidates=opts.num_candidates, context_BxCL=text_BxCL,
         end_noise=opts.end_noise, end_temperature=opts.end_temperature,
-        candidate_rule=opts.candidate_rule, model_dims=opts.model_dims)
+        candidate_rule=opts.candidate_rule, model_dims=opts.model_dims,
+        render_dims=opts.render_dims)
     if opts.reencode:  # Rendered one chunk at a time inside the loop.
       tokens_BxNxL = extras[0]
       states_SxBxNxL = jnp.moveaxis(extras[1], 2, 0) if opts.show_steps else None

@@ -23,7 +23,10 @@ filled rows (data.fill_examples, row ar_fill); --ar_learning_rates=5e-3 one at t
 learning rate (row ar_lr0.005); --nojudge skips the judge's
 run (~22 minutes) and the gen-PPL column, for a first look at rows. After a preset edit
 (a new default), --adopt moves the runs already trained to the names the grid now plans
-for them (experiment.adopt_runs) instead of refusing them.
+for them (experiment.adopt_runs) instead of refusing them. --prompts=dev samples every row
+from the dev split's prompts instead (data.sources: documents no run trains on, apart from
+the eval ones the tables report) and writes WORKDIR/results_dev.{json,md}: choose sampling
+settings there, then report them on the eval prompts.
 """
 
 import dataclasses
@@ -431,6 +434,23 @@ ENDED = [ended(v) for v in (Variant("default"), RENDER1800, R1800_T05_CFG4, R180
                             cooled(R1800_DIM[1]))]
 
 
+def picked(v: Variant, candidates: int, rule: str = "consensus") -> Variant:
+  """The row `v` keeping one of `candidates` samples per concept by `rule`
+  (concepts.num_candidates, concepts.candidate_rule): v.name_candC(_rule)."""
+  more = {"candidate_rule": rule} if rule != "consensus" else {}
+  return dataclasses.replace(v, name=f"{v.name}_cand{candidates}" + (f"_{rule}" if more else ""),
+                             axis=v.axis if v.axis.endswith("sampling") else f"{v.axis}, sampling",
+                             sample={**v.sample, "num_candidates": candidates, **more})
+
+
+# Heat puts restated values right and sentences wrong (README "the sampler's temperature"):
+# hot candidates, the one kept whose rendered chunk re-encodes nearest to it (a faithful,
+# well-formed render), or their consensus. Screened on the dev prompts (--prompts=dev).
+HOT_PICKED = [picked(Variant("default"), 4, "roundtrip"),
+              *[picked(sampled(Variant("default"), t), 4, "roundtrip") for t in (1.5, 2.0, 3.0)],
+              picked(sampled(Variant("default"), 1.5), 4)]
+
+
 def five_runs(v: Variant) -> list[Variant]:
   """The row `v` and its four seed rows: concept seeds 1 / 2, render seeds 1 / 2."""
   return [v, *seeded(v), *seeded(v, RENDER_SEEDS, "render seed")]
@@ -458,6 +478,7 @@ FULL = [
     # 1.0 loses facts (0.764 -> 0.710 at 0.7 under v10).
     *[sampled(Variant("default"), t) for t in (1.1, 1.75, 2.0)],
     *five_runs(sampled(Variant("default"), 1.5)),
+    *HOT_PICKED,
     # The v12 default (today's runs sampled at temperature 1.0) and one change from it per
     # row (measured while it was the default, under the names without v12_; its rows
     # default_temp1.25(_X) were today's default(_X)).
@@ -807,6 +828,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("grid", "full", ["full", "text"], "Which rows (see GRIDS).")
   flags.DEFINE_list("only", [], "Only these rows (names), after `default`.")
   flags.DEFINE_integer("num_prompts", 256, "Held-out prompts per row.")
+  flags.DEFINE_enum("prompts", "eval", ["eval", "dev"], "Prompts from the eval split (the "
+                    "tables) or the dev split (to choose sampling settings on; data.sources).")
   flags.DEFINE_list("baselines", ["ar", "mdm"], "Flat baselines to train and show.")
   flags.DEFINE_bool("judge", True, "Train the judge ar run and score gen-PPL.")
   flags.DEFINE_list("ar_seeds", [], "The ar baseline also trained from these seeds (rows "
@@ -825,7 +848,7 @@ def main(argv):
   if not f["verbosity"].present:  # Library INFO logs drown the progress lines.
     logging.set_verbosity(logging.WARNING)
   grid = GRIDS[f.grid]
-  settings = experiment.Settings(source=f.source, num_prompts=f.num_prompts,
+  settings = experiment.Settings(source=f.source, num_prompts=f.num_prompts, prompts=f.prompts,
                                  baselines=tuple(f.baselines),
                                  ar_seeds=tuple(int(s) for s in f.ar_seeds), judge=f.judge,
                                  ar_fill=f.ar_fill,

@@ -42,6 +42,24 @@ def test_synthetic_split():
   assert source[0] == generate_document(0, 8)
 
 
+def test_synthetic_dev_split_is_another_draw_no_run_trains_on():
+  config = make_config("synthetic")
+  dev = docs(config, "dev")
+  assert dev == [generate_document(sources.DEV_SEED_SHIFT, i) for i in range(8)]
+  assert not set(dev) & set(docs(config, "eval"))
+  train = sources.document_source(config, "train")
+  assert not set(dev) & {train[i] for i in range(200)}
+  with pytest.raises(DataError, match="split='test'"):
+    docs(config, "test")
+
+
+def test_text_dev_split_is_the_eval_split_from_its_end(tmp_path):
+  texts = [f"Document number {i}. It has two sentences." for i in range(200)]
+  write_text(tmp_path / "a.txt", texts)
+  config = make_config(f"text:{tmp_path}/*.txt", eval_fraction=0.2)
+  assert docs(config, "dev") == docs(config, "eval")[::-1]
+
+
 def write_text(path, documents, sep="\n\n"):
   path.write_text(sep.join(documents), encoding="utf-8")
   return path

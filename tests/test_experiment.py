@@ -1,13 +1,14 @@
 """The experiment runner: a grid of variants and baselines at equal FLOPs, tables, resume."""
 
 import dataclasses
+import glob
 import json
 import os
 
 import ml_collections
 import pytest
 
-from concept_diffusion import experiment
+from concept_diffusion import evaluation, experiment, generate
 from concept_diffusion.experiment import Settings, Variant
 
 from conftest import TINY
@@ -443,6 +444,28 @@ def test_a_changed_row_is_evaluated_again_and_only_it(grid_run, monkeypatch):
   assert calls == ["temp0.5"]
   assert json.dumps(again["rows"]["default"], sort_keys=True) == json.dumps(
       first["rows"]["default"], sort_keys=True)
+
+
+def test_dev_prompts_make_their_own_tables_and_leave_the_reported_ones(grid_run, monkeypatch):
+  workdir, first = grid_run
+  reported = {n: open(os.path.join(workdir, n)).read()
+              for n in ("results.json", "results.md", "results_by_kind.md")}
+  import concept_diffusion.train as train_lib
+  monkeypatch.setattr(train_lib, "train", lambda *a, **k: pytest.fail("trained a run"))
+  settings = dataclasses.replace(_settings(), prompts="dev", baselines=("ar",))
+  dev = experiment.run_grid(GRID[:1], workdir, settings)
+  assert list(dev["rows"]) == ["default", "ar", "ar_temp0.5", "reference"]
+  config = evaluation.eval_config(generate.load(glob.glob(os.path.join(workdir, "ar-*"))[0]))
+  prompt = evaluation.eval_prompts(config, 1, "dev")[0][0]
+  assert prompt != evaluation.eval_prompts(config, 1)[0][0]
+  for name in ("default", "ar"):  # Sampled from the dev prompts, not the eval ones.
+    assert dev["rows"][name]["sample"].startswith(prompt[-80:]), name
+    assert dev["rows"][name]["sample"] != first["rows"][name]["sample"]
+  assert json.load(open(os.path.join(workdir, "results_dev.json")))["rows"].keys() == dev["rows"].keys()
+  assert os.path.isfile(os.path.join(workdir, "results_dev.md"))
+  assert reported == {n: open(os.path.join(workdir, n)).read() for n in reported}
+  with pytest.raises(experiment.ExperimentError, match="prompts='test'"):
+    experiment.run_grid(GRID[:1], workdir, dataclasses.replace(settings, prompts="test"))
 
 
 def test_rows_reading_a_retrained_run_are_evaluated_again(grid_run, monkeypatch):

@@ -508,3 +508,36 @@ def test_prompt_chunks_match_training_segmentation(concepts_gen):
   expected_CxL, _ = segment.chunk_document(doc, c.granularity, c.concept_len)
   assert counts_B[0] == len(expected_CxL) - 1  # The END chunk is not part of a prompt.
   np.testing.assert_array_equal(chunks_BxPxL[0, :counts_B[0]], expected_CxL[:-1])
+
+
+def test_roundtrip_rule_compares_the_prefix_the_renderer_reads(concepts_gen):
+  gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
+  enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
+  mods, z_BxNxD, counts_B, h_Bx1xE = _prompt_context(gen)
+  cm, objective, c = mods["concept_model"], gen.config.concepts.objective, 4
+  dims = z_BxNxD.shape[-1] // 4
+  snap = generate.snap_fn(mods["encoder"], enc_params, mods["renderer"],
+                          gen.render_params["renderer"], steps=8, temperature=0.0, dims=dims)
+  prev_Bx1xD = z_BxNxD[np.arange(2), counts_B - 1][:, None]
+  unit = lambda x: x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
+  for seed in range(3, 20):  # A key where the prefix and the whole concept disagree.
+    key = jax.random.key(seed)
+    k_content, k_snap = jax.random.split(jax.random.fold_in(key, 0))
+    cand_BCx1xD = concept_model.sample_from_context(
+        cm, {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_content,
+        objective=objective, steps=4)
+    back_BCx1xD, _ = snap(cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
+                          jnp.zeros((2 * c, 0), jnp.int32), k_snap)
+    cand, back = (np.asarray(x, np.float64).reshape(2, c, -1)
+                  for x in (cand_BCx1xD, back_BCx1xD))
+    whole_B = np.argmax(np.sum(unit(cand) * unit(back), -1), -1)
+    best_B = np.argmax(np.sum(unit(cand[..., :dims]) * unit(back[..., :dims]), -1), -1)
+    if (whole_B != best_B).any():
+      break
+  assert (whole_B != best_B).any()
+  new_BxNxD, _, _ = generate.concept_loop(
+      cm, cm_params, z_BxNxD, counts_B, generate.end_concept(mods["encoder"], enc_params, l),
+      key, num_new=1, objective=objective, steps=4, guidance=1.0, noise_scale=1.0,
+      end_cosine=2.0, snap=snap, num_candidates=c, candidate_rule="roundtrip",
+      render_dims=dims)
+  np.testing.assert_allclose(new_BxNxD[:, 0], cand[np.arange(2), best_B], atol=1e-5)

@@ -5,6 +5,12 @@
   jsonl:GLOB[:field]      one JSON object a line, the document in `field` (default "text")
   arrayrecord:GLOB        tokenized shards written by `concept_diffusion.data.preprocess`
 
+A third split, "dev", holds prompts for choosing sampling settings apart from the eval
+prompts that results are reported on; no run trains on it. Synthetic: documents
+[0, eval_docs) of another draw of the corpus (seed corpus_seed + DEV_SEED_SHIFT); file
+sources: the eval split read from its last document back (disjoint from the first
+`len - n` eval documents read in order).
+
 Every source is random access (`len`, `[i]`). File sources are read once into memory and
 split by a stable hash of each document (share `data.eval_fraction` held out); for large
 corpora, preprocess them into ArrayRecord shards. Unusable input raises `DataError` naming
@@ -30,7 +36,9 @@ from concept_diffusion.data import synthetic
 from concept_diffusion.data.errors import DataError
 from concept_diffusion.data.segment import TokenizedDoc
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "dev")
+# The dev split's synthetic corpus: a draw of the generator no training run reads.
+DEV_SEED_SHIFT = 1 << 20
 SYNTHETIC_TRAIN_DOCS = 2**31 - 1  # "Unlimited": more than any run reads.
 EVAL_SHARD_PREFIX = "eval"  # ArrayRecord shards named eval-* hold the eval split.
 _BINARY_PROBE_BYTES = 8192
@@ -331,6 +339,19 @@ def shard_directory(pattern: str) -> str:
   return os.path.dirname(expand_glob(pattern)[0])
 
 
+class Reversed:
+  """`docs` from the last one back (a file source's dev split)."""
+
+  def __init__(self, docs):
+    self.docs = docs
+
+  def __len__(self) -> int:
+    return len(self.docs)
+
+  def __getitem__(self, index: int):
+    return self.docs[len(self.docs) - 1 - int(index)]
+
+
 def document_source(config, split: str):
   """The random-access documents of `split` for `config.data.source`."""
   if split not in SPLITS:
@@ -340,7 +361,11 @@ def document_source(config, split: str):
   if spec.kind == "synthetic":
     if split == "eval":
       return SyntheticDocs(data.corpus_seed, 0, data.eval_docs)
+    if split == "dev":
+      return SyntheticDocs(data.corpus_seed + DEV_SEED_SHIFT, 0, data.eval_docs)
     return SyntheticDocs(data.corpus_seed, data.eval_docs, SYNTHETIC_TRAIN_DOCS - data.eval_docs)
+  if split == "dev":
+    return Reversed(document_source(config, "eval"))
   if spec.kind in ("text", "jsonl"):
     docs, stats = _load_files(spec, data.max_doc_chars, data.eval_fraction,
                               _files_fingerprint(spec.pattern))
