@@ -16,6 +16,7 @@ the first `num_prompts` documents of iterate_documents(config, "eval")):
 | `next_concept_l2` | concepts | RMS error per dimension of the sampled next concept, mean over positions: ‖ẑ − z‖₂ / √D (concepts have unit RMS, so 0 is exact and ≈1.41 an unrelated concept) |
 | `next_concept_cosine` | concepts | mean cosine between the sampled and the true next concept |
 | `contrastive_accuracy` | concepts | share of positions whose sampled next concept is closer (L2) to the true next concept than to every concept of the other documents in the batch (copies of the true concept excluded) |
+| `spread_ratio` | concepts | is the head's sampler as spread as its errors? Of `SPREAD_SAMPLES` K samples per position: sqrt(Σ‖z − mean‖² / (Σ unbiased variance · (1 + 1/K))), sums over positions and dimensions. 1: the truth lies as far from the samples' mean as another sample would (calibrated); > 1: the samples huddle (under-dispersed); < 1: they scatter |
 | `bits_per_token` | ar, mdm | ar: exact next-token cross-entropy in bits over held-out tokens (EOD included, BOS given); mdm: the masked-diffusion ELBO in bits over the same tokens (an upper bound) |
 | `gen_ppl` | all but render | perplexity, under the judge AR run (`--judge_workdir`, its tokenizer), of the generated continuations given their prompts: exp(total NLL / total continuation tokens) |
 | `gen_ppl_end` | all but render | `gen_ppl` with the judge's end-of-document token scored after every continuation that ended the document: ending where the text goes on costs, an empty continuation counts one token (under `gen_ppl` it counts none, so a run that ends early is scored on little text) |
@@ -56,9 +57,12 @@ from concept_diffusion.models.concept_model import ConceptModel
 from concept_diffusion.models.renderer import concept_prefix, previous_chunks, previous_concepts
 
 EVAL_FILE = "eval.json"
+# Samples per held-out position behind spread_ratio (concept_metrics): the first is the one
+# the next-concept metrics score.
+SPREAD_SAMPLES = 4
 ORDER = ("roundtrip_token_accuracy", "roundtrip_exact_match", "elbo_bits_per_token",
          "roundtrip_consistent", "roundtrip_gen_ppl", "next_concept_l2", "next_concept_cosine",
-         "contrastive_accuracy", "bits_per_token", "gen_ppl", "gen_ppl_end", "gen_tokens",
+         "contrastive_accuracy", "spread_ratio", "bits_per_token", "gen_ppl", "gen_ppl_end", "gen_tokens",
          "gen_empty", "unigram_entropy", "coherence_well_formed", "coherence_consistent",
          "gen_ended", "gen_tokens_per_sec", "gen_latency_s")
 
@@ -99,6 +103,24 @@ def next_concept_sums(pred_BxNxD, target_BxNxD, valid_BxN) -> dict:
                                        np.linalg.norm(target, axis=-1) + 1e-9)
   return {"l2": float((rms_BxN * valid).sum()), "cosine": float((cos_BxN * valid).sum()),
           "count": int(valid.sum())}
+
+
+def spread_sums(samples_KxBxNxD, target_BxNxD, valid_BxN) -> dict:
+  """Sums over valid positions and dimensions of the squared error of the K samples' mean
+  (err2) and of their unbiased variance (var), and the count of valid positions."""
+  x, target = (np.asarray(a, np.float64) for a in (samples_KxBxNxD, target_BxNxD))
+  valid = np.asarray(valid_BxN, bool)
+  err2_BxN = np.sum((target - x.mean(0)) ** 2, -1)
+  var_BxN = np.sum(x.var(0, ddof=1), -1)
+  return {"err2": float(err2_BxN[valid].sum()), "var": float(var_BxN[valid].sum()),
+          "count": int(valid.sum())}
+
+
+def spread_ratio(err2: float, var: float, k: int) -> float:
+  """sqrt(err2 / (var (1 + 1/k))): 1 when the truth lies as far from the mean of k samples
+  as one more sample would (a calibrated sampler); > 1 samples too close together
+  (under-dispersed), < 1 too spread."""
+  return math.sqrt(err2 / (var * (1.0 + 1.0 / k))) if var > 0 else math.nan
 
 
 def contrastive_counts(pred_BxNxD, target_BxNxD, valid_BxN, z_BxNxD, concept_mask_BxN,
@@ -246,8 +268,11 @@ def render_metrics(gen: gen_lib.Generator, batches, key, elbo_samples: int = 4,
 
 
 def concept_metrics(gen: gen_lib.Generator, batches, key, *, steps: int | None = None,
-                    guidance: float | None = None, temperature: float = 1.0) -> dict:
-  """Next-concept L2 / cosine and contrastive accuracy of sampled next concepts.
+                    guidance: float | None = None, temperature: float = 1.0,
+                    spread_samples: int = SPREAD_SAMPLES) -> dict:
+  """Next-concept L2 / cosine and contrastive accuracy of sampled next concepts, and the
+  sampler's spread ratio over `spread_samples` samples per position (spread_ratio; < 2:
+  not measured).
 
   steps / guidance default to the run's concepts.sample_steps / guidance;
   temperature scales the sampler's starting noise, as in generation. A head fitted on a
@@ -268,29 +293,43 @@ def concept_metrics(gen: gen_lib.Generator, batches, key, *, steps: int | None =
     h_BxNxE = cm.apply({"params": params["concept_model"]}, z_BxNxD, seg_BxN,
                        method=ConceptModel.context)
     variables = {"params": params["concept_model"]}
-    pred_BxNxD = concept_model.sample_from_context(
-        cm, variables, h_BxNxE, key, objective=c.objective, steps=steps, guidance=guidance,
-        noise_scale=temperature, memory=cm.apply(variables, z_BxNxD, seg_BxN, method=cm.memory))
+    memory = cm.apply(variables, z_BxNxD, seg_BxN, method=cm.memory)
+    sample = lambda h, key, memory: concept_model.sample_from_context(  # noqa: E731
+        cm, variables, h, key, objective=c.objective, steps=steps, guidance=guidance,
+        noise_scale=temperature, memory=memory)
+    pred_BxNxD = sample(h_BxNxE, key, memory)
+    more = max(spread_samples - 1, 0)  # Drawn together, from a key of their own.
+    more_BKxNxD = sample(jnp.repeat(h_BxNxE, more, axis=0), jax.random.fold_in(key, 1),
+                         concept_model.repeat_memory(memory, more)) if more else None
     target_BxNxD, valid_BxN = continuous.next_concept_targets(z_BxNxD, batch["concept_mask"],
                                                               seg_BxN)
     dims = c.get("loss_dims", 0)  # .get: configs saved before the field.
+    samples_KxBxNxD = pred_BxNxD[None]
+    if more:  # Example-major rows (repeat_memory's order) -> sample-major.
+      b = pred_BxNxD.shape[0]
+      more_KxBxNxD = jnp.swapaxes(more_BKxNxD.reshape(b, more, *pred_BxNxD.shape[1:]), 0, 1)
+      samples_KxBxNxD = jnp.concatenate([samples_KxBxNxD, more_KxBxNxD])
     return tuple(continuous.prefix(x, dims) for x in (pred_BxNxD, target_BxNxD)) + (
-        valid_BxN, continuous.prefix(z_BxNxD, dims))
+        valid_BxN, continuous.prefix(z_BxNxD, dims), continuous.prefix(samples_KxBxNxD, dims))
 
-  fn = gen.jitted("eval_concepts", (steps, guidance, temperature), lambda: program)
-  sums = {"l2": 0.0, "cosine": 0.0, "count": 0, "hits": 0, "contrastive": 0}
+  fn = gen.jitted("eval_concepts", (steps, guidance, temperature, spread_samples),
+                  lambda: program)
+  sums = collections.Counter()
   for i, batch in enumerate(batches):
-    pred, target, valid, z = jax.device_get(fn(gen.params, _device_batch(gen, batch),
-                                               jax.random.fold_in(key, i)))
-    near = next_concept_sums(pred, target, valid)
+    pred, target, valid, z, samples = jax.device_get(
+        fn(gen.params, _device_batch(gen, batch), jax.random.fold_in(key, i)))
+    sums.update(next_concept_sums(pred, target, valid))
     con = contrastive_counts(pred, target, valid, z, batch["concept_mask"], batch["segment_ids"])
-    for k in ("l2", "cosine", "count"):
-      sums[k] += near[k]
-    sums["hits"] += con["hits"]
-    sums["contrastive"] += con["count"]
-  return {"next_concept_l2": _ratio(sums["l2"], sums["count"]),
-          "next_concept_cosine": _ratio(sums["cosine"], sums["count"]),
-          "contrastive_accuracy": _ratio(sums["hits"], sums["contrastive"])}
+    sums.update({"hits": con["hits"], "contrastive": con["count"]})
+    if spread_samples >= 2:
+      spread = spread_sums(samples, target, valid)
+      sums.update({"err2": spread["err2"], "var": spread["var"]})
+  out = {"next_concept_l2": _ratio(sums["l2"], sums["count"]),
+         "next_concept_cosine": _ratio(sums["cosine"], sums["count"]),
+         "contrastive_accuracy": _ratio(sums["hits"], sums["contrastive"])}
+  if spread_samples >= 2:
+    out["spread_ratio"] = spread_ratio(sums["err2"], sums["var"], spread_samples)
+  return out
 
 
 def token_nll_sums(model, params, tokens_BxT, segment_ids_BxT, target_BxT):

@@ -44,6 +44,7 @@ COLUMNS = (  # (results key, table heading)
     ("roundtrip_gen_ppl", "round-trip gen-PPL"),
     ("next_concept_cosine", "next cos"),
     ("contrastive_accuracy", "contrastive acc"),
+    ("spread_ratio", "spread ratio"),
     ("gen_ppl", "gen-PPL"),
     ("gen_ppl_end", "gen-PPL with the end"),
     ("gen_tokens", "tokens"),

@@ -58,6 +58,24 @@ def test_identical_predictions_are_contrastively_perfect_and_swapped_ones_fail()
   assert near["l2"] == 0.0 and near["cosine"] / near["count"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5, 2.0])
+def test_spread_ratio_is_one_for_a_calibrated_sampler_and_shows_a_huddled_or_scattered_one(
+    scale):
+  rng = np.random.default_rng(0)
+  k, b, n, d = 4, 64, 8, 32
+  mean_BxNxD, sigma_D = rng.normal(size=(b, n, d)), rng.uniform(0.1, 2.0, size=d)
+  truth_BxNxD = mean_BxNxD + sigma_D * rng.normal(size=(b, n, d))
+  samples_KxBxNxD = mean_BxNxD + scale * sigma_D * rng.normal(size=(k, b, n, d))
+  valid_BxN = np.ones((b, n), bool)
+  valid_BxN[:, -1] = False  # No target there: its huge error must not count.
+  truth_BxNxD[:, -1] = 1e6
+  sums = evaluation.spread_sums(samples_KxBxNxD, truth_BxNxD, valid_BxN)
+  assert sums["count"] == b * (n - 1)
+  # Samples at `scale` times the truth's spread: E err2 = (1 + scale^2 / k) var_truth.
+  ratio = math.sqrt((1 + scale**2 / k) / (scale**2 * (1 + 1 / k)))  # 1, 1.84, 0.63
+  assert evaluation.spread_ratio(sums["err2"], sums["var"], k) == pytest.approx(ratio, rel=0.05)
+
+
 def test_copies_of_the_target_are_not_negatives():
   z_BxNxD = np.zeros((2, 2, 4))
   z_BxNxD[:, 0] = [1.0, 0, 0, 0]
@@ -243,12 +261,27 @@ def test_evaluate_concepts_run_with_judge(tiny_concepts_run, tiny_ar_run):
   metrics = evaluation.evaluate(tiny_concepts_run, judge_workdir=tiny_ar_run, num_prompts=4,
                                 max_batches=1, batch_size=8, max_tokens=16)
   for name in ("roundtrip_consistent", "roundtrip_gen_ppl", "next_concept_l2",
-               "next_concept_cosine", "contrastive_accuracy", "gen_ppl", "gen_ppl_end",
+               "next_concept_cosine", "contrastive_accuracy", "spread_ratio", "gen_ppl",
+               "gen_ppl_end",
                "gen_tokens", "gen_empty", "unigram_entropy", "coherence_well_formed", "coherence_consistent",
                "gen_tokens_per_sec", "gen_latency_s"):
     assert name in metrics, name
   _check_ranges(metrics)
   assert metrics["gen_ppl"] > 1 and metrics["gen_tokens_per_sec"] > 0
+
+
+def test_spread_samples_leave_the_scored_sample_and_heat_spreads_them(tiny_concepts_run):
+  import jax
+  gen = generate.load(tiny_concepts_run)
+  config = evaluation.eval_config(gen)
+  run = lambda **kw: evaluation.concept_metrics(  # noqa: E731
+      gen, evaluation.eval_batches(config, gen.tokenizer, "concepts", 8, 1), jax.random.key(0),
+      **kw)
+  one, four = run(spread_samples=1), run(spread_samples=4)
+  assert "spread_ratio" not in one and 0 < four["spread_ratio"] < 10
+  assert {k: four[k] for k in one} == one  # The scored sample is the same draw.
+  assert run(temperature=2.0)["spread_ratio"] < four["spread_ratio"] < run(
+      temperature=0.5)["spread_ratio"]
 
 
 def test_consistency_by_kind_of_render_and_concepts_runs(tiny_render_run, tiny_concepts_run,
