@@ -441,6 +441,11 @@ ENDED = [ended(v) for v in (Variant("default"), RENDER1800, R1800_T05_CFG4, R180
 # the continuations (seed 0, dev prompts). Screened on the dev prompts (--prompts=dev).
 HOT_PICKED = [guarded(sampled(Variant("default"), t), t, candidates=4, rule="roundtrip")
               for t in (1.25, 1.5, 2.0)]
+# Or rendered with one token per step (16; the presets' 8 render two): hot concepts may
+# need the finer render.
+HOT_RENDER16 = [dataclasses.replace(v, name=f"{v.name}_render16", axis=f"{v.axis}, sampling",
+                                    sample={**v.sample, "render_steps": 16})
+                for v in (Variant("default"), sampled(Variant("default"), 1.5))]
 
 
 def five_runs(v: Variant) -> list[Variant]:
@@ -470,7 +475,7 @@ FULL = [
     # 1.0 loses facts (0.764 -> 0.710 at 0.7 under v10).
     *[sampled(Variant("default"), t) for t in (1.1, 1.75, 2.0)],
     *five_runs(sampled(Variant("default"), 1.5)),
-    *HOT_PICKED,
+    *HOT_PICKED, *HOT_RENDER16,
     # The v12 default (today's runs sampled at temperature 1.0) and one change from it per
     # row (measured while it was the default, under the names without v12_; its rows
     # default_temp1.25(_X) were today's default(_X)).
