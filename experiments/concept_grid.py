@@ -443,7 +443,7 @@ HOT_PICKED = [guarded(sampled(Variant("default"), t), t, candidates=4, rule="rou
               for t in (1.25, 1.5, 2.0)]
 # Or rendered with one token per step (16; the presets' 8 render two): hot concepts may
 # need the finer render.
-HOT_RENDER16 = [dataclasses.replace(v, name=f"{v.name}_render16", axis=f"{v.axis}, sampling",
+HOT_RENDER16 = [dataclasses.replace(v, name=f"{v.name}_render16", axis="sampling",
                                     sample={**v.sample, "render_steps": 16})
                 for v in (Variant("default"), sampled(Variant("default"), 1.5))]
 
