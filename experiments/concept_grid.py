@@ -439,8 +439,13 @@ ENDED = [ended(v) for v in (Variant("default"), RENDER1800, R1800_T05_CFG4, R180
 # well-formed render). END is decided by a sample of its own at the same temperature
 # (guarded): kept by round trip, the END chunk (which re-encodes exactly) ended 73-78% of
 # the continuations (seed 0, dev prompts). Screened on the dev prompts (--prompts=dev).
-HOT_PICKED = [guarded(sampled(Variant("default"), t), t, candidates=4, rule="roundtrip")
-              for t in (1.25, 1.5, 2.0)]
+HOT_PICKED = [*[guarded(sampled(Variant("default"), t), t, candidates=4, rule="roundtrip")
+                for t in (1.25, 1.5, 2.0, 2.5, 3.0)],
+              *[guarded(sampled(Variant("default"), 2.0), 2.0, candidates=c, rule="roundtrip")
+                for c in (2, 8)],
+              # Controls: END decided so, one candidate; four kept by consensus.
+              guarded(sampled(Variant("default"), 2.0), 2.0),
+              guarded(sampled(Variant("default"), 2.0), 2.0, candidates=4)]
 # Or rendered with one token per step (16; the presets' 8 render two): hot concepts may
 # need the finer render.
 HOT_RENDER16 = [dataclasses.replace(v, name=f"{v.name}_render16", axis="sampling",
