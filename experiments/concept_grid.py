@@ -44,9 +44,13 @@ from concept_diffusion.experiment import Variant
 # concept steps.
 V10_RENDER = {"render.nested_dims": ()}
 V10 = {"concepts.render_dims": 0}
+# v13 (the default until hot candidates kept by round trip) and every earlier default
+# sampled one candidate per concept, END among the content samples; v13 at temperature 1.25.
+ONE_CANDIDATE = {"num_candidates": 1, "candidate_rule": "consensus", "end_temperature": 0.0}
+V13_SAMPLE = {**ONE_CANDIDATE, "temperature": 1.25}
 # v12 (the default until the sampler's temperature 1.25) and every earlier default from
 # v3 on sampled the concept head at temperature 1.0 (v2 and v1 at 0.5: V2_SAMPLE).
-V12_SAMPLE = {"temperature": 1.0}
+V12_SAMPLE = {**ONE_CANDIDATE, "temperature": 1.0}
 # v11 (nested concepts; the default until the concepts run's rate 5e-3) and every earlier
 # default from v2 on trained the concepts run at 3e-3 (v1 at 1e-3).
 V11 = {"train.learning_rate": 3e-3}
@@ -85,6 +89,14 @@ def _from(v: Variant, tag: str, concepts: dict, sample: dict, render: dict = MEA
                              render={**V10_RENDER, **render, **v.render},
                              concepts={**V11, **V10, **concepts, **v.concepts},
                              sample={**V12_SAMPLE, **sample, **v.sample})
+
+
+def from_v13(v: Variant) -> Variant:
+  """The row `v` as one change from the v13 default (today's runs, one sample per concept
+  at temperature 1.25; named v13_...)."""
+  name = "v13" if v.name == "default" else f"v13_{v.name}"
+  return dataclasses.replace(v, name=name, axis=f"{v.axis} (v13)",
+                             sample={**V13_SAMPLE, **v.sample})
 
 
 def from_v12(v: Variant) -> Variant:
@@ -438,19 +450,22 @@ ENDED = [ended(v) for v in (Variant("default"), RENDER1800, R1800_T05_CFG4, R180
 # hot candidates, the one kept whose rendered chunk re-encodes nearest to it (a faithful,
 # well-formed render). END is decided by a sample of its own at the same temperature
 # (guarded): kept by round trip, the END chunk (which re-encodes exactly) ended 73-78% of
-# the continuations (seed 0, dev prompts). Screened on the dev prompts (--prompts=dev).
-HOT_PICKED = [*[guarded(sampled(Variant("default"), t), t, candidates=4, rule="roundtrip")
+# the continuations (seed 0, dev prompts). Screened on the dev prompts (--prompts=dev) from
+# v13, measured as default_X (v13 was the default); the one chosen, temperature 2 with
+# four candidates, is today's default.
+V13_ROW = from_v13(Variant("default"))
+HOT_PICKED = [*[guarded(sampled(V13_ROW, t), t, candidates=4, rule="roundtrip")
                 for t in (1.25, 1.5, 2.0, 2.5, 3.0)],
-              *[guarded(sampled(Variant("default"), 2.0), 2.0, candidates=c, rule="roundtrip")
+              *[guarded(sampled(V13_ROW, 2.0), 2.0, candidates=c, rule="roundtrip")
                 for c in (2, 8)],
               # Controls: END decided so, one candidate; four kept by consensus.
-              guarded(sampled(Variant("default"), 2.0), 2.0),
-              guarded(sampled(Variant("default"), 2.0), 2.0, candidates=4)]
+              guarded(sampled(V13_ROW, 2.0), 2.0),
+              guarded(sampled(V13_ROW, 2.0), 2.0, candidates=4)]
 # Or rendered with one token per step (16; the presets' 8 render two): hot concepts may
 # need the finer render.
 HOT_RENDER16 = [dataclasses.replace(v, name=f"{v.name}_render16", axis="sampling",
                                     sample={**v.sample, "render_steps": 16})
-                for v in (Variant("default"), sampled(Variant("default"), 1.5))]
+                for v in (V13_ROW, sampled(V13_ROW, 1.5))]
 
 
 def five_runs(v: Variant) -> list[Variant]:
@@ -476,10 +491,14 @@ FULL = [
     # the noise of a row. The render run has its own seed (render_seedS): a second render
     # run moved v9 0.788 -> 0.760 consistent (three concept seeds each).
     *SEED_ROWS,
-    # Sampled at other temperatures than today's 1.25 (v12's 1.0: row v12). Cooler than
-    # 1.0 loses facts (0.764 -> 0.710 at 0.7 under v10).
-    *[sampled(Variant("default"), t) for t in (1.1, 1.75, 2.0)],
-    *five_runs(sampled(Variant("default"), 1.5)),
+    # The v13 default (today's runs, one sample per concept at temperature 1.25) and one
+    # change from it per row (measured while it was the default, under the names without
+    # v13_: v13_tempT as default_tempT, v13_seedS as seedS).
+    V13_ROW, *map(from_v13, SEED_ROWS),
+    # v13 at other temperatures (v12's 1.0: row v12). Cooler than 1.0 loses facts (0.764 ->
+    # 0.710 at 0.7 under v10).
+    *[sampled(V13_ROW, t) for t in (1.1, 1.75, 2.0)],
+    *five_runs(sampled(V13_ROW, 1.5)),
     *HOT_PICKED, *HOT_RENDER16,
     # The v12 default (today's runs sampled at temperature 1.0) and one change from it per
     # row (measured while it was the default, under the names without v12_; its rows
@@ -818,8 +837,9 @@ TEXT = [v for v in FULL if v.name in (
     *("v8" if n == "default" else f"v8_{n}" for n in V8_TEXT),
     "v7", "v7_seed1", "v7_z_noise1", "v7_z_noise2", "v2", "v1", "v1_temp1.0",
     "v1_z_noise0.1")] + [SHORT_CLEAN, SHORT_CLEAN_LONG, *TEXT_RENDER,
-                         # Today's default sampled as the text recipe samples.
-                         guarded(T05_CFG4)]
+                         # Today's runs sampled as the text recipe samples.
+                         guarded(dataclasses.replace(T05_CFG4, sample={
+                             **ONE_CANDIDATE, **T05_CFG4.sample}))]
 GRIDS = {"full": FULL, "text": TEXT}
 
 
