@@ -6,9 +6,9 @@
 
 Each row changes one thing from a default and is trained and evaluated at the tiny
 preset: `default` is the shipped tiny presets (set to the best measured combination);
-`v12`, `v11`, ..., `v2` and `v1` are earlier defaults, and `v12_x` ...
+`v13`, `v12`, ..., `v2` and `v1` are earlier defaults, and `v13_x` ...
 `v1_x` rows are one change from them (measured then, and kept so their tables can be
-reproduced; a table measured under v12 names `v12_x` as `x`). The ar and mdm rows get the same source and the training FLOPs of the
+reproduced; a table measured under v13 names `v13_x` as `x`). The ar and mdm rows get the same source and the training FLOPs of the
 `default` pipeline; so do rows marked equal_flops (their concepts run gets the steps
 that match). Runs are shared and resumed: re-running only does what is missing (a
 row whose definition changed is evaluated again; one whose metric code changed is not:
