@@ -319,7 +319,7 @@ def test_end_temperature_decides_end_by_a_sample_of_its_own(concepts_gen):
   key_0 = jax.random.fold_in(key, 0)
   k_content, _ = jax.random.split(key_0)
   k_decide, _ = jax.random.split(jax.random.fold_in(key_0, 1))
-  c = 3
+  c = 4  # With one of them END, three vote: two would tie, broken by rounding.
   cand_BxCxD = draw(jnp.repeat(h_Bx1xE, c, axis=0), k_content, 0.5, 2.0).reshape(2, c, -1)
   one_BxD = draw(h_Bx1xE, k_content, 0.5, 2.0)[:, 0]
   decide_BxD = draw(h_Bx1xE, k_decide, 1.0, 1.0)[:, 0]
@@ -331,7 +331,7 @@ def test_end_temperature_decides_end_by_a_sample_of_its_own(concepts_gen):
   kept = loop(decide_BxD[0], c)
   np.testing.assert_allclose(kept[0], decide_BxD[0], atol=1e-5)
   np.testing.assert_allclose(kept[1], cand_BxCxD[1, best_B[1]], atol=1e-5)
-  # END is example 1's consensus candidate: it keeps the consensus of the two others.
+  # END is example 1's consensus candidate: it keeps the consensus of the three others.
   z_end_D = cand_BxCxD[1, best_B[1]]
   assert not near(decide_BxD[1], z_end_D) and not near(decide_BxD[0], z_end_D)
   others = [j for j in range(c) if j != int(best_B[1])]
