@@ -60,6 +60,9 @@ EVAL_FILE = "eval.json"
 # Samples per held-out position behind spread_ratio (concept_metrics): the first is the one
 # the next-concept metrics score.
 SPREAD_SAMPLES = 4
+# Where prompts come from (eval_prompts): the reported split, or the one settings are
+# chosen on (data.sources).
+PROMPT_SPLITS = ("eval", "dev")
 ORDER = ("roundtrip_token_accuracy", "roundtrip_exact_match", "elbo_bits_per_token",
          "roundtrip_consistent", "roundtrip_gen_ppl", "next_concept_l2", "next_concept_cosine",
          "contrastive_accuracy", "spread_ratio", "bits_per_token", "gen_ppl", "gen_ppl_end", "gen_tokens",
@@ -209,8 +212,8 @@ def eval_prompts(config, num_prompts: int, split: str = "eval") -> list[tuple[st
   """(prompt, true continuation): first half of a held-out document's sentences, and the
   rest; split "dev" for prompts that choose sampling settings (data.sources)."""
   from concept_diffusion import data
-  if split not in ("eval", "dev"):
-    raise ValueError(f"prompts split={split!r} is not one of eval, dev")
+  if split not in PROMPT_SPLITS:
+    raise ValueError(f"prompts split={split!r} is not one of {', '.join(PROMPT_SPLITS)}")
   pairs = []
   for doc in data.iterate_documents(config, split):
     sentences = segment.split_sentences(doc)
@@ -298,17 +301,17 @@ def concept_metrics(gen: gen_lib.Generator, batches, key, *, steps: int | None =
         cm, variables, h, key, objective=c.objective, steps=steps, guidance=guidance,
         noise_scale=temperature, memory=memory)
     pred_BxNxD = sample(h_BxNxE, key, memory)
-    more = max(spread_samples - 1, 0)  # Drawn together, from a key of their own.
-    more_BKxNxD = sample(jnp.repeat(h_BxNxE, more, axis=0), jax.random.fold_in(key, 1),
-                         concept_model.repeat_memory(memory, more)) if more else None
-    target_BxNxD, valid_BxN = continuous.next_concept_targets(z_BxNxD, batch["concept_mask"],
-                                                              seg_BxN)
-    dims = c.get("loss_dims", 0)  # .get: configs saved before the field.
     samples_KxBxNxD = pred_BxNxD[None]
-    if more:  # Example-major rows (repeat_memory's order) -> sample-major.
+    more = spread_samples - 1
+    if more > 0:  # Drawn together, from a key of their own, in repeat_memory's order.
+      more_BKxNxD = sample(jnp.repeat(h_BxNxE, more, axis=0), jax.random.fold_in(key, 1),
+                           concept_model.repeat_memory(memory, more))
       b = pred_BxNxD.shape[0]
       more_KxBxNxD = jnp.swapaxes(more_BKxNxD.reshape(b, more, *pred_BxNxD.shape[1:]), 0, 1)
       samples_KxBxNxD = jnp.concatenate([samples_KxBxNxD, more_KxBxNxD])
+    target_BxNxD, valid_BxN = continuous.next_concept_targets(z_BxNxD, batch["concept_mask"],
+                                                              seg_BxN)
+    dims = c.get("loss_dims", 0)  # .get: configs saved before the field.
     return tuple(continuous.prefix(x, dims) for x in (pred_BxNxD, target_BxNxD)) + (
         valid_BxN, continuous.prefix(z_BxNxD, dims), continuous.prefix(samples_KxBxNxD, dims))
 

@@ -582,9 +582,10 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
   unknown = set(settings.baselines) - {"ar", "mdm"}
   if unknown:  # Before anything trains.
     raise ExperimentError(f"baselines {sorted(unknown)}: choose from ar, mdm")
-  if settings.prompts not in ("eval", "dev"):
-    raise ExperimentError(f"prompts={settings.prompts!r}: choose from eval, dev")
-  from concept_diffusion import generate
+  from concept_diffusion import evaluation, generate
+  if settings.prompts not in evaluation.PROMPT_SPLITS:
+    raise ExperimentError(f"prompts={settings.prompts!r}: choose from "
+                          f"{', '.join(evaluation.PROMPT_SPLITS)}")
   os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
   plans = [plan_variant(v, workdir, settings) for v in grid]
   result = {"source": settings.source, "settings": dataclasses.asdict(settings), "rows": {},

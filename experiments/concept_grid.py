@@ -34,7 +34,7 @@ import sys
 
 from absl import app, flags, logging
 
-from concept_diffusion import experiment
+from concept_diffusion import evaluation, experiment
 from concept_diffusion.experiment import Variant
 
 # Earlier defaults, as overrides of today's presets, so their rows still plan what was
@@ -91,28 +91,31 @@ def _from(v: Variant, tag: str, concepts: dict, sample: dict, render: dict = MEA
                              sample={**V12_SAMPLE, **sample, **v.sample})
 
 
+def _from_today(v: Variant, tag: str, sample: dict, concepts: dict | None = None) -> Variant:
+  """The row `v` over today's render stage, with an earlier default's sampling (and
+  concepts overrides): named tag_..."""
+  name = tag if v.name == "default" else f"{tag}_{v.name}"
+  return dataclasses.replace(v, name=name, axis=f"{v.axis} ({tag})",
+                             concepts={**(concepts or {}), **v.concepts},
+                             sample={**sample, **v.sample})
+
+
 def from_v13(v: Variant) -> Variant:
   """The row `v` as one change from the v13 default (today's runs, one sample per concept
   at temperature 1.25; named v13_...)."""
-  name = "v13" if v.name == "default" else f"v13_{v.name}"
-  return dataclasses.replace(v, name=name, axis=f"{v.axis} (v13)",
-                             sample={**V13_SAMPLE, **v.sample})
+  return _from_today(v, "v13", V13_SAMPLE)
 
 
 def from_v12(v: Variant) -> Variant:
   """The row `v` as one change from the v12 default (today's runs, sampled at temperature
   1.0; named v12_...)."""
-  name = "v12" if v.name == "default" else f"v12_{v.name}"
-  return dataclasses.replace(v, name=name, axis=f"{v.axis} (v12)",
-                             sample={**V12_SAMPLE, **v.sample})
+  return _from_today(v, "v12", V12_SAMPLE)
 
 
 def from_v11(v: Variant) -> Variant:
   """The row `v` as one change from the v11 default (nested concepts, the concepts run at
   3e-3; named v11_...)."""
-  name = "v11" if v.name == "default" else f"v11_{v.name}"
-  return dataclasses.replace(v, name=name, axis=f"{v.axis} (v11)",
-                             concepts={**V11, **v.concepts}, sample={**V12_SAMPLE, **v.sample})
+  return _from_today(v, "v11", V12_SAMPLE, V11)
 
 
 def from_v10(v: Variant) -> Variant:
@@ -850,7 +853,7 @@ def define_flags() -> None:
   flags.DEFINE_enum("grid", "full", ["full", "text"], "Which rows (see GRIDS).")
   flags.DEFINE_list("only", [], "Only these rows (names), after `default`.")
   flags.DEFINE_integer("num_prompts", 256, "Held-out prompts per row.")
-  flags.DEFINE_enum("prompts", "eval", ["eval", "dev"], "Prompts from the eval split (the "
+  flags.DEFINE_enum("prompts", "eval", list(evaluation.PROMPT_SPLITS), "Prompts from the eval split (the "
                     "tables) or the dev split (to choose sampling settings on; data.sources).")
   flags.DEFINE_list("baselines", ["ar", "mdm"], "Flat baselines to train and show.")
   flags.DEFINE_bool("judge", True, "Train the judge ar run and score gen-PPL.")
