@@ -3,6 +3,7 @@
   python -m concept_diffusion.evaluate --workdir=runs/concepts --judge_workdir=runs/ar
   python -m concept_diffusion.evaluate --workdir=runs/render --config.data.source=text:/data/*.txt
   python -m concept_diffusion.evaluate --workdir=runs/render --by_kind  # Built-in corpus.
+  python -m concept_diffusion.evaluate --workdir=runs/concepts --prompts=dev  # eval_dev.json.
   python -m concept_diffusion.evaluate --judge_workdir=runs/ar --compare runs/concepts runs/ar \
       runs/mdm
 
@@ -33,6 +34,9 @@ _BY_KIND = flags.DEFINE_bool("by_kind", False, "Built-in corpus, with --workdir:
                              "consistency per sentence kind, of the true continuations "
                              "rendered back (render and concepts runs) and of generated ones "
                              "(concepts, ar and mdm runs).")
+_PROMPTS = flags.DEFINE_string("prompts", "eval", "Held-out split the prompts come from "
+                               "(evaluation.PROMPT_SPLITS): dev to choose sampling settings "
+                               "on prompts the reported figures never see (eval_dev.json).")
 _RECOMPUTE = flags.DEFINE_bool("recompute", False, "With --compare: evaluate even where "
                                "eval.json exists.")
 
@@ -46,7 +50,7 @@ def main(argv):
   kwargs = dict(overrides=config_flags.get_override_values(flags.FLAGS["config"]),
                 judge_workdir=_JUDGE.value, num_prompts=_NUM_PROMPTS.value,
                 max_batches=_MAX_BATCHES.value, batch_size=_BATCH_SIZE.value,
-                max_tokens=_MAX_TOKENS.value, seed=_SEED.value)
+                max_tokens=_MAX_TOKENS.value, seed=_SEED.value, prompts=_PROMPTS.value)
   compare = (_COMPARE.value or []) + argv[1:]  # "--compare A B C": B and C arrive as argv.
   try:
     if compare:

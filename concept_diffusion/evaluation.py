@@ -56,7 +56,7 @@ from concept_diffusion.models import concept_model
 from concept_diffusion.models.concept_model import ConceptModel
 from concept_diffusion.models.renderer import concept_prefix, previous_chunks, previous_concepts
 
-EVAL_FILE = "eval.json"
+EVAL_FILE = "eval.json"  # Of the eval prompts; eval_file(split) names each split's.
 # Samples per held-out position behind spread_ratio (concept_metrics): the first is the one
 # the next-concept metrics score.
 SPREAD_SAMPLES = 4
@@ -206,6 +206,11 @@ def eval_batches(config, tokenizer, view: str, batch_size: int, max_batches: int
     if i >= max_batches:
       break
     yield batch
+
+
+def eval_file(prompts: str = "eval") -> str:
+  """The file evaluate() writes for a prompt split: dev figures never overwrite eval.json."""
+  return EVAL_FILE if prompts == "eval" else f"eval_{prompts}.json"
 
 
 def eval_prompts(config, num_prompts: int, split: str = "eval") -> list[tuple[str, str]]:
@@ -487,14 +492,19 @@ def roundtrip_metrics(gen: gen_lib.Generator, pairs: Sequence[tuple[str, str]], 
 def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str | None = None,
              num_prompts: int = 64, max_batches: int = 8, batch_size: int = 32,
              max_tokens: int = 64, seed: int = 0, write: bool = True, gen=None,
-             judge=None, by_kind: bool = False, **gen_kwargs) -> dict:
+             judge=None, by_kind: bool = False, prompts: str = "eval", **gen_kwargs) -> dict:
   """All metrics of one run (see the module docstring); writes WORKDIR/eval.json.
+
+  prompts: the split generation is prompted from ("dev" to choose sampling settings;
+  then WORKDIR/eval_dev.json). The likelihood metrics read the eval split either way.
 
   by_kind (built-in corpus): the result also holds, for render and concepts runs,
   roundtrip_by_kind and, for every run that generates (concepts, ar, mdm), by_kind
   (coherence_by_kind of the same rendered truths and samples the metrics score); they
   are not flat numbers and are not written to eval.json.
   """
+  if prompts not in PROMPT_SPLITS:  # Before a checkpoint is read.
+    raise gen_lib.GenerateError(f"prompts={prompts!r}: choose from {', '.join(PROMPT_SPLITS)}")
   gen = gen or gen_lib.load(workdir)
   if judge is None and judge_workdir:
     judge = gen_lib.load(judge_workdir, mesh=gen.mesh)
@@ -516,7 +526,7 @@ def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str 
   else:
     metrics = flat_bits(gen, batches, key)
   synthetic_data = config.data.source == "synthetic"
-  pairs = eval_prompts(config, num_prompts) if num_prompts > 0 else []
+  pairs = eval_prompts(config, num_prompts, prompts) if num_prompts > 0 else []
   kinds = {}
   if pairs and (synthetic_data or judge) and gen.kind in ("render", "concepts"):
     metrics.update(roundtrip_metrics(gen, pairs, max_tokens=max_tokens,
@@ -533,7 +543,7 @@ def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str 
       kinds["by_kind"] = coherence_by_kind([p for p, _ in pairs], [x.text for x in samples])
   metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
   if write:
-    with open(os.path.join(workdir, EVAL_FILE), "w") as f:
+    with open(os.path.join(workdir, eval_file(prompts)), "w") as f:
       json.dump(metrics, f, indent=2, sort_keys=True)
   return {**metrics, **kinds}
 
@@ -554,8 +564,9 @@ def load_metrics(workdir: str) -> list[dict]:
 
 
 def read_or_evaluate(workdir: str, *, recompute: bool = False, **kwargs) -> dict:
-  """WORKDIR/eval.json if present (and not `recompute`), else evaluate(workdir)."""
-  path = os.path.join(workdir, EVAL_FILE)
+  """WORKDIR/eval.json (eval_dev.json for prompts="dev") if present (and not `recompute`),
+  else evaluate(workdir)."""
+  path = os.path.join(workdir, eval_file(kwargs.get("prompts", "eval")))
   if os.path.isfile(path) and not recompute:
     with open(path) as f:
       return json.load(f)

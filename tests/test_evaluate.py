@@ -342,6 +342,32 @@ def test_by_kind_cli_prints_the_kind_table_of_render_and_ar_runs(tiny_render_run
   assert any(l.startswith(f"| {tiny_ar_run} (generated) |") for l in ar.stdout.splitlines())
 
 
+def test_dev_prompts_write_their_own_file_and_leave_eval_json(tiny_ar_run, monkeypatch):
+  eval_json = os.path.join(tiny_ar_run, evaluation.EVAL_FILE)
+  before = open(eval_json).read() if os.path.isfile(eval_json) else None
+  asked = []
+  real = evaluation.eval_prompts
+  monkeypatch.setattr(evaluation, "eval_prompts",
+                      lambda *a, **k: asked.append(a[2:] or k) or real(*a, **k))
+  metrics = evaluation.evaluate(tiny_ar_run, num_prompts=2, max_batches=1, batch_size=8,
+                                max_tokens=8, prompts="dev")
+  assert asked == [("dev",)]
+  with open(os.path.join(tiny_ar_run, "eval_dev.json")) as f:
+    assert json.load(f) == metrics
+  assert (open(eval_json).read() if os.path.isfile(eval_json) else None) == before
+  assert evaluation.read_or_evaluate(tiny_ar_run, prompts="dev") == metrics  # Read back.
+
+
+def test_a_bad_prompt_split_is_refused_before_any_run_is_read(tmp_path):
+  with pytest.raises(generate.GenerateError, match="prompts='test'"):
+    evaluation.evaluate(str(tmp_path / "missing"), prompts="test")
+  cmd = [sys.executable, "-m", "concept_diffusion.evaluate", f"--workdir={tmp_path}/missing",
+         "--prompts=test"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 1 and "prompts='test': choose from eval, dev" in proc.stderr
+
+
 def test_format_table_orders_known_metrics_first():
   table = evaluation.format_table({"a": {"zeta": 1.0, "gen_ppl": 12.0}, "b": {"gen_ppl": 9.5}})
   rows = table.splitlines()
