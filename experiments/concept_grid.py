@@ -20,7 +20,8 @@ minutes per sampling row.
 --only=v2,v2_t1s64 picks rows; --baselines=ar leaves out mdm (~20 minutes);
 --ar_seeds=2 adds an ar run from another seed (row ar_seed2); --ar_fill one trained on
 filled rows (data.fill_examples, row ar_fill); --ar_learning_rates=5e-3 one at that
-learning rate (row ar_lr0.005); --nojudge skips the judge's
+learning rate (row ar_lr0.005; the preset's own rate is refused: row ar is that run);
+--nojudge skips the judge's
 run (~22 minutes) and the gen-PPL column, for a first look at rows. After a preset edit
 (a new default), --adopt moves the runs already trained to the names the grid now plans
 for them (experiment.adopt_runs) instead of refusing them. --prompts=dev samples every row
