@@ -45,6 +45,12 @@ class Stage:
   # make_dataset options of the train split only (held-out batches stay as the data are).
   train_data: dict = dataclasses.field(default_factory=dict)
 
+  def __post_init__(self):
+    # One program: called outside jit (Colab, tests), Flax's init would dispatch and compile
+    # each op alone (tiny concepts stage: 10.7 s against 4.3 s, the same values). Under the
+    # trainer's jit and eval_shape it inlines.
+    object.__setattr__(self, "init_params", jax.jit(self.init_params))
+
   def held_out_loss_fn(self):
     """The loss held-out evaluation uses: eval_loss_fn, else loss_fn."""
     return self.eval_loss_fn or self.loss_fn
