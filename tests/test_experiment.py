@@ -118,6 +118,11 @@ def test_ar_is_also_sampled_at_a_lower_temperature(grid_run, monkeypatch):
   assert sorted(rates)[-1] == (5e-3, 0) and len(rates) == 4
   with pytest.raises(experiment.ExperimentError, match="baselines \\['gpt'\\]"):
     experiment.run_grid(GRID[:1], workdir, dataclasses.replace(_settings(), baselines=("gpt",)))
+  own = first["settings"]["common"]["train.learning_rate"]  # The ar preset's, as trained.
+  with pytest.raises(experiment.ExperimentError, match=f"ar_learning_rates={own:g} is the ar"):
+    experiment.run_grid(GRID[:1], workdir, dataclasses.replace(
+        _settings(), baselines=("ar",), ar_learning_rates=(5e-3, own)))
+  assert len(_ar_configs(workdir)) == 4  # Nothing trained.
 
 
 def test_a_grid_without_the_judge_scores_all_but_gen_ppl(grid_run, monkeypatch):
@@ -235,16 +240,29 @@ def test_a_cached_variant_trains_on_the_cache_and_counts_encoding_once(grid_run,
   experiment.run_grid([GRID[0], cached], workdir, _settings())
 
 
-def test_an_equal_flops_variant_gets_the_concept_steps_that_match_the_budget(grid_run):
-  workdir, first = grid_run
+@pytest.fixture(scope="module")
+def equal_flops_row(grid_run, tmp_path_factory):
+  """A copy of the grid's workdir with an equal-FLOPs row trained under an explicit render
+  override (end_keep 0.5, 1,400 steps) -> (workdir, its Variant as trained, the result).
+  Tests read it, or copy it (_grid_with_an_equal_flops_row) to change it."""
+  import shutil
+  workdir = str(tmp_path_factory.mktemp("equal_flops") / "grid")
+  shutil.copytree(grid_run[0], workdir)
+  before = Variant("x", "render steps", render={"render.end_keep": 0.5,
+                                                "train.num_steps": 1400}, equal_flops=True)
+  result = experiment.run_grid([GRID[0], before], workdir, _settings())
+  return workdir, dataclasses.replace(before, concepts=result["variants"]["x"]["concepts"]), result
+
+
+def test_an_equal_flops_variant_gets_the_concept_steps_that_match_the_budget(grid_run,
+                                                                              equal_flops_row):
   # A render run a sixth longer: the concepts run gives up as many FLOPs as it costs.
-  longer = Variant("render_longer", "render steps", render={"train.num_steps": 1400},
-                   equal_flops=True)
-  result = experiment.run_grid([GRID[0], longer], workdir, _settings())
+  _, first = grid_run
+  workdir, trained, result = equal_flops_row
   budget = first["budget_pflops"]
   vocab = experiment._vocab_size(experiment.plan_variant(GRID[0], workdir, _settings()).render[0])
-  override = result["variants"]["render_longer"]["concepts"]["train.num_steps"]
-  plan = experiment.plan_variant(Variant("m", render=longer.render,
+  override = trained.concepts["train.num_steps"]
+  plan = experiment.plan_variant(Variant("m", render=trained.render,
                                          concepts={"train.num_steps": override}), workdir,
                                  _settings())
   matched = plan.concepts[1].train.num_steps
@@ -253,7 +271,7 @@ def test_an_equal_flops_variant_gets_the_concept_steps_that_match_the_budget(gri
   with open(os.path.join(plan.concepts[0], "config.json")) as f:
     assert json.load(f)["train"]["num_steps"] == matched  # The run trained that many.
   # Within half a concept step of the budget (a step costs less than budget / steps).
-  assert abs(result["rows"]["render_longer"]["train_pflops"] - budget) <= 0.5 * budget / matched
+  assert abs(result["rows"]["x"]["train_pflops"] - budget) <= 0.5 * budget / matched
   with pytest.raises(experiment.ExperimentError, match="over the"):
     experiment.equal_flops_steps(plan, vocab, budget=1e3)
 
@@ -331,24 +349,19 @@ def test_adopt_runs_moves_a_render_run_and_the_concepts_run_over_it(grid_run, tm
   experiment.check_reuse(new[1].concepts[1], new[1].concepts[0])
 
 
-def _grid_with_an_equal_flops_row(grid_run, tmp_path):
-  """A copy of the grid's workdir with an equal-FLOPs row trained under an explicit render
-  override (end_keep 0.5, 1,400 steps) -> (workdir, the row's plan as trained)."""
+def _grid_with_an_equal_flops_row(equal_flops_row, tmp_path):
+  """A copy of equal_flops_row's workdir -> (workdir, the row's plan as trained there)."""
   import shutil
   workdir = str(tmp_path / "grid")
-  shutil.copytree(grid_run[0], workdir)
-  before = Variant("x", "render steps", render={"render.end_keep": 0.5,
-                                                "train.num_steps": 1400}, equal_flops=True)
-  trained = experiment.run_grid([GRID[0], before], workdir, _settings())["variants"]["x"]
-  return workdir, experiment.plan_variant(
-      dataclasses.replace(before, concepts=trained["concepts"]), workdir, _settings())
+  shutil.copytree(equal_flops_row[0], workdir)
+  return workdir, experiment.plan_variant(equal_flops_row[1], workdir, _settings())
 
 
-def test_adopt_runs_moves_an_equal_flops_row_whose_render_run_moves(grid_run, tmp_path):
+def test_adopt_runs_moves_an_equal_flops_row_whose_render_run_moves(equal_flops_row, tmp_path):
   """A row measured with an explicit override that a preset edit makes the default's (as
   nested concepts were) is planned under a new name: its render run moves, then its
   concepts run, whose steps follow from the render run in its new place."""
-  workdir, old = _grid_with_an_equal_flops_row(grid_run, tmp_path)
+  workdir, old = _grid_with_an_equal_flops_row(equal_flops_row, tmp_path)
   settings = dataclasses.replace(_settings(), render_preset=_edited_preset(
       tmp_path, "render", "c.render.end_keep = 0.5"))
   after = Variant("y", "render steps", render={"train.num_steps": 1400}, equal_flops=True)
@@ -368,11 +381,12 @@ def test_adopt_runs_moves_an_equal_flops_row_whose_render_run_moves(grid_run, tm
   assert experiment.adopt_runs(grid, workdir, settings) == []  # Settled: nothing moves.
 
 
-def test_adopt_runs_moves_an_equal_flops_row_when_the_default_never_ran_here(grid_run, tmp_path):
+def test_adopt_runs_moves_an_equal_flops_row_when_the_default_never_ran_here(equal_flops_row,
+                                                                           tmp_path):
   """A source where today's default was never trained (its runs moved away as an earlier
   default's): the budget comes from the planned configs, so equal-FLOPs rows still move."""
   import shutil
-  workdir, old = _grid_with_an_equal_flops_row(grid_run, tmp_path)
+  workdir, old = _grid_with_an_equal_flops_row(equal_flops_row, tmp_path)
   default = experiment.plan_variant(GRID[0], workdir, _settings())
   budget = experiment._variant_flops(default, experiment._vocab_size(default.render[0]))
   for run_dir in (default.render[0], default.concepts[0]):

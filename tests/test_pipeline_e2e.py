@@ -3,9 +3,9 @@
 This is the README's first command (`python -m concept_diffusion.pipeline`), run as users
 run it (its CLI, XLA's optimised code) at the presets it ships with, shortened to keep
 the suite inside CI's time (the full presets take ~20 minutes of 2 CPU cores): the
-render stage trains 100 steps (50 of warmup) instead of 1,200 (held-out round-trip 0.67
-there, ~0.997 at 1,200), and the concepts stage encodes a concept cache of 1,024 examples
-instead of 12,800 and trains 200 steps over it instead of 2,209.
+render stage trains 60 steps (30 of warmup) instead of 1,200 (held-out round-trip 0.61
+there, ~0.997 at 1,200), and the concepts stage encodes a concept cache of 512 examples
+instead of 12,800 and trains 120 steps over it instead of 2,209 (135 s on 2 cores).
 It is the check that the tiny pipeline learns, through the cache the preset trains
 from; the full presets' figures are the README's ("Results").
 """
@@ -18,11 +18,11 @@ from concept_diffusion import evaluation
 
 from conftest import ROOT, subprocess_env
 
-SHORTENED = ["--render_config.train.num_steps=100",  # Of 1,200 (its cosine then ends at 100),
-             "--render_config.train.warmup_steps=50",  # of 100, so the cosine has room.
-             "--concepts_config.train.num_steps=200",  # Of 2,209.
-             "--concepts_config.train.log_every=20",  # Of 50: enough points to see the loss fall.
-             "--concepts_config.concepts.cache_examples=1024"]  # Of 12,800 (6 epochs).
+SHORTENED = ["--render_config.train.num_steps=60",  # Of 1,200 (its cosine then ends at 60),
+             "--render_config.train.warmup_steps=30",  # of 100, so the cosine has room.
+             "--concepts_config.train.num_steps=120",  # Of 2,209.
+             "--concepts_config.train.log_every=12",  # Of 50: enough points to see the loss fall.
+             "--concepts_config.concepts.cache_examples=512"]  # Of 12,800 (7.5 epochs).
 
 
 def test_two_stages_end_to_end(tmp_path):
@@ -33,11 +33,13 @@ def test_two_stages_end_to_end(tmp_path):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   printed = proc.stdout
-  # Render: held-out decode(encode(chunk)) with the renderer's sampler (0.67 measured).
+  # Render: held-out decode(encode(chunk)) with the renderer's sampler (0.61 measured; an
+  # untrained render run's is near 0).
   roundtrip = re.search(r"round-trip token accuracy ([0-9.]+)", printed)
-  assert roundtrip and float(roundtrip.group(1)) >= 0.55, printed[-3000:]
-  # Concepts: the flow-matching loss falls well below its first logged value, and so
-  # does the regression of the head's mean (model.head_mean, on in the preset).
+  assert roundtrip and float(roundtrip.group(1)) >= 0.5, printed[-3000:]
+  # Concepts: the flow-matching loss falls well below its first logged value (0.36x
+  # measured), and so does the regression of the head's mean (model.head_mean, on in the
+  # preset).
   metrics = evaluation.load_metrics(str(tmp_path / "concepts"))
   losses = [m["diffusion_loss"] for m in metrics]
   assert len(losses) == 10
