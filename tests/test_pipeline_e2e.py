@@ -33,8 +33,8 @@ def test_two_stages_end_to_end(tmp_path):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   printed = proc.stdout
-  # Render: held-out decode(encode(chunk)) with the renderer's sampler (0.61 measured; an
-  # untrained render run's is near 0).
+  # Render: held-out decode(encode(chunk)) with the renderer's sampler (0.61 measured;
+  # chance is about one in the vocabulary).
   roundtrip = re.search(r"round-trip token accuracy ([0-9.]+)", printed)
   assert roundtrip and float(roundtrip.group(1)) >= 0.5, printed[-3000:]
   # Concepts: the flow-matching loss falls well below its first logged value (0.36x
