@@ -104,10 +104,10 @@ def get_config(preset="tiny"):
     # END chunk re-encodes exactly and would otherwise be kept). Chosen on the dev prompts
     # (seed 0: consistent-with-prompt 0.811 at 1.25 -> 0.895, well-formed 0.914 -> 0.942;
     # temperature 1.25 / 1.5 / 2.5 with four candidates 0.831 / 0.858 / 0.830) and
-    # reported on the eval prompts over three runs (render seed 0, concept seeds 0 / 1 /
-    # 2): 0.849 -> 0.883 consistent, every pair better, AR 0.836 at the same FLOPs (README
-    # "Results", "hot candidates kept by round trip"). Generation samples the head five
-    # times and renders four chunks per concept: 5-7x fewer tokens/s.
+    # reported on the eval prompts over five runs (render seeds 0 / 1 / 2, concept seeds
+    # 0 / 1 / 2): 0.846 -> 0.876 consistent, four pairs better and one level, AR 0.836 at
+    # the same FLOPs (README "Results", "hot candidates kept by round trip"). Generation
+    # samples the head five times and renders four chunks per concept: 3-8x fewer tokens/s.
     c.concepts.temperature = 2.0
     c.concepts.num_candidates = 4
     c.concepts.candidate_rule = "roundtrip"
