@@ -213,12 +213,17 @@ def eval_file(prompts: str = "eval") -> str:
   return EVAL_FILE if prompts == "eval" else f"eval_{prompts}.json"
 
 
+def check_prompt_split(split: str, error: type[Exception] = ValueError) -> None:
+  """Raises `error` naming the choices unless `split` is one of PROMPT_SPLITS."""
+  if split not in PROMPT_SPLITS:
+    raise error(f"prompts={split!r}: choose from {', '.join(PROMPT_SPLITS)}")
+
+
 def eval_prompts(config, num_prompts: int, split: str = "eval") -> list[tuple[str, str]]:
   """(prompt, true continuation): first half of a held-out document's sentences, and the
   rest; split "dev" for prompts that choose sampling settings (data.sources)."""
   from concept_diffusion import data
-  if split not in PROMPT_SPLITS:
-    raise ValueError(f"prompts split={split!r} is not one of {', '.join(PROMPT_SPLITS)}")
+  check_prompt_split(split)
   pairs = []
   for doc in data.iterate_documents(config, split):
     sentences = segment.split_sentences(doc)
@@ -503,8 +508,7 @@ def evaluate(workdir: str, *, overrides: dict | None = None, judge_workdir: str 
   (coherence_by_kind of the same rendered truths and samples the metrics score); they
   are not flat numbers and are not written to eval.json.
   """
-  if prompts not in PROMPT_SPLITS:  # Before a checkpoint is read.
-    raise gen_lib.GenerateError(f"prompts={prompts!r}: choose from {', '.join(PROMPT_SPLITS)}")
+  check_prompt_split(prompts, gen_lib.GenerateError)  # Before a checkpoint is read.
   gen = gen or gen_lib.load(workdir)
   if judge is None and judge_workdir:
     judge = gen_lib.load(judge_workdir, mesh=gen.mesh)
@@ -563,14 +567,15 @@ def load_metrics(workdir: str) -> list[dict]:
   return records
 
 
-def read_or_evaluate(workdir: str, *, recompute: bool = False, **kwargs) -> dict:
+def read_or_evaluate(workdir: str, *, recompute: bool = False, prompts: str = "eval",
+                     **kwargs) -> dict:
   """WORKDIR/eval.json (eval_dev.json for prompts="dev") if present (and not `recompute`),
   else evaluate(workdir)."""
-  path = os.path.join(workdir, eval_file(kwargs.get("prompts", "eval")))
+  path = os.path.join(workdir, eval_file(prompts))
   if os.path.isfile(path) and not recompute:
     with open(path) as f:
       return json.load(f)
-  return evaluate(workdir, **kwargs)
+  return evaluate(workdir, prompts=prompts, **kwargs)
 
 
 def format_table(results: dict[str, dict]) -> str:

@@ -582,14 +582,13 @@ def run_grid(grid: Sequence[Variant], workdir: str, settings: Settings | None = 
   unknown = set(settings.baselines) - {"ar", "mdm"}
   if unknown:  # Before anything trains.
     raise ExperimentError(f"baselines {sorted(unknown)}: choose from ar, mdm")
-  own_lr = _preset(settings.ar_preset, settings, {}).train.learning_rate
+  own_lr = (_preset(settings.ar_preset, settings, {}).train.learning_rate
+            if settings.ar_learning_rates else None)
   if own_lr in settings.ar_learning_rates:  # It would train row ar again under a new name.
     raise ExperimentError(f"ar_learning_rates={own_lr:g} is the ar preset's own rate: "
                           "row ar is that run")
   from concept_diffusion import evaluation, generate
-  if settings.prompts not in evaluation.PROMPT_SPLITS:
-    raise ExperimentError(f"prompts={settings.prompts!r}: choose from "
-                          f"{', '.join(evaluation.PROMPT_SPLITS)}")
+  evaluation.check_prompt_split(settings.prompts, ExperimentError)
   os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
   plans = [plan_variant(v, workdir, settings) for v in grid]
   result = {"source": settings.source, "settings": dataclasses.asdict(settings), "rows": {},
