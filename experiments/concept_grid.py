@@ -495,6 +495,10 @@ FULL = [
     # the noise of a row. The render run has its own seed (render_seedS): a second render
     # run moved v9 0.788 -> 0.760 consistent (three concept seeds each).
     *SEED_ROWS,
+    # Today's default keeping one of two or of eight candidates (four in the preset), over
+    # its five runs: generation's cost against consistency (seed 0: 0.876 / 0.903 / 0.913).
+    *[r for c in (2, 8)
+      for r in five_runs(Variant(f"cand{c}", "sampling", sample={"num_candidates": c}))],
     # The v13 default (today's runs, one sample per concept at temperature 1.25) and one
     # change from it per row (measured while it was the default, under the names without
     # v13_: v13_tempT as default_tempT, v13_seedS as seedS).
