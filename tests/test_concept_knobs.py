@@ -379,23 +379,6 @@ def test_bad_contrastive_settings_are_config_errors(field, value):
     config_lib.validate(config)
 
 
-def test_contrastive_run_trains_and_restores(tiny_render_run, tmp_path):
-  from concept_diffusion import evaluation, generate, train
-  config = tiny_config("concepts", **{"concepts.render_workdir": tiny_render_run,
-                                      "concepts.contrastive_weight": 0.5, "train.num_steps": 2,
-                                      "train.log_every": 1, "checkpoint.every_steps": 2})
-  workdir = str(tmp_path / "contrastive")
-  train.train(config, workdir)
-  logged = evaluation.load_metrics(workdir)[-1]
-  assert logged["loss"] == pytest.approx(logged["diffusion_loss"] + 0.5 * logged[
-      "contrastive_loss"] + logged["mean_loss"], rel=1e-4)  # The preset's head mean too.
-  _, _, params = train.restore_params(workdir)
-  assert "contrastive" in params
-  # Generation loads the run; it samples through the concept model's subtree alone.
-  gen = generate.load(workdir, render_workdir=tiny_render_run)
-  assert set(generate.build_modules(gen)) == {"encoder", "renderer", "concept_model"}
-
-
 def _assert_sized(config, base):
   """sizes counts `config`'s concept model exactly, and more FLOPs than `base`'s."""
   from concept_diffusion import plan
@@ -406,63 +389,43 @@ def _assert_sized(config, base):
   assert sizes.flops_per_token(config, "concepts") > sizes.flops_per_token(base, "concepts")
 
 
-def test_head_mean_run_trains_restores_and_generates(tiny_render_run, tmp_path):
+def test_head_knobs_run_trains_restores_and_generates(tiny_render_run, tmp_path):
+  """model.head_mean, head_skip, self_condition (reading the context) and the contrastive
+  term, all on in one run (each run compiles a train step, an init and a sampler: ~20 s):
+  each is sized, trains, restores and reaches generation."""
   from concept_diffusion import evaluation, generate, train
+  from concept_diffusion.models import sizes
   over = {"concepts.render_workdir": tiny_render_run, "model.head_mean": True,
-          "concepts.mean_weight": 0.5, "train.num_steps": 2, "train.log_every": 1,
-          "checkpoint.every_steps": 2}
-  config = tiny_config("concepts", **over)
-  _assert_sized(config, tiny_config("concepts", **{**over, "model.head_mean": False}))
-  workdir = str(tmp_path / "head_mean")
-  train.train(config, workdir)
-  logged = evaluation.load_metrics(workdir)[-1]
-  assert logged["mean_loss"] > 0
-  assert logged["loss"] == pytest.approx(logged["diffusion_loss"] + 0.5 * logged["mean_loss"],
-                                         rel=1e-4)
-  _, _, params = train.restore_params(workdir)
-  assert "mean_proj" in params["concept_model"]
-  gen = generate.load(workdir, render_workdir=tiny_render_run)
-  assert gen.config.model.head_mean
-  assert len(generate.generate(gen, ["Mara lives in Oslo."], num_concepts=2, guidance=2.0)) == 1
-
-
-def test_head_skip_run_trains_restores_and_generates(tiny_render_run, tmp_path):
-  from concept_diffusion import generate, train
-  over = {"concepts.render_workdir": tiny_render_run, "model.head_skip": True,
+          "concepts.mean_weight": 0.5, "model.head_skip": True, "model.self_condition": True,
+          "model.head_reads_context": True, "concepts.contrastive_weight": 0.5,
           "train.num_steps": 2, "train.log_every": 1, "checkpoint.every_steps": 2}
   config = tiny_config("concepts", **over)
-  _assert_sized(config, tiny_config("concepts", **{**over, "model.head_skip": False}))
-  workdir = str(tmp_path / "head_skip")
-  train.train(config, workdir)
-  _, _, params = train.restore_params(workdir)
-  skip = params["concept_model"]["diffusion_head"]["skip"]["affine"]["kernel"]
-  assert float(jnp.abs(skip).max()) > 0  # Trained away from its zero init.
-  gen = generate.load(workdir, render_workdir=tiny_render_run)
-  assert gen.config.model.head_skip
-  assert len(generate.generate(gen, ["Mara lives in Oslo."], num_concepts=2)) == 1
-
-
-def test_self_conditioned_run_trains_restores_and_generates(tiny_render_run, tmp_path):
-  from concept_diffusion import generate, train
-  from concept_diffusion.models import sizes
-  over = {"concepts.render_workdir": tiny_render_run, "model.self_condition": True,
-          "model.head_reads_context": True, "train.num_steps": 2, "train.log_every": 1,
-          "checkpoint.every_steps": 2}
-  config = tiny_config("concepts", **over)
-  base = tiny_config("concepts", **{**over, "model.self_condition": False})
-  _assert_sized(config, base)
+  for knob, off in (("model.head_mean", False), ("model.head_skip", False),
+                    ("model.self_condition", False), ("concepts.contrastive_weight", 0.0)):
+    _assert_sized(config, tiny_config("concepts", **{**over, knob: off}))
   # The first pass costs one forward of the head per concept: a third of its training.
+  base = tiny_config("concepts", **{**over, "model.self_condition": False})
   head = sizes.concept_sampling_flops(base, 1, False) - sizes.concept_sampling_flops(base, 0, False)
   proj = 2 * config.model.concept_dim * config.model.diff_head_dim
   assert sizes.flops_per_token(config, "concepts") == pytest.approx(
       sizes.flops_per_token(base, "concepts") + head + 4 * proj)
-  workdir = str(tmp_path / "self_condition")
+  workdir = str(tmp_path / "head_knobs")
   train.train(config, workdir)
+  logged = evaluation.load_metrics(workdir)[-1]
+  assert logged["mean_loss"] > 0 and logged["contrastive_loss"] > 0
+  assert logged["loss"] == pytest.approx(logged["diffusion_loss"] + 0.5 * logged["mean_loss"]
+                                         + 0.5 * logged["contrastive_loss"], rel=1e-4)
   _, _, params = train.restore_params(workdir)
-  proj_kernel = params["concept_model"]["diffusion_head"]["self_cond_proj"]["kernel"]
-  assert float(jnp.abs(proj_kernel).max()) > 0  # Trained away from its zero init.
+  cm = params["concept_model"]
+  assert "contrastive" in params and "mean_proj" in cm
+  head_params = cm["diffusion_head"]
+  for kernel in (head_params["skip"]["affine"]["kernel"], head_params["self_cond_proj"]["kernel"]):
+    assert float(jnp.abs(kernel).max()) > 0  # Trained away from its zero init.
   gen = generate.load(workdir, render_workdir=tiny_render_run)
-  assert gen.config.model.self_condition
+  m = gen.config.model
+  assert m.head_mean and m.head_skip and m.self_condition
+  # Generation samples through the concept model's subtree alone.
+  assert set(generate.build_modules(gen)) == {"encoder", "renderer", "concept_model"}
   assert len(generate.generate(gen, ["Mara lives in Oslo."], num_concepts=2, guidance=2.0)) == 1
 
 
@@ -490,10 +453,13 @@ def test_fill_and_end_keep_reach_the_train_split_only(monkeypatch, tmp_path):
   """data.fill_examples (every stage) and render.end_keep (the render stage) shape the
   train batches; held-out batches stay as the data are."""
   from concept_diffusion import data, train
+  from concept_diffusion.train import trainer
   calls = []
   real = data.make_dataset
   monkeypatch.setattr(data, "make_dataset",
                       lambda *a, **k: calls.append(k) or real(*a, **k))
+  # Both splits' datasets are made before the loop; compiling its steps would add ~10 s a run.
+  monkeypatch.setattr(trainer, "_loop", lambda *a, **k: {})
   short = {"train.num_steps": 2, "train.eval_every": 2, "train.eval_batches": 1,
            "checkpoint.every_steps": 2, "data.fill_examples": True}
   train.train(tiny_config("render", **short, **{"render.end_keep": 0.25}),

@@ -40,8 +40,8 @@ def test_concept_prefix_zeroes_every_dimension_from_dims_on():
 def test_nested_training_cuts_each_chunk_to_a_prefix_and_evaluation_to_none(monkeypatch):
   seen, prefix = [], renderer.concept_prefix
 
-  def recording_prefix(z, dims):
-    seen.append(np.asarray(dims))
+  def recording_prefix(z, dims):  # Under the loss's jit: records the prefixes as they run.
+    jax.debug.callback(lambda d: seen.append(np.asarray(d)), dims)
     return prefix(z, dims)
 
   config = tiny_config("render")
