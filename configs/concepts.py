@@ -106,10 +106,14 @@ def get_config(preset="tiny"):
     # temperature 1.25 / 1.5 / 2.5 with four candidates 0.831 / 0.858 / 0.830) and
     # reported on the eval prompts over five runs (render seeds 0 / 1 / 2, concept seeds
     # 0 / 1 / 2): 0.846 -> 0.876 consistent, four pairs better and one level, AR 0.836 at
-    # the same FLOPs (README "Results", "hot candidates kept by round trip"). Generation
-    # samples the head five times and renders four chunks per concept: 3-8x fewer tokens/s.
+    # the same FLOPs (README "Results", "hot candidates kept by round trip"). Measured
+    # since: eight candidates rather than four, 0.876 -> 0.895 over the same five runs, all
+    # five pairs better (+0.005 to +0.037; two candidates 0.850), well formed 0.929 ->
+    # 0.951, 1.07x AR; on the dev prompts 0.884 -> 0.893 over five runs. Generation samples
+    # the head nine times and renders eight chunks per concept: on the dev prompts 91
+    # tokens/s against 305 for two candidates (v13's single sample: ~470).
     c.concepts.temperature = 2.0
-    c.concepts.num_candidates = 4
+    c.concepts.num_candidates = 8
     c.concepts.candidate_rule = "roundtrip"
     c.concepts.end_temperature = 2.0
     c.concepts.sample_steps = 64
@@ -172,7 +176,7 @@ def get_config(preset="tiny"):
     # do not repeat at this size).
     c.concepts.reencode = True
     c.concepts.temperature = 2.0
-    c.concepts.num_candidates = 4
+    c.concepts.num_candidates = 8
     c.concepts.candidate_rule = "roundtrip"
     c.concepts.end_temperature = 2.0
     c.concepts.sample_steps = 64

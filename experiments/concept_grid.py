@@ -6,9 +6,9 @@
 
 Each row changes one thing from a default and is trained and evaluated at the tiny
 preset: `default` is the shipped tiny presets (set to the best measured combination);
-`v13`, `v12`, ..., `v2` and `v1` are earlier defaults, and `v13_x` ...
+`v14`, `v13`, ..., `v2` and `v1` are earlier defaults, and `v14_x` ...
 `v1_x` rows are one change from them (measured then, and kept so their tables can be
-reproduced; a table measured under v13 names `v13_x` as `x`). The ar and mdm rows get the same source and the training FLOPs of the
+reproduced; a table measured under v14 names `v14_x` as `x`). The ar and mdm rows get the same source and the training FLOPs of the
 `default` pipeline; so do rows marked equal_flops (their concepts run gets the steps
 that match). Runs are shared and resumed: re-running only does what is missing (a
 row whose definition changed is evaluated again; one whose metric code changed is not:
@@ -45,6 +45,8 @@ from concept_diffusion.experiment import Variant
 # concept steps.
 V10_RENDER = {"render.nested_dims": ()}
 V10 = {"concepts.render_dims": 0}
+# v14 (the default until eight candidates) kept one of four candidates per concept.
+V14_SAMPLE = {"num_candidates": 4}
 # v13 (the default until hot candidates kept by round trip) and every earlier default
 # sampled one candidate per concept, END among the content samples; v13 at temperature 1.25.
 ONE_CANDIDATE = {"num_candidates": 1, "candidate_rule": "consensus", "end_temperature": 0.0}
@@ -99,6 +101,12 @@ def _from_today(v: Variant, tag: str, sample: dict, concepts: dict | None = None
   return dataclasses.replace(v, name=name, axis=f"{v.axis} ({tag})",
                              concepts={**(concepts or {}), **v.concepts},
                              sample={**sample, **v.sample})
+
+
+def from_v14(v: Variant) -> Variant:
+  """The row `v` as one change from the v14 default (today's runs and sampler, keeping one
+  of four candidates per concept; named v14_...)."""
+  return _from_today(v, "v14", V14_SAMPLE)
 
 
 def from_v13(v: Variant) -> Variant:
@@ -495,10 +503,13 @@ FULL = [
     # the noise of a row. The render run has its own seed (render_seedS): a second render
     # run moved v9 0.788 -> 0.760 consistent (three concept seeds each).
     *SEED_ROWS,
-    # Today's default keeping one of two or of eight candidates (four in the preset), over
-    # its five runs: generation's cost against consistency (seed 0: 0.876 / 0.903 / 0.913).
-    *[r for c in (2, 8)
-      for r in five_runs(Variant(f"cand{c}", "sampling", sample={"num_candidates": c}))],
+    # The v14 default (today's runs and sampler keeping one of four candidates) and one
+    # change from it per row (measured while it was the default, under the names without
+    # v14_: v14_seedS as seedS; its rows cand8(_X) are today's default(_X)). Two
+    # candidates over its five runs: generation's cost against consistency (seed 0:
+    # 0.876 / 0.903 / 0.913 for two / four / eight).
+    *map(from_v14, [Variant("default"), *SEED_ROWS,
+                    *five_runs(Variant("cand2", "sampling", sample={"num_candidates": 2}))]),
     # The v13 default (today's runs, one sample per concept at temperature 1.25) and one
     # change from it per row (measured while it was the default, under the names without
     # v13_: v13_tempT as default_tempT, v13_seedS as seedS).
