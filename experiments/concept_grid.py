@@ -464,7 +464,7 @@ ENDED = [ended(v) for v in (Variant("default"), RENDER1800, R1800_T05_CFG4, R180
 # (guarded): kept by round trip, the END chunk (which re-encodes exactly) ended 73-78% of
 # the continuations (seed 0, dev prompts). Screened on the dev prompts (--prompts=dev) from
 # v13, measured as default_X (v13 was the default); the one chosen, temperature 2 with
-# four candidates, is today's default.
+# four candidates, was v14 (today's default keeps one of eight).
 V13_ROW = from_v13(Variant("default"))
 HOT_PICKED = [*[guarded(sampled(V13_ROW, t), t, candidates=4, rule="roundtrip")
                 for t in (1.25, 1.5, 2.0, 2.5, 3.0)],
@@ -508,6 +508,8 @@ FULL = [
     # v14_: v14_seedS as seedS; its rows cand8(_X) are today's default(_X)). Two
     # candidates over its five runs: generation's cost against consistency (seed 0:
     # 0.876 / 0.903 / 0.913 for two / four / eight).
+    # Sixteen candidates over the five runs: does the gain of eight over four go on?
+    *five_runs(Variant("cand16", "sampling", sample={"num_candidates": 16})),
     *map(from_v14, [Variant("default"), *SEED_ROWS,
                     *five_runs(Variant("cand2", "sampling", sample={"num_candidates": 2}))]),
     # The v13 default (today's runs, one sample per concept at temperature 1.25) and one

@@ -41,8 +41,8 @@ TINY = {
     # The tiny concepts preset's 12,800-example cache would take minutes: encode on the
     # fly (tests that need a cache ask for a small one).
     "concepts.cache_examples": 0,
-    # One sample per concept, END among them: the preset's four candidates kept by round
-    # trip and END's own sample would cost 5x the sampling in every test that generates.
+    # One sample per concept, END among them: the preset's eight candidates kept by round
+    # trip and END's own sample would cost 9x the sampling in every test that generates.
     # They are tested where named (test_generate) and run as shipped in test_pipeline_e2e.
     "concepts.num_candidates": 1, "concepts.candidate_rule": "consensus",
     "concepts.end_temperature": 0.0,
