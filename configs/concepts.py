@@ -111,7 +111,9 @@ def get_config(preset="tiny"):
     # five pairs better (+0.005 to +0.037; two candidates 0.850), well formed 0.929 ->
     # 0.951, 1.07x AR; on the dev prompts 0.884 -> 0.893 over five runs. Generation samples
     # the head nine times and renders eight chunks per concept: on the dev prompts 91
-    # tokens/s against 305 for two candidates (v13's single sample: ~470).
+    # tokens/s against 305 for two candidates (v13's single sample: ~470). Sixteen are no
+    # better (0.891 over the five runs; 0.901 against 0.893 on the dev prompts) at half
+    # the tokens/s.
     c.concepts.temperature = 2.0
     c.concepts.num_candidates = 8
     c.concepts.candidate_rule = "roundtrip"
