@@ -205,8 +205,8 @@ def tiny_mdm_run(tmp_path_factory):
 
 
 # The files that take longest, longest first (worker-seconds of a full run, 2 cores):
-# test_experiment.py and test_concept_knobs.py ~300 s each, test_generate.py ~210, the main
-# job's test ~170 ...
+# test_experiment.py ~220 s, test_concept_knobs.py ~180, test_generate.py and the main
+# job's test ~150 each ...
 SLOW_FILES = ("test_experiment.py", "test_concept_knobs.py", "test_generate.py",
               "test_pipeline_e2e.py", "test_nested_concepts.py", "test_train.py",
               "test_models.py", "test_render_context.py", "test_evaluate.py",
@@ -217,8 +217,8 @@ SLOW_FILES = ("test_experiment.py", "test_concept_knobs.py", "test_generate.py",
 
 def pytest_configure(config):
   """Keeps the files in SLOW_FILES' order under `--dist loadfile`: xdist otherwise reorders
-  them by their number of tests, which put the one-test main job last (a 1,111-s schedule
-  of a full run's durations against 1,029 s in this order)."""
+  them by their number of tests, which put the one-test main job last (a full run 770 s
+  against 723 s in this order, same session)."""
   if hasattr(config.option, "loadscopereorder"):
     config.option.loadscopereorder = False
 

@@ -567,7 +567,8 @@ def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
   # Today's (and v14's, v13's, v12's) concepts runs train at 5e-3; v11's and every earlier
   # default's from v2 at 3e-3, v1's at 1e-3 (but the rows that set it).
   for name, (v, plan) in plans.items():
-    today = not (name[0] == "v" and name[1].isdigit()) or name.split("_")[0] in ("v12", "v13", "v14")
+    today = (not (name[0] == "v" and name[1].isdigit())
+             or name.split("_")[0] in ("v12", "v13", "v14"))
     want = v.concepts.get("train.learning_rate", 5e-3 if today else 3e-3)
     assert plan.concepts[1].train.learning_rate == want, name
   assert plans["v1"][1].concepts[1].train.learning_rate == 1e-3
