@@ -3,6 +3,7 @@
 import dataclasses
 import glob
 import json
+import math
 import os
 
 import ml_collections
@@ -520,6 +521,12 @@ def test_matched_steps_and_bad_overrides():
     experiment.apply_overrides(load_config("configs/render.py:tiny"), {"render.z_nois": 1.0})
 
 
+def _measured_under(name: str) -> float:
+  """The earlier default a grid row is one change from (vN_... rows: N), inf for today's."""
+  tag = name.split("_")[0]
+  return int(tag[1:]) if tag[0] == "v" and tag[1:].isdigit() else math.inf
+
+
 def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
   """experiments/concept_grid.py: unique rows, valid overrides, earlier defaults intact."""
   import importlib.util
@@ -550,15 +557,13 @@ def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
   # that try each half).
   halves = {"v9_fill_only": (True, 1.0), "v9_end0.25": (False, 0.25)}
   for name, (_, plan) in plans.items():
-    earlier = name[0] == "v" and name[1].isdigit() and not name.startswith(("v10", "v11",
-                                                                           "v12", "v13", "v14"))
+    earlier = _measured_under(name) < 10
     want = halves.get(name, (False, 1.0) if earlier else (True, 0.25))
     assert (plan.render[1].data.fill_examples, plan.render[1].render.end_keep) == want, name
   # Today's rows train nested concepts and render 64 dimensions of each sample; every
   # earlier default's rows whole concepts, rendered whole (but the rows that set them).
   for name, (v, plan) in plans.items():
-    earlier = name[0] == "v" and name[1].isdigit() and not name.startswith(("v11", "v12",
-                                                                           "v13", "v14"))
+    earlier = _measured_under(name) < 11
     nested = v.render.get("render.nested_dims", () if earlier else (32, 64, 128))
     assert tuple(plan.render[1].render.nested_dims) == nested, name
     dims = v.sample.get("render_dims", v.concepts.get("concepts.render_dims",
@@ -567,20 +572,20 @@ def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
   # Today's (and v14's, v13's, v12's) concepts runs train at 5e-3; v11's and every earlier
   # default's from v2 at 3e-3, v1's at 1e-3 (but the rows that set it).
   for name, (v, plan) in plans.items():
-    today = (not (name[0] == "v" and name[1].isdigit())
-             or name.split("_")[0] in ("v12", "v13", "v14"))
+    today = _measured_under(name) >= 12
     want = v.concepts.get("train.learning_rate", 5e-3 if today else 3e-3)
     assert plan.concepts[1].train.learning_rate == want, name
-  assert plans["v1"][1].concepts[1].train.learning_rate == 1e-3
+  # The loop reads each row's own rate, which carries its default's (V11 ...): pin those.
+  assert [plans[n][1].concepts[1].train.learning_rate for n in ("v11", "v10", "v2", "v1")] == [
+      3e-3, 3e-3, 3e-3, 1e-3]
   # Today's rows sample eight candidates of each concept at temperature 2, keep one by
   # round trip and decide END by a sample of its own; v14's four so; v13's one sample at
   # 1.25, v12's and every earlier default's from v3 at 1.0, v2's and v1's at 0.5 (but the
   # rows that set them). v14, v13 and v12 are today's runs.
   for name, (v, plan) in plans.items():
-    tag = name.split("_")[0]
-    today = not (tag[0] == "v" and tag[1:].isdigit())
-    hot = today or tag == "v14"
-    temperature = 2.0 if hot else 1.25 if tag == "v13" else 0.5 if tag in ("v1", "v2") else 1.0
+    version = _measured_under(name)
+    today, hot = version == math.inf, version >= 14
+    temperature = 2.0 if hot else 1.25 if version == 13 else 0.5 if version <= 2 else 1.0
     picked = ((8 if today else 4, "roundtrip", 2.0) if hot else (1, "consensus", 0.0))
     s = {"candidate_rule": "consensus", "end_temperature": 0.0, **experiment.sampling(v, plan)}
     assert s["temperature"] == v.sample.get("temperature", temperature), name
