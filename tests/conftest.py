@@ -26,8 +26,12 @@ TINY = {
     "data.concept_len": 8, "render.z_noise": 0.1,
     "model.embed_dim": 64, "model.mlp_dim": 128, "model.num_heads": 2, "model.num_kv_heads": 2,
     "model.head_dim": 32, "model.concept_dim": 32, "model.diff_head_dim": 64,
-    "model.encoder_layers": 2, "model.renderer_layers": 2, "model.concept_layers": 2,
-    "model.diff_head_layers": 2, "model.baseline_layers": 2,
+    # One layer a stack: most of a test's time is compiling, which grows with depth (tiny
+    # render + concepts train runs: 10.0 + 10.1 -> 8.0 + 5.7 s against two layers, the
+    # suite 755 -> 647 s, same session). Depth itself (scan, remat, layers of causal
+    # attention) is tested in test_models*.py with their own 2-3 layer configs.
+    "model.encoder_layers": 1, "model.renderer_layers": 1, "model.concept_layers": 1,
+    "model.diff_head_layers": 1, "model.baseline_layers": 1,
     # Whole concepts: a 40-step render run trained on nested prefixes renders a 16-dimension
     # prefix as empty chunks (test_generate's continuations came back empty). The presets'
     # nested concepts are trained and generated in test_nested_concepts.py, and through the
@@ -207,14 +211,13 @@ def tiny_mdm_run(tmp_path_factory):
   return _trained(tmp_path_factory, "mdm", _train_in_process("mdm"))
 
 
-# The files that take longest, longest first (worker-seconds of a full run, 2 cores):
-# test_experiment.py ~220 s, test_concept_knobs.py ~180, test_generate.py and the main
-# job's test ~150 each ...
-SLOW_FILES = ("test_experiment.py", "test_concept_knobs.py", "test_generate.py",
-              "test_pipeline_e2e.py", "test_nested_concepts.py", "test_train.py",
-              "test_models.py", "test_render_context.py", "test_evaluate.py",
-              "test_train_sharding.py", "test_models_overfit.py", "test_train_multihost.py",
-              "test_concept_cache.py", "test_plan.py", "test_aot.py", "test_launch.py",
+# The files that take longest, longest first (worker-seconds of a full run, 2 cores): the
+# main job's test ~180 s, test_experiment.py ~140, test_concept_knobs.py ~120 ...
+SLOW_FILES = ("test_pipeline_e2e.py", "test_experiment.py", "test_concept_knobs.py",
+              "test_generate.py", "test_train.py", "test_models.py", "test_nested_concepts.py",
+              "test_train_sharding.py", "test_models_overfit.py", "test_evaluate.py",
+              "test_render_context.py", "test_plan.py", "test_launch.py",
+              "test_concept_cache.py", "test_aot.py", "test_train_multihost.py",
               "test_diffusion.py")
 
 

@@ -211,7 +211,7 @@ def test_a_changed_preset_is_not_silently_reused(grid_run):
   assert [options.get(k) for k in newer] == [1.5, None, 1.0, "roundtrip"]
   changed = experiment.apply_overrides(config.copy_and_resolve_references(),
                                        {"model.concept_layers": 3})
-  with pytest.raises(experiment.ExperimentError, match="model.concept_layers: trained 2"):
+  with pytest.raises(experiment.ExperimentError, match="model.concept_layers: trained 1"):
     experiment.train_once(changed, concepts_dir)
 
 
