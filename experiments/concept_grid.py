@@ -506,6 +506,11 @@ FULL = [
     # Sixteen candidates over the five runs: does the gain of eight over four go on? (No:
     # 0.891 against 0.895, at half the tokens/s.)
     *five_runs(Variant("cand16", "sampling", sample={"num_candidates": 16})),
+    # Sixteen concept-sampler steps instead of 64 over the five runs: the sampler's 64 steps
+    # for each of nine samples (eight candidates, END's own) are about half of
+    # generation's time (256 prompts: 59.5 s; 39.6 s at 16 steps). (All ten pairs a
+    # little worse: 0.889 against 0.895 on the eval prompts, 0.885 against 0.893 dev.)
+    *five_runs(Variant("steps16", "sampling", sample={"concept_steps": 16})),
     # The v14 default (today's runs and sampler keeping one of four candidates) and one
     # change from it per row (measured while it was the default, under the names without
     # v14_: v14_seedS as seedS; its rows cand8(_X) are today's default(_X)). Two
