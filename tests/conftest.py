@@ -91,7 +91,8 @@ def _xla_knows(flag: str) -> bool:
 
 
 for _flag in FAST_COMPILE:
-  # pytest-xdist's workers inherit the flags from the controller and probe nothing.
+  # pytest-xdist's workers inherit the controller's flags and probe nothing (but a flag the
+  # controller's probe refused, which each worker probes again: only on another jaxlib).
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", "") and _xla_knows(_flag):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
