@@ -163,6 +163,11 @@ def base_config() -> ml_collections.ConfigDict:
   # the one whose rendered chunk re-encodes nearest to it (generate.roundtrip_index; needs
   # reencode).
   c.concepts.candidate_rule = "consensus"
+  # Generation default: render steps of each candidate's draft (0 = off: every candidate
+  # rendered in full, render.sample_steps). > 0: the candidates are rendered in this many
+  # steps for the choice and the kept one again in full (generate.concept_loop); needs
+  # reencode, and fewer steps than the full render.
+  c.concepts.draft_steps = 0
   # Renderer in the loop: weight of the (frozen) renderer's loss on chunk n+1 rendered
   # from the head's estimate of concept n+1 (0 = off), on render_positions per example.
   c.concepts.render_weight = 0.0
@@ -266,6 +271,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.concepts.candidate_rule == "roundtrip" and not config.concepts.reencode:
     raise ConfigError("concepts.candidate_rule='roundtrip' compares each candidate with its "
                       "rendered chunk's concept: it needs concepts.reencode=True")
+  draft_steps = config.concepts.get("draft_steps", 0)  # .get: configs saved before the field.
+  if not (type(draft_steps) is int and draft_steps >= 0):
+    raise ConfigError(f"concepts.draft_steps={draft_steps!r} must be a whole number of render "
+                      "steps >= 0 (0: off)")
+  if draft_steps and not config.concepts.reencode:
+    raise ConfigError(f"concepts.draft_steps={draft_steps} drafts the candidates' rendered "
+                      "chunks, which only concepts.reencode=True renders")
   _choice(config, "render.mask_rate", MASK_RATES)
   _choice(config, "render.z_noise_dist", Z_NOISE_DISTS)
   if "encoder_pooling" in config.model:  # Configs saved before the field pooled by the mean.

@@ -65,11 +65,12 @@ SAMPLING_FIELDS = {"concepts.temperature": "temperature", "concepts.reencode": "
                    "concepts.num_candidates": "num_candidates", "concepts.end_noise": "end_noise",
                    "concepts.render_dims": "render_dims",
                    "concepts.end_temperature": "end_temperature",
-                   "concepts.candidate_rule": "candidate_rule"}
+                   "concepts.candidate_rule": "candidate_rule",
+                   "concepts.draft_steps": "draft_steps"}
 # Sampling fields newer than most rows, with the value that turns each off: left out of a
 # row's options when off, so every earlier row's result file keeps its name.
 NEWER_SAMPLING_OFF = {"end_noise": 0.0, "render_dims": 0, "end_temperature": 0.0,
-                      "candidate_rule": "consensus"}
+                      "candidate_rule": "consensus", "draft_steps": 0}
 # Fields that name another run's workdir (at any depth of a saved config).
 RUN_PATH_FIELDS = ("render_workdir", "generated_from")
 

@@ -341,7 +341,7 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
                  noise_scale: float, end_cosine: float, snap=None,
                  num_candidates: int = 1, context_BxCL=None, end_noise: float = 0.0,
                  end_temperature: float = 0.0, candidate_rule: str = "consensus",
-                 model_dims: int = 0, render_dims: int = 0):
+                 model_dims: int = 0, render_dims: int = 0, draft_snap=None):
   """Samples `num_new` concepts after each prompt -> (z_BxNxD new, prev_BxNxD, extras).
 
   A while-loop over a fixed buffer of M = N + num_new concepts; position counts_B + i
@@ -365,6 +365,11 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
   to it instead (roundtrip_index), compared on the prefix the renderer reads
   (`render_dims`; 0: all): the rest of a sample is never rendered, so it says nothing of
   how faithfully the chunk came out.
+
+  draft_snap (a cheaper snap, e.g. fewer render steps; needs snap and C > 1) renders the
+  C candidates for the choice only: the kept one is rendered again by snap, and its chunk,
+  context concept and END test are that render's. C drafts and one render cost less than
+  C renders.
 
   end_noise > 0 stops each sample at that noise (continuous.sample); the END test by
   cosine then rarely fires, and a chunk rendered as END stops the example instead.
@@ -390,24 +395,31 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
     _, *shapes = jax.eval_shape(snap, spec_Bx1xD, spec_Bx1xD, context_BxCL, key)
     extras = tuple(jnp.full((b, num_new, *s.shape[2:]), PAD_ID, s.dtype) for s in shapes)
   pos_M = jnp.arange(m)
+  drafts = draft_snap is not None and num_candidates > 1
+  if draft_snap is not None and snap is None:
+    raise ValueError("draft_snap drafts what snap renders: give snap too")
 
-  def draw(h_Bx1xE, memory, prev_Bx1xD, text_BxCL, key, c, noise_scale, guidance):
+  def rendered(z_Bx1xD, prev_Bx1xD, text_BxCL, key, render):
+    """(z_ctx_Bx1xD, end_B, *render's outputs) of samples z, rendered by `render` (a snap)."""
+    z_ctx_Bx1xD, outs = z_Bx1xD, []
+    if render is not None:
+      z_ctx_Bx1xD, *outs = render(z_Bx1xD, prev_Bx1xD, text_BxCL, key)
+    end_B = cosine(z_Bx1xD[:, 0], z_end_D) >= end_cosine
+    if render is not None:
+      end_B |= outs[0][:, 0, 0] == EOD_ID  # Rendered as the END chunk.
+    return z_ctx_Bx1xD, end_B, *outs
+
+  def draw(h_Bx1xE, memory, prev_Bx1xD, text_BxCL, key, c, noise_scale, guidance, render):
     """c samples of the next concept per example, candidate-major (rows j*c..j*c+c-1 are
-    example j's) -> (z_BCx1xD, z_ctx_BCx1xD, end_BC, *snap's outputs)."""
+    example j's) -> (z_BCx1xD, z_ctx_BCx1xD, end_BC, *render's outputs)."""
     k_sample, k_snap = jax.random.split(key)
     z_BCx1xD = concept_model.sample_from_context(
         model, {"params": params}, jnp.repeat(h_Bx1xE, c, axis=0), k_sample,
         objective=objective, steps=steps, guidance=guidance, noise_scale=noise_scale,
         memory=concept_model.repeat_memory(memory, c), end_noise=end_noise)
     z_BCx1xD = concept_prefix(z_BCx1xD, model_dims)
-    z_ctx_BCx1xD, outs = z_BCx1xD, []
-    if snap is not None:
-      z_ctx_BCx1xD, *outs = snap(z_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
-                                 jnp.repeat(text_BxCL, c, axis=0), k_snap)
-    end_BC = cosine(z_BCx1xD[:, 0], z_end_D) >= end_cosine
-    if snap is not None:
-      end_BC |= outs[0][:, 0, 0] == EOD_ID  # Rendered as the END chunk.
-    return z_BCx1xD, z_ctx_BCx1xD, end_BC, *outs
+    return z_BCx1xD, *rendered(z_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
+                               jnp.repeat(text_BxCL, c, axis=0), k_snap, render)
 
   def body(carry):
     i, buf_BxMxD, out_BxNxD, extras, done_B, text_BxCL = carry
@@ -421,7 +433,8 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
       memory = (buf_BxMxD, (seg_BxM > 0)[:, None, :], last_Bx1,
                 jnp.broadcast_to(pos_M, seg_BxM.shape))
     key_i, c = jax.random.fold_in(key, i), num_candidates
-    picked = draw(h_Bx1xE, memory, prev_Bx1xD, text_BxCL, key_i, c, noise_scale, guidance)
+    picked = draw(h_Bx1xE, memory, prev_Bx1xD, text_BxCL, key_i, c, noise_scale, guidance,
+                  draft_snap if drafts else snap)
     valid_BxC = ~picked[2].reshape(b, c) if end_temperature else None
     if c > 1 or end_temperature:
       z_BxCxD, z_ctx_BxCxD = (x.reshape(b, c, d) for x in picked[:2])
@@ -429,11 +442,14 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
                                 concept_prefix(z_ctx_BxCxD, render_dims), valid_BxC)
                 if candidate_rule == "roundtrip" else consensus_index(z_ctx_BxCxD, valid_BxC))
       picked = tuple(take_candidate(x, best_B, c) for x in picked)
+    if drafts:  # The kept draft rendered in full: its chunk, context and END are that one's.
+      picked = (picked[0], *rendered(picked[0], prev_Bx1xD, text_BxCL,
+                                     jax.random.fold_in(key_i, 2), snap))
     if end_temperature:
       # END is decided by one sample at the model's own temperature, unguided; the content
       # is a candidate that does not end (none: the deciding sample, which does not).
       decided = draw(h_Bx1xE, memory, prev_Bx1xD, text_BxCL, jax.random.fold_in(key_i, 1), 1,
-                     end_temperature, 1.0)
+                     end_temperature, 1.0, snap)
       use_B = decided[2] | ~jnp.any(valid_BxC, -1)
       picked = tuple(jnp.where(use_B.reshape(b, *([1] * (x.ndim - 1))), a, x)
                      for a, x in zip(decided, picked))
@@ -503,6 +519,7 @@ class ConceptOptions:
   end_temperature: float = 0.0  # > 0: END decided by its own sample (concept_loop).
   candidate_rule: str = "consensus"  # Which of num_candidates is kept (CANDIDATE_RULES).
   model_dims: int = 0  # The prefix the head models (concepts.loss_dims; 0: all of it).
+  draft_steps: int = 0  # > 0: candidates drafted in this many render steps (concept_loop).
 
 
 def _concepts_program(gen: Generator, opts: ConceptOptions):
@@ -523,6 +540,11 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
       snap = snap_fn(mods["encoder"], enc_params, mods["renderer"], render_params["renderer"],
                      steps=opts.render_steps, temperature=opts.render_temperature,
                      return_steps=opts.show_steps, dims=opts.render_dims)
+    draft = None
+    if opts.draft_steps:  # Only for the choice: no intermediate states to show.
+      draft = snap_fn(mods["encoder"], enc_params, mods["renderer"], render_params["renderer"],
+                      steps=opts.draft_steps, temperature=opts.render_temperature,
+                      dims=opts.render_dims)
     z_BxNxD, prev_BxNxD, extras = concept_loop(
         mods["concept_model"], params["concept_model"], prompt_BxNxD, counts_B, z_end_D, k_concepts,
         num_new=opts.num_new, objective=objective, steps=opts.concept_steps,
@@ -530,7 +552,7 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
         snap=snap, num_candidates=opts.num_candidates, context_BxCL=text_BxCL,
         end_noise=opts.end_noise, end_temperature=opts.end_temperature,
         candidate_rule=opts.candidate_rule, model_dims=opts.model_dims,
-        render_dims=opts.render_dims)
+        render_dims=opts.render_dims, draft_snap=draft)
     if opts.reencode:  # Rendered one chunk at a time inside the loop.
       tokens_BxNxL = extras[0]
       states_SxBxNxL = jnp.moveaxis(extras[1], 2, 0) if opts.show_steps else None
@@ -831,7 +853,8 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
              num_candidates: int | None = None, end_noise: float | None = None,
              render_dims: int | None = None,
              end_temperature: float | None = None,
-             candidate_rule: str | None = None) -> list[Sample]:
+             candidate_rule: str | None = None,
+             draft_steps: int | None = None) -> list[Sample]:
   """Continuations of `prompts` (one jitted call for the whole batch).
 
   concepts runs: `num_concepts` new concepts, `concept_steps` sampler steps each
@@ -852,7 +875,10 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
   temperature, unguided, and keeps a candidate that does not end (see concept_loop): a
   cool, guided sampler then ends about as often as the model does. `candidate_rule`
   (default concepts.candidate_rule): which candidate is kept, the consensus or (with
-  `reencode`) the one that round-trips best. ar / mdm runs: up to
+  `reencode`) the one that round-trips best. `draft_steps` (default concepts.draft_steps;
+  0: off; needs `reencode`, fewer than `render_steps`) renders the candidates in that many
+  steps for the choice and the kept one again in `render_steps` (one candidate: nothing
+  to draft). ar / mdm runs: up to
   `max_tokens` tokens at `temperature` (default 1; mdm: `render_steps` unmasking steps, default
   max_tokens, optional semi-autoregressive `block_size`). A continuation stops at
   end-of-document: an END concept (renders to EOD, or cosine >= end_cosine to
@@ -885,19 +911,27 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
     if candidate_rule == "roundtrip" and not reencode:
       raise GenerateError("candidate_rule='roundtrip' compares each candidate with its "
                           "rendered chunk's concept: it needs reencode=True")
+    render_steps = int(render_steps or gen.render_config.render.sample_steps)
+    draft_steps = c.get("draft_steps", 0) if draft_steps is None else draft_steps
+    if not (int(draft_steps) == draft_steps and 0 <= draft_steps < render_steps):
+      raise GenerateError(f"draft_steps={draft_steps} must be a whole number of render steps "
+                          f"in [0, render_steps={render_steps}) (0: off)")
+    if draft_steps and not reencode:
+      raise GenerateError(f"draft_steps={draft_steps} drafts the candidates' rendered chunks, "
+                          "which only reencode=True renders")
     if c.get("loss_dims", 0) and not reencode:
       raise GenerateError(f"this concepts run's head models only the first {c.loss_dims} "
                           "dimensions of a concept (concepts.loss_dims): the concept model "
                           "must read re-encoded chunks, not its raw samples; reencode=True")
     opts = ConceptOptions(
         num_new=int(num_concepts), concept_steps=int(concept_steps or c.sample_steps),
-        render_steps=int(render_steps or gen.render_config.render.sample_steps),
-        guidance=float(c.guidance if guidance is None else guidance),
+        render_steps=render_steps, guidance=float(c.guidance if guidance is None else guidance),
         noise_scale=float(temperature), render_temperature=float(render_temperature),
         end_cosine=float(end_cosine), show_steps=bool(show_steps), reencode=bool(reencode),
         num_candidates=num_candidates, end_noise=end_noise, render_dims=render_dims,
         end_temperature=end_temperature, candidate_rule=candidate_rule,
-        model_dims=int(c.get("loss_dims", 0)))
+        model_dims=int(c.get("loss_dims", 0)),
+        draft_steps=int(draft_steps) if num_candidates > 1 else 0)
     return _generate_concepts(gen, list(prompts), opts, key)
   temperature = 1.0 if temperature is None else temperature
   if gen.kind == "ar":

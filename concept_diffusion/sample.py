@@ -50,6 +50,10 @@ _CANDIDATE_RULE = flags.DEFINE_enum("candidate_rule", None, list(CANDIDATE_RULES
                                     "Concepts runs: which candidate is kept, the consensus or "
                                     "the one that round-trips best (needs reencode; default "
                                     "concepts.candidate_rule).")
+_DRAFT_STEPS = flags.DEFINE_integer("draft_steps", None, "Concepts runs: render the "
+                                    "candidates in this many steps for the choice, the kept "
+                                    "one again in --render_steps (needs reencode; default "
+                                    "concepts.draft_steps; 0 = off).")
 _SHOW_STEPS = flags.DEFINE_bool("show_steps", False, "Print every denoising step (masks as _).")
 _ROUNDTRIP = flags.DEFINE_bool("roundtrip", False, "Encode the prompt's chunks and render them "
                                 "back (a render or concepts run).")
@@ -89,7 +93,7 @@ def main(argv):
           show_steps=_SHOW_STEPS.value, reencode=_REENCODE.value,
           num_candidates=_CANDIDATES.value, end_noise=_END_NOISE.value,
           render_dims=_RENDER_DIMS.value, end_temperature=_END_TEMPERATURE.value,
-          candidate_rule=_CANDIDATE_RULE.value)
+          candidate_rule=_CANDIDATE_RULE.value, draft_steps=_DRAFT_STEPS.value)
   except (generate.GenerateError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

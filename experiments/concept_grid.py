@@ -515,6 +515,11 @@ FULL = [
     # loses, for a filter that would render its candidates as drafts and the kept one in full.
     # (0.891 against 0.895 on the eval prompts, 0.886 against 0.893 dev, at 1.58x.)
     *five_runs(Variant("render_steps2", "sampling", sample={"render_steps": 2})),
+    # That filter (concepts.draft_steps): the candidates rendered in 2 steps for the choice,
+    # the kept one rendered again in 8; and with 16 sampler steps, both halves cut.
+    *five_runs(Variant("drafts2", "sampling", sample={"draft_steps": 2})),
+    *five_runs(Variant("steps16_drafts2", "sampling", sample={"concept_steps": 16,
+                                                              "draft_steps": 2})),
     # The v14 default (today's runs and sampler keeping one of four candidates) and one
     # change from it per row (measured while it was the default, under the names without
     # v14_: v14_seedS as seedS; its rows cand8(_X) are today's default(_X)). Two

@@ -450,6 +450,17 @@ def test_a_candidate_rule_is_checked_by_name():
                                                          "concepts.reencode": True}))
 
 
+
+def test_draft_steps_are_checked():
+  base = {"concepts.render_workdir": "/tmp/r", "concepts.reencode": True}
+  with pytest.raises(config_lib.ConfigError, match="concepts.draft_steps=-1 must be"):
+    config_lib.validate(tiny_config("concepts", **base, **{"concepts.draft_steps": -1}))
+  config = tiny_config("concepts", **{**base, "concepts.draft_steps": 2,
+                                      "concepts.reencode": False})
+  with pytest.raises(config_lib.ConfigError, match="only concepts.reencode=True renders"):
+    config_lib.validate(config)
+  config_lib.validate(tiny_config("concepts", **base, **{"concepts.draft_steps": 2}))
+
 def test_fill_and_end_keep_reach_the_train_split_only(monkeypatch, tmp_path):
   """data.fill_examples (every stage) and render.end_keep (the render stage) shape the
   train batches; held-out batches stay as the data are."""

@@ -198,17 +198,18 @@ def test_a_changed_preset_is_not_silently_reused(grid_run):
   experiment.train_once(sampling_only, concepts_dir)  # Generation defaults only: reused.
   assert experiment.sampling(GRID[0], experiment.Plan(plan.render, (concepts_dir, sampling_only),
                                                       None))["reencode"] is True
-  # concepts.end_noise, render_dims, end_temperature and candidate_rule came after most rows
-  # were measured: off, they stay out of a row's options (so out of its result file's
-  # name); on, they are in, and the run is reused.
-  newer = ("end_noise", "render_dims", "end_temperature", "candidate_rule")
+  # concepts.end_noise, render_dims, end_temperature, candidate_rule and draft_steps came
+  # after most rows were measured: off, they stay out of a row's options (so out of its
+  # result file's name); on, they are in, and the run is reused.
+  newer = ("end_noise", "render_dims", "end_temperature", "candidate_rule", "draft_steps")
   assert not set(newer) & set(experiment.sampling(GRID[0], plan))
   ended = experiment.apply_overrides(config.copy_and_resolve_references(),
                                      {"concepts.end_noise": 1.5, "concepts.end_temperature": 1.0,
-                                      "concepts.candidate_rule": "roundtrip"})
+                                      "concepts.candidate_rule": "roundtrip",
+                                      "concepts.draft_steps": 2})
   experiment.train_once(ended, concepts_dir)
   options = experiment.sampling(GRID[0], experiment.Plan(plan.render, (concepts_dir, ended), None))
-  assert [options.get(k) for k in newer] == [1.5, None, 1.0, "roundtrip"]
+  assert [options.get(k) for k in newer] == [1.5, None, 1.0, "roundtrip", 2]
   changed = experiment.apply_overrides(config.copy_and_resolve_references(),
                                        {"model.concept_layers": 3})
   with pytest.raises(experiment.ExperimentError, match="model.concept_layers: trained 1"):

@@ -384,6 +384,78 @@ def test_roundtrip_rule_keeps_the_candidate_whose_chunk_encodes_back_nearest(con
   assert (np.asarray(generate.roundtrip_index(cand_BxCxD, back_BxCxD, valid_BxC)) != best_B).all()
 
 
+
+def test_draft_steps_choose_by_the_drafts_and_keep_the_full_render(concepts_gen):
+  gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
+  enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
+  mods, z_BxNxD, counts_B, h_Bx1xE = _prompt_context(gen)
+  cm, objective, c = mods["concept_model"], gen.config.concepts.objective, 4
+  snaps = {s: generate.snap_fn(mods["encoder"], enc_params, mods["renderer"],
+                               gen.render_params["renderer"], steps=s, temperature=0.0)
+           for s in (1, 8)}
+  z_end_D = generate.end_concept(mods["encoder"], enc_params, l)
+  prev_Bx1xD = z_BxNxD[np.arange(2), counts_B - 1][:, None]
+  for seed in range(3, 20):  # A key where drafts and full renders choose apart.
+    key = jax.random.key(seed)
+    # The candidates, drawn as the loop draws them, and their drafts rendered in one step.
+    k_content, k_snap = jax.random.split(jax.random.fold_in(key, 0))
+    cand_BCx1xD = concept_model.sample_from_context(
+        cm, {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_content,
+        objective=objective, steps=4)
+    back = {s: snaps[s](cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
+                        jnp.zeros((2 * c, 0), jnp.int32), k_snap)[0].reshape(2, c, -1)
+            for s in (1, 8)}
+    cand_BxCxD = cand_BCx1xD.reshape(2, c, -1)
+    best = {s: np.asarray(generate.roundtrip_index(cand_BxCxD, back[s])) for s in (1, 8)}
+    if (best[1] != best[8]).any():
+      break
+  assert (best[1] != best[8]).any()
+  loop = lambda draft: generate.concept_loop(  # noqa: E731
+      cm, cm_params, z_BxNxD, counts_B, z_end_D, key, num_new=1, objective=objective,
+      steps=4, guidance=1.0, noise_scale=1.0, end_cosine=2.0, snap=snaps[8], num_candidates=c,
+      candidate_rule="roundtrip", draft_snap=draft)
+  new_BxNxD, _, (tokens_BxNxL,) = loop(snaps[1])
+  kept_Bx1xD = cand_BxCxD[np.arange(2), best[1]][:, None]
+  np.testing.assert_allclose(new_BxNxD[:, 0], kept_Bx1xD[:, 0], atol=1e-5)
+  # The kept one is rendered again in full (its own key): that chunk is the output.
+  _, full_Bx1xL = snaps[8](kept_Bx1xD, prev_Bx1xD, jnp.zeros((2, 0), jnp.int32),
+                           jax.random.fold_in(jax.random.fold_in(key, 0), 2))
+  _, draft_BCx1xL = snaps[1](cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
+                             jnp.zeros((2 * c, 0), jnp.int32), k_snap)
+  draft_Bx1xL = draft_BCx1xL.reshape(2, c, 1, -1)[np.arange(2), best[1]]
+  assert (np.asarray(draft_Bx1xL) != np.asarray(full_Bx1xL)).any()
+  np.testing.assert_array_equal(tokens_BxNxL[:, :1], full_Bx1xL)
+  # Without drafts the loop is the plain round-trip rule, bit for bit.
+  plain_BxNxD = loop(None)[0]
+  np.testing.assert_allclose(plain_BxNxD[:, 0], cand_BxCxD[np.arange(2), best[8]], atol=1e-5)
+  with pytest.raises(ValueError, match="give snap too"):
+    generate.concept_loop(cm, cm_params, z_BxNxD, counts_B, z_end_D, key, num_new=1,
+                          objective=objective, steps=4, guidance=1.0, noise_scale=1.0,
+                          end_cosine=2.0, num_candidates=c, draft_snap=snaps[1])
+
+
+def test_draft_steps_default_to_the_config_and_are_checked(concepts_gen):
+  gen = concepts_gen
+  kwargs = dict(num_concepts=3, seed=1, reencode=True, candidate_rule="roundtrip")
+  ids = lambda samples: [s.token_ids for s in samples]  # noqa: E731
+  assert gen.config.concepts.draft_steps == 0
+  full = ids(generate.generate(gen, PROMPTS, num_candidates=4, **kwargs))
+  drafted = ids(generate.generate(gen, PROMPTS, num_candidates=4, draft_steps=1, **kwargs))
+  configured = dataclasses.replace(gen, config=gen.config.copy_and_resolve_references())
+  configured.config.concepts.draft_steps = 1
+  assert ids(generate.generate(configured, PROMPTS, num_candidates=4, **kwargs)) == drafted
+  assert ids(generate.generate(configured, PROMPTS, num_candidates=4, draft_steps=0,
+                               **kwargs)) == full
+  # One candidate: nothing to draft, the plain sampler bit for bit.
+  one = ids(generate.generate(gen, PROMPTS, num_candidates=1, **kwargs))
+  assert ids(generate.generate(configured, PROMPTS, num_candidates=1, **kwargs)) == one
+  for bad in (-1, 8, 1.5):
+    with pytest.raises(generate.GenerateError, match=f"draft_steps={bad} must be"):
+      generate.generate(gen, PROMPTS, num_candidates=4, draft_steps=bad, render_steps=8,
+                        **kwargs)
+  with pytest.raises(generate.GenerateError, match="only reencode=True renders"):
+    generate.generate(gen, PROMPTS, num_candidates=4, draft_steps=1, reencode=False)
+
 def test_end_temperature_generation_defaults_to_the_config(concepts_gen):
   gen = concepts_gen
   kwargs = dict(num_concepts=3, seed=1, temperature=0.5, guidance=2.0, reencode=True)
