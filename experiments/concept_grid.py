@@ -875,7 +875,12 @@ TEXT = [v for v in FULL if v.name in (
     "v1_z_noise0.1")] + [SHORT_CLEAN, SHORT_CLEAN_LONG, *TEXT_RENDER,
                          # Today's runs sampled as the text recipe samples.
                          guarded(dataclasses.replace(T05_CFG4, sample={
-                             **ONE_CANDIDATE, **T05_CFG4.sample}))]
+                             **ONE_CANDIDATE, **T05_CFG4.sample})),
+                         # ... with today's filter: eight candidates kept by round trip,
+                         # cool and guided as the recipe, or at temperature 1.
+                         guarded(T05_CFG4, candidates=8, rule="roundtrip"),
+                         guarded(Variant("temp1", "sampling", sample={"temperature": 1.0}),
+                                 candidates=8, rule="roundtrip")]
 GRIDS = {"full": FULL, "text": TEXT}
 
 

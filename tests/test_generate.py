@@ -446,6 +446,10 @@ def test_draft_steps_default_to_the_config_and_are_checked(concepts_gen):
   assert ids(generate.generate(configured, PROMPTS, num_candidates=4, **kwargs)) == drafted
   assert ids(generate.generate(configured, PROMPTS, num_candidates=4, draft_steps=0,
                                **kwargs)) == full
+  # The steps shown are the kept chunk's full render (8 steps), not its draft's.
+  shown = generate.generate(gen, PROMPTS, num_candidates=4, draft_steps=1, show_steps=True,
+                            render_steps=8, **kwargs)
+  assert ids(shown) == drafted and all(len(s.steps) == 8 for s in shown)
   # One candidate: nothing to draft, the plain sampler bit for bit.
   one = ids(generate.generate(gen, PROMPTS, num_candidates=1, **kwargs))
   assert ids(generate.generate(configured, PROMPTS, num_candidates=1, **kwargs)) == one
