@@ -166,7 +166,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Generation default: render steps of each candidate's draft (0 = off: every candidate
   # rendered in full, render.sample_steps). > 0: the candidates are rendered in this many
   # steps for the choice and the kept one again in full (generate.concept_loop); needs
-  # reencode, and fewer steps than the full render.
+  # reencode (with num_candidates > 1; one candidate drafts nothing), and fewer steps
+  # than the full render.
   c.concepts.draft_steps = 0
   # Renderer in the loop: weight of the (frozen) renderer's loss on chunk n+1 rendered
   # from the head's estimate of concept n+1 (0 = off), on render_positions per example.
@@ -275,7 +276,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not (type(draft_steps) is int and draft_steps >= 0):
     raise ConfigError(f"concepts.draft_steps={draft_steps!r} must be a whole number of render "
                       "steps >= 0 (0: off)")
-  if draft_steps and not config.concepts.reencode:
+  if draft_steps and config.concepts.num_candidates > 1 and not config.concepts.reencode:
     raise ConfigError(f"concepts.draft_steps={draft_steps} drafts the candidates' rendered "
                       "chunks, which only concepts.reencode=True renders")
   _choice(config, "render.mask_rate", MASK_RATES)

@@ -913,6 +913,8 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
                           "rendered chunk's concept: it needs reencode=True")
     render_steps = int(render_steps or gen.render_config.render.sample_steps)
     draft_steps = c.get("draft_steps", 0) if draft_steps is None else draft_steps
+    if num_candidates == 1:  # Nothing to draft (and a default's drafts ask nothing of it).
+      draft_steps = 0
     if not (int(draft_steps) == draft_steps and 0 <= draft_steps < render_steps):
       raise GenerateError(f"draft_steps={draft_steps} must be a whole number of render steps "
                           f"in [0, render_steps={render_steps}) (0: off)")
@@ -931,7 +933,7 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
         num_candidates=num_candidates, end_noise=end_noise, render_dims=render_dims,
         end_temperature=end_temperature, candidate_rule=candidate_rule,
         model_dims=int(c.get("loss_dims", 0)),
-        draft_steps=int(draft_steps) if num_candidates > 1 else 0)
+        draft_steps=int(draft_steps))
     return _generate_concepts(gen, list(prompts), opts, key)
   temperature = 1.0 if temperature is None else temperature
   if gen.kind == "ar":

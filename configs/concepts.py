@@ -113,11 +113,17 @@ def get_config(preset="tiny"):
     # the head nine times and renders eight chunks per concept: on the dev prompts 91
     # tokens/s against 305 for two candidates (v13's single sample: ~470). Sixteen are no
     # better (0.891 over the five runs; 0.901 against 0.893 on the dev prompts) at half
-    # the tokens/s.
+    # the tokens/s. Measured since: the eight candidates rendered as 2-step drafts for
+    # the choice and the kept one rendered again in 8 (draft_steps): level over the same
+    # five runs (0.895 against 0.895 on the eval prompts, 0.893 against 0.893 on the dev
+    # prompts; well formed 0.949 against 0.951 / 0.949 against 0.950) for fewer render
+    # steps per concept (8 x 2 + 8 + END's 8 instead of 9 x 8; README "Results", "the
+    # candidates rendered as drafts").
     c.concepts.temperature = 2.0
     c.concepts.num_candidates = 8
     c.concepts.candidate_rule = "roundtrip"
     c.concepts.end_temperature = 2.0
+    c.concepts.draft_steps = 2
     c.concepts.sample_steps = 64
     # Measured: feeding the concept model the encoder's concept of each rendered chunk
     # instead of its raw sample took gen-PPL 17.1 -> 11.0 and well-formed 0.64 -> 0.68
@@ -181,6 +187,7 @@ def get_config(preset="tiny"):
     c.concepts.num_candidates = 8
     c.concepts.candidate_rule = "roundtrip"
     c.concepts.end_temperature = 2.0
+    c.concepts.draft_steps = 2
     c.concepts.sample_steps = 64
     c.concepts.render_dims = 128  # Half of the render preset's nested 256, as tiny.
     c.train.batch_size = 256

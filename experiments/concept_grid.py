@@ -6,9 +6,9 @@
 
 Each row changes one thing from a default and is trained and evaluated at the tiny
 preset: `default` is the shipped tiny presets (set to the best measured combination);
-`v14`, `v13`, ..., `v2` and `v1` are earlier defaults, and `v14_x` ... `v1_x` rows are
+`v15`, `v14`, ..., `v2` and `v1` are earlier defaults, and `v15_x` ... `v1_x` rows are
 one change from them (measured then, and kept so their tables can be reproduced; a table
-measured under v14 names `v14_x` as `x`). The ar and mdm rows get the same source and the
+measured under v15 names `v15_x` as `x`). The ar and mdm rows get the same source and the
 training FLOPs of the `default` pipeline; so do rows marked equal_flops (their concepts
 run gets the steps that match). Runs are shared and resumed: re-running only does what is missing (a
 row whose definition changed is evaluated again; one whose metric code changed is not:
@@ -45,11 +45,15 @@ from concept_diffusion.experiment import Variant
 # concept steps.
 V10_RENDER = {"render.nested_dims": ()}
 V10 = {"concepts.render_dims": 0}
+# v15 (the default until the candidates' drafts) rendered every candidate in full, as did
+# every earlier default.
+V15_SAMPLE = {"draft_steps": 0}
 # v14 (the default until eight candidates) kept one of four candidates per concept.
-V14_SAMPLE = {"num_candidates": 4}
+V14_SAMPLE = {**V15_SAMPLE, "num_candidates": 4}
 # v13 (the default until hot candidates kept by round trip) and every earlier default
 # sampled one candidate per concept, END among the content samples; v13 at temperature 1.25.
-ONE_CANDIDATE = {"num_candidates": 1, "candidate_rule": "consensus", "end_temperature": 0.0}
+ONE_CANDIDATE = {**V15_SAMPLE, "num_candidates": 1, "candidate_rule": "consensus",
+                 "end_temperature": 0.0}
 V13_SAMPLE = {**ONE_CANDIDATE, "temperature": 1.25}
 # v12 (the default until the sampler's temperature 1.25) and every earlier default from
 # v3 on sampled the concept head at temperature 1.0 (v2 and v1 at 0.5: V2_SAMPLE).
@@ -101,6 +105,12 @@ def _from_today(v: Variant, tag: str, sample: dict, concepts: dict | None = None
   return dataclasses.replace(v, name=name, axis=f"{v.axis} ({tag})",
                              concepts={**(concepts or {}), **v.concepts},
                              sample={**sample, **v.sample})
+
+
+def from_v15(v: Variant) -> Variant:
+  """The row `v` as one change from the v15 default (today's runs and sampler, every
+  candidate rendered in full; named v15_...)."""
+  return _from_today(v, "v15", V15_SAMPLE)
 
 
 def from_v14(v: Variant) -> Variant:
@@ -503,23 +513,23 @@ FULL = [
     # the noise of a row. The render run has its own seed (render_seedS): a second render
     # run moved v9 0.788 -> 0.760 consistent (three concept seeds each).
     *SEED_ROWS,
-    # Sixteen candidates over the five runs: does the gain of eight over four go on? (No:
-    # 0.891 against 0.895, at half the tokens/s.)
-    *five_runs(Variant("cand16", "sampling", sample={"num_candidates": 16})),
-    # Sixteen concept-sampler steps instead of 64 over the five runs: the sampler's 64 steps
-    # for each of nine samples (eight candidates, END's own) are about half of
-    # generation's time (256 prompts: 59.5 s; 39.6 s at 16 steps). (All ten pairs a
-    # little worse: 0.889 against 0.895 on the eval prompts, 0.885 against 0.893 dev.)
-    *five_runs(Variant("steps16", "sampling", sample={"concept_steps": 16})),
-    # Every chunk rendered in 2 steps instead of 8, over the five runs: what a draft render
-    # loses, for a filter that would render its candidates as drafts and the kept one in full.
-    # (0.891 against 0.895 on the eval prompts, 0.886 against 0.893 dev, at 1.58x.)
-    *five_runs(Variant("render_steps2", "sampling", sample={"render_steps": 2})),
-    # That filter (concepts.draft_steps): the candidates rendered in 2 steps for the choice,
-    # the kept one rendered again in 8; and with 16 sampler steps, both halves cut.
-    *five_runs(Variant("drafts2", "sampling", sample={"draft_steps": 2})),
-    *five_runs(Variant("steps16_drafts2", "sampling", sample={"concept_steps": 16,
-                                                              "draft_steps": 2})),
+    # The v15 default (today's runs and sampler, every candidate rendered in full) and one
+    # change from it per row (measured while it was the default, under the names without
+    # v15_: v15_seedS as seedS; its rows drafts2(_X) are today's default(_X)).
+    *map(from_v15, [
+        Variant("default"), *SEED_ROWS,
+        # Sixteen candidates: does the gain of eight over four go on? (No: 0.891 against
+        # 0.895, at half the tokens/s.)
+        *five_runs(Variant("cand16", "sampling", sample={"num_candidates": 16})),
+        # Sixteen concept-sampler steps instead of 64: the sampler's 64 steps for each of
+        # nine samples (eight candidates, END's own) are about half of generation's time
+        # (256 prompts: 59.5 s; 39.6 s at 16 steps). (All ten pairs a little worse: 0.889
+        # against 0.895 on the eval prompts, 0.885 against 0.893 dev.)
+        *five_runs(Variant("steps16", "sampling", sample={"concept_steps": 16})),
+        # Every chunk rendered in 2 steps instead of 8: what a draft render loses, the bound
+        # of today's drafts. (0.891 against 0.895 on the eval prompts, 0.886 against 0.893
+        # dev, at 1.58x.)
+        *five_runs(Variant("render_steps2", "sampling", sample={"render_steps": 2}))]),
     # The v14 default (today's runs and sampler keeping one of four candidates) and one
     # change from it per row (measured while it was the default, under the names without
     # v14_: v14_seedS as seedS; its rows cand8(_X) are today's default(_X)). Two
@@ -866,7 +876,7 @@ V10_TEXT = (
       for s in ("", "_seed1", "_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
 )
 TEXT = [v for v in FULL if v.name in (
-    "default", "v12",
+    "default", "v15", "v12",
     *("v10" if n == "default" else f"v10_{n}" for n in V10_TEXT),
     "v9", "v9_seed1", "v9_render1800_eqflops",
     "v9_render1800_temp0.5_cfg4", "v9_render1800_temp0.5_cfg4_seed1",
@@ -876,8 +886,8 @@ TEXT = [v for v in FULL if v.name in (
                          # Today's runs sampled as the text recipe samples.
                          guarded(dataclasses.replace(T05_CFG4, sample={
                              **ONE_CANDIDATE, **T05_CFG4.sample})),
-                         # ... with today's filter: eight candidates kept by round trip,
-                         # cool and guided as the recipe, or at temperature 1.
+                         # ... with today's filter: eight candidates kept by round trip
+                         # (drafted), cool and guided as the recipe, or at temperature 1.
                          guarded(T05_CFG4, candidates=8, rule="roundtrip"),
                          guarded(Variant("temp1", "sampling", sample={"temperature": 1.0}),
                                  candidates=8, rule="roundtrip")]

@@ -456,9 +456,11 @@ def test_draft_steps_are_checked():
   with pytest.raises(config_lib.ConfigError, match="concepts.draft_steps=-1 must be"):
     config_lib.validate(tiny_config("concepts", **base, **{"concepts.draft_steps": -1}))
   config = tiny_config("concepts", **{**base, "concepts.draft_steps": 2,
-                                      "concepts.reencode": False})
+                                      "concepts.reencode": False, "concepts.num_candidates": 4})
   with pytest.raises(config_lib.ConfigError, match="only concepts.reencode=True renders"):
     config_lib.validate(config)
+  config.concepts.num_candidates = 1  # One candidate drafts nothing: nothing to render.
+  config_lib.validate(config)
   config_lib.validate(tiny_config("concepts", **base, **{"concepts.draft_steps": 2}))
 
 def test_fill_and_end_keep_reach_the_train_split_only(monkeypatch, tmp_path):

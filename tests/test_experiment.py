@@ -579,22 +579,26 @@ def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
   # The loop reads each row's own rate, which carries its default's (V11 ...): pin those.
   assert [plans[n][1].concepts[1].train.learning_rate for n in ("v11", "v10", "v2", "v1")] == [
       3e-3, 3e-3, 3e-3, 1e-3]
-  # Today's rows sample eight candidates of each concept at temperature 2, keep one by
-  # round trip and decide END by a sample of its own; v14's four so; v13's one sample at
-  # 1.25, v12's and every earlier default's from v3 at 1.0, v2's and v1's at 0.5 (but the
-  # rows that set them). v14, v13 and v12 are today's runs.
+  # Today's and v15's rows sample eight candidates of each concept at temperature 2, keep
+  # one by round trip and decide END by a sample of its own; v14's four so; v13's one
+  # sample at 1.25, v12's and every earlier default's from v3 at 1.0, v2's and v1's at 0.5
+  # (but the rows that set them). Today's rows render the candidates as 2-step drafts and
+  # the kept one in full; v15's and every earlier default's rendered each in full. v15,
+  # v14, v13 and v12 are today's runs.
   for name, (v, plan) in plans.items():
     version = _measured_under(name)
     today, hot = version == math.inf, version >= 14
     temperature = 2.0 if hot else 1.25 if version == 13 else 0.5 if version <= 2 else 1.0
-    picked = ((8 if today else 4, "roundtrip", 2.0) if hot else (1, "consensus", 0.0))
-    s = {"candidate_rule": "consensus", "end_temperature": 0.0, **experiment.sampling(v, plan)}
+    picked = ((8 if version >= 15 else 4, "roundtrip", 2.0) if hot else (1, "consensus", 0.0))
+    s = {"candidate_rule": "consensus", "end_temperature": 0.0, "draft_steps": 0,
+         **experiment.sampling(v, plan)}
     assert s["temperature"] == v.sample.get("temperature", temperature), name
     assert (s["num_candidates"], s["candidate_rule"], s["end_temperature"]) == tuple(
         v.sample.get(k, x) for k, x in zip(("num_candidates", "candidate_rule",
                                             "end_temperature"), picked)), name
-  assert (plans["v14"][1].concepts == plans["v13"][1].concepts == plans["v12"][1].concepts
-          == plans["default"][1].concepts)
+    assert s["draft_steps"] == v.sample.get("draft_steps", 2 if today else 0), name
+  assert (plans["v15"][1].concepts == plans["v14"][1].concepts == plans["v13"][1].concepts
+          == plans["v12"][1].concepts == plans["default"][1].concepts)
   assert not plans["v1_generated"][1].finetune[1].data.fill_examples  # It refuses filling.
   heads = {name: (plans[name][1].concepts[1].model.diff_head_layers,
                   plans[name][1].concepts[1].model.head_mean,

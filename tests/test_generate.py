@@ -453,6 +453,9 @@ def test_draft_steps_default_to_the_config_and_are_checked(concepts_gen):
   # One candidate: nothing to draft, the plain sampler bit for bit.
   one = ids(generate.generate(gen, PROMPTS, num_candidates=1, **kwargs))
   assert ids(generate.generate(configured, PROMPTS, num_candidates=1, **kwargs)) == one
+  assert ids(generate.generate(configured, PROMPTS, num_candidates=1, render_steps=1,
+                               **kwargs)) == ids(generate.generate(
+                                   gen, PROMPTS, num_candidates=1, render_steps=1, **kwargs))
   for bad in (-1, 8, 1.5):
     with pytest.raises(generate.GenerateError, match=f"draft_steps={bad} must be"):
       generate.generate(gen, PROMPTS, num_candidates=4, draft_steps=bad, render_steps=8,
