@@ -116,9 +116,9 @@ def get_config(preset="tiny"):
     # the tokens/s. Measured since: the eight candidates rendered as 2-step drafts for
     # the choice and the kept one rendered again in 8 (draft_steps): level over the same
     # five runs (0.895 against 0.895 on the eval prompts, 0.893 against 0.893 on the dev
-    # prompts; well formed 0.949 against 0.951 / 0.949 against 0.950) for fewer render
-    # steps per concept (8 x 2 + 8 + END's 8 instead of 9 x 8; README "Results", "the
-    # candidates rendered as drafts").
+    # prompts; well formed 0.949 against 0.951 / 0.949 against 0.948) for fewer render
+    # steps per concept (8 x 2 + 8 + END's 8 instead of 9 x 8): 1.37-1.51x the tokens/s
+    # (README "Results", "the candidates rendered as drafts").
     c.concepts.temperature = 2.0
     c.concepts.num_candidates = 8
     c.concepts.candidate_rule = "roundtrip"
