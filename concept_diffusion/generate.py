@@ -920,7 +920,8 @@ def generate(gen: Generator, prompts: Sequence[str], *, num_concepts: int = 8,
                           f"in [0, render_steps={render_steps}) (0: off)")
     if draft_steps and not reencode:
       raise GenerateError(f"draft_steps={draft_steps} drafts the candidates' rendered chunks, "
-                          "which only reencode=True renders")
+                          "which only reencode=True renders: pass reencode=True, or "
+                          "draft_steps=0 (sample: --draft_steps=0)")
     if c.get("loss_dims", 0) and not reencode:
       raise GenerateError(f"this concepts run's head models only the first {c.loss_dims} "
                           "dimensions of a concept (concepts.loss_dims): the concept model "

@@ -50,7 +50,7 @@ TINY = {
     # trip and END's own sample would cost 9x the sampling in every test that generates.
     # They are tested where named (test_generate) and run as shipped in test_pipeline_e2e.
     "concepts.num_candidates": 1, "concepts.candidate_rule": "consensus",
-    "concepts.end_temperature": 0.0,
+    "concepts.end_temperature": 0.0, "concepts.draft_steps": 0,
 }
 STEPS = {"render": 40, "concepts": 30, "ar": 60, "mdm": 30}  # The judge AR needs a little more.
 
