@@ -463,6 +463,7 @@ def test_draft_steps_are_checked():
   config_lib.validate(config)
   config_lib.validate(tiny_config("concepts", **base, **{"concepts.draft_steps": 2}))
 
+
 def test_fill_and_end_keep_reach_the_train_split_only(monkeypatch, tmp_path):
   """data.fill_examples (every stage) and render.end_keep (the render stage) shape the
   train batches; held-out batches stay as the data are."""
