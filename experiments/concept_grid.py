@@ -532,7 +532,7 @@ FULL = [
         *five_runs(Variant("render_steps2", "sampling", sample={"render_steps": 2}))]),
     # The v14 default (today's runs and sampler keeping one of four candidates) and one
     # change from it per row (measured while it was the default, under the names without
-    # v14_: v14_seedS as seedS; its rows cand8(_X) are today's default(_X)). Two
+    # v14_: v14_seedS as seedS; its rows cand8(_X) are today's v15(_X)). Two
     # candidates over its five runs: generation's cost against consistency (seed 0:
     # 0.876 / 0.903 / 0.913 for two / four / eight).
     *map(from_v14, [Variant("default"), *SEED_ROWS,
