@@ -402,10 +402,9 @@ def concept_loop(model: ConceptModel, params, prompt_BxNxD, counts_B, z_end_D, k
   def rendered(z_Bx1xD, prev_Bx1xD, text_BxCL, key, render):
     """(z_ctx_Bx1xD, end_B, *render's outputs) of samples z, rendered by `render` (a snap)."""
     z_ctx_Bx1xD, outs = z_Bx1xD, []
-    if render is not None:
-      z_ctx_Bx1xD, *outs = render(z_Bx1xD, prev_Bx1xD, text_BxCL, key)
     end_B = cosine(z_Bx1xD[:, 0], z_end_D) >= end_cosine
     if render is not None:
+      z_ctx_Bx1xD, *outs = render(z_Bx1xD, prev_Bx1xD, text_BxCL, key)
       end_B |= outs[0][:, 0, 0] == EOD_ID  # Rendered as the END chunk.
     return z_ctx_Bx1xD, end_B, *outs
 
@@ -535,16 +534,12 @@ def _concepts_program(gen: Generator, opts: ConceptOptions):
     z_end_D = end_concept(mods["encoder"], enc_params, concept_len)
     z_end_D = concept_prefix(z_end_D, opts.model_dims)
     text_BxCL = last_chunks(chunks_BxNxL, counts_B, mods["renderer"].cfg.context_chunks)
-    snap = None
-    if opts.reencode:
-      snap = snap_fn(mods["encoder"], enc_params, mods["renderer"], render_params["renderer"],
-                     steps=opts.render_steps, temperature=opts.render_temperature,
-                     return_steps=opts.show_steps, dims=opts.render_dims)
-    draft = None
-    if opts.draft_steps:  # Only for the choice: no intermediate states to show.
-      draft = snap_fn(mods["encoder"], enc_params, mods["renderer"], render_params["renderer"],
-                      steps=opts.draft_steps, temperature=opts.render_temperature,
-                      dims=opts.render_dims)
+    snap_in = lambda steps, show: snap_fn(  # noqa: E731
+        mods["encoder"], enc_params, mods["renderer"], render_params["renderer"], steps=steps,
+        temperature=opts.render_temperature, return_steps=show, dims=opts.render_dims)
+    snap = snap_in(opts.render_steps, opts.show_steps) if opts.reencode else None
+    # Drafts are only for the choice: no intermediate states to show.
+    draft = snap_in(opts.draft_steps, False) if opts.draft_steps else None
     z_BxNxD, prev_BxNxD, extras = concept_loop(
         mods["concept_model"], params["concept_model"], prompt_BxNxD, counts_B, z_end_D, k_concepts,
         num_new=opts.num_new, objective=objective, steps=opts.concept_steps,

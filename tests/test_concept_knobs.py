@@ -450,7 +450,6 @@ def test_a_candidate_rule_is_checked_by_name():
                                                          "concepts.reencode": True}))
 
 
-
 def test_draft_steps_are_checked():
   base = {"concepts.render_workdir": "/tmp/r", "concepts.reencode": True}
   with pytest.raises(config_lib.ConfigError, match="concepts.draft_steps=-1 must be"):

@@ -384,7 +384,6 @@ def test_roundtrip_rule_keeps_the_candidate_whose_chunk_encodes_back_nearest(con
   assert (np.asarray(generate.roundtrip_index(cand_BxCxD, back_BxCxD, valid_BxC)) != best_B).all()
 
 
-
 def test_draft_steps_choose_by_the_drafts_and_keep_the_full_render(concepts_gen):
   gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
   enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
@@ -402,11 +401,11 @@ def test_draft_steps_choose_by_the_drafts_and_keep_the_full_render(concepts_gen)
     cand_BCx1xD = concept_model.sample_from_context(
         cm, {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_content,
         objective=objective, steps=4)
-    back = {s: snaps[s](cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
-                        jnp.zeros((2 * c, 0), jnp.int32), k_snap)[0].reshape(2, c, -1)
-            for s in (1, 8)}
+    rendered = {s: snaps[s](cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
+                            jnp.zeros((2 * c, 0), jnp.int32), k_snap) for s in (1, 8)}
     cand_BxCxD = cand_BCx1xD.reshape(2, c, -1)
-    best = {s: np.asarray(generate.roundtrip_index(cand_BxCxD, back[s])) for s in (1, 8)}
+    best = {s: np.asarray(generate.roundtrip_index(cand_BxCxD, rendered[s][0].reshape(2, c, -1)))
+            for s in (1, 8)}
     if (best[1] != best[8]).any():
       break
   assert (best[1] != best[8]).any()
@@ -420,9 +419,7 @@ def test_draft_steps_choose_by_the_drafts_and_keep_the_full_render(concepts_gen)
   # The kept one is rendered again in full (its own key): that chunk is the output.
   _, full_Bx1xL = snaps[8](kept_Bx1xD, prev_Bx1xD, jnp.zeros((2, 0), jnp.int32),
                            jax.random.fold_in(jax.random.fold_in(key, 0), 2))
-  _, draft_BCx1xL = snaps[1](cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
-                             jnp.zeros((2 * c, 0), jnp.int32), k_snap)
-  draft_Bx1xL = draft_BCx1xL.reshape(2, c, 1, -1)[np.arange(2), best[1]]
+  draft_Bx1xL = rendered[1][1].reshape(2, c, 1, -1)[np.arange(2), best[1]]
   assert (np.asarray(draft_Bx1xL) != np.asarray(full_Bx1xL)).any()
   np.testing.assert_array_equal(tokens_BxNxL[:, :1], full_Bx1xL)
   # (Without drafts the loop is the plain round-trip rule: the test above.)
