@@ -117,6 +117,30 @@ def subprocess_env(num_devices: int = 1) -> dict:
   return env
 
 
+def jit_call(fn, *args, **kwargs):
+  """fn(*args, **kwargs) compiled as one program; arguments of arrays only are traced.
+
+  Called eagerly, each op compiles on its own, once per worker: worth it where a test's ops
+  are its own (the loss-dims gradients of test_nested_concepts.py: 230 compiles, 15.2 ->
+  8.9 s), not where earlier tests compiled them (test_head_mean jitted: 16.3 -> 21.1 s).
+  Modules, callables, numbers and strings are closed over as constants.
+  """
+  import jax
+  import numpy as np
+
+  def traced(x):
+    leaves = jax.tree.leaves(x)
+    return bool(leaves) and all(isinstance(l, (jax.Array, np.ndarray)) for l in leaves)
+
+  arrays = {i: a for i, a in enumerate(args) if traced(a)}
+  arrays_kw = {k: v for k, v in kwargs.items() if traced(v)}
+
+  def call(arrays, arrays_kw):
+    return fn(*(arrays.get(i, a) for i, a in enumerate(args)), **{**kwargs, **arrays_kw})
+
+  return jax.jit(call)(arrays, arrays_kw)
+
+
 def _shared_root(tmp_path_factory) -> pathlib.Path:
   """A directory every xdist worker of this session sees ($CD_TINY_RUNS: kept across sessions)."""
   if os.environ.get("CD_TINY_RUNS"):

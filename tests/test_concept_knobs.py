@@ -14,7 +14,7 @@ from concept_diffusion.diffusion import continuous, masked
 from concept_diffusion.train import stages
 from concept_diffusion.train.state import unbox
 
-from conftest import tiny_config
+from conftest import jit_call, tiny_config
 
 
 def _data_config(granularity: str, concept_len: int):
@@ -153,12 +153,12 @@ def test_generated_concepts_are_teacher_forced_samples_of_the_next_concept(tiny_
   z = jax.random.normal(jax.random.key(0), (2, 6, gen.config.model.concept_dim))
   seg = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
   variables = {"params": gen.params["concept_model"]}
-  zgen, valid = stages.generated_concepts(cm, variables, z, seg > 0, seg, jax.random.key(1),
-                                          objective="mse", steps=1, guidance=1.0)
+  zgen, valid = jit_call(stages.generated_concepts, cm, variables, z, seg > 0, seg,
+                         jax.random.key(1), objective="mse", steps=1, guidance=1.0)
   # First concept of each document and padding have no context.
   np.testing.assert_array_equal(valid, [[0, 1, 1, 0, 1, 0], [0, 1, 1, 1, 1, 1]])
-  pred = concept_model.sample_next_concepts(cm, variables, z, seg, jax.random.key(1),
-                                            objective="mse", steps=1)
+  pred = jit_call(concept_model.sample_next_concepts, cm, variables, z, seg, jax.random.key(1),
+                  objective="mse", steps=1)
   np.testing.assert_allclose(zgen[:, 1:], pred[:, :-1], atol=1e-5)
 
 
@@ -218,13 +218,13 @@ def test_render_finetune_counts_and_samples_its_concepts_as_generation_does(tiny
   variables = {"params": gen.params["concept_model"]}
   z = jax.random.normal(jax.random.key(0), (1, 4, gen.config.model.concept_dim))
   seg = jnp.ones((1, 4), jnp.int32)
-  got = {t: stages.generated_concepts(cmod, variables, z, seg > 0, seg, jax.random.key(1),
-                                      objective="flow", steps=4, guidance=1.0,
-                                      noise_scale=t)[0] for t in (0.5, 1.0)}
-  h = cmod.apply(variables, z, seg, method=cmod.context)
-  want = concept_model.sample_from_context(cmod, variables, h, jax.random.key(1), steps=4,
-                                           noise_scale=0.5,
-                                           memory=cmod.apply(variables, z, seg, method=cmod.memory))
+  got = {t: jit_call(stages.generated_concepts, cmod, variables, z, seg > 0, seg,
+                     jax.random.key(1), objective="flow", steps=4, guidance=1.0,
+                     noise_scale=t)[0] for t in (0.5, 1.0)}
+  h = jit_call(cmod.apply, variables, z, seg, method=cmod.context)
+  want = jit_call(concept_model.sample_from_context, cmod, variables, h, jax.random.key(1),
+                  steps=4, noise_scale=0.5,
+                  memory=jit_call(cmod.apply, variables, z, seg, method=cmod.memory))
   np.testing.assert_allclose(got[0.5][:, 1:], want[:, :-1], atol=1e-5)
   assert float(jnp.abs(got[0.5] - got[1.0]).max()) > 1e-3
   losses = []  # The stage's loss reads concepts.temperature of the concepts run.

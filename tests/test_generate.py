@@ -16,7 +16,7 @@ from concept_diffusion.data.tokenizer import BOS_ID, EOD_ID, MASK_ID, PAD_ID
 from concept_diffusion.models import concept_model
 from concept_diffusion.train import checkpoint
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, jit_call, subprocess_env
 
 PROMPTS = ["Mara lives in Oslo. Mara works as a baker.", "Tovin has a cat."]
 
@@ -62,13 +62,13 @@ def test_roundtrip_reads_each_contexts_last_chunk_as_the_first_previous_concept(
   contexts = ["Mara lives in Oslo. Mara has a dog.", "Ilse paints."]
   chunks_BxNxL, _ = generate.prompt_chunks(gen, texts)
   ctx_BxNxL, ctx_counts_B = generate.prompt_chunks(gen, contexts)
-  z_BxNxD = encoder.apply({"params": enc}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
+  z_BxNxD = jit_call(encoder.apply, {"params": enc}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
   last_Bx1xL = ctx_BxNxL[np.arange(len(ctx_BxNxL)), ctx_counts_B - 1][:, None]
   last_Bx1xL[len(texts):] = PAD_ID  # Batch padding: no context.
   prev_BxNxD = generate.previous_with_context(encoder, enc, z_BxNxD, last_Bx1xL)
   # Mara's context ends with the sentence "Mara has a dog.", encoded on its own here.
   last_1x1xL = generate.prompt_chunks(gen, ["Mara has a dog."])[0][:1, :1]
-  want_0 = encoder.apply({"params": enc}, last_1x1xL, last_1x1xL != PAD_ID)
+  want_0 = jit_call(encoder.apply, {"params": enc}, last_1x1xL, last_1x1xL != PAD_ID)
   np.testing.assert_allclose(prev_BxNxD[0, 0], want_0[0, 0], rtol=1e-5, atol=1e-6)
   assert not np.allclose(prev_BxNxD[0, 0], prev_BxNxD[1, 0])
   np.testing.assert_array_equal(prev_BxNxD[len(texts):, 0], 0.0)
@@ -115,11 +115,11 @@ def test_reencode_feeds_the_encoders_concept_of_each_rendered_chunk(concepts_gen
   gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
   mods = generate.build_modules(gen)
   enc_params = gen.params["encoder"]
-  encode = lambda c: mods["encoder"].apply({"params": enc_params}, c, c != PAD_ID)
+  encode = lambda c: jit_call(mods["encoder"].apply, {"params": enc_params}, c, c != PAD_ID)
   snap = generate.snap_fn(mods["encoder"], enc_params, mods["renderer"],
                           gen.render_params["renderer"], steps=8, temperature=0.0)
   # Noise scale 0 and argmax renders: deterministic, so two runs can be compared.
-  loop = lambda z, counts, num_new, snap: generate.concept_loop(
+  loop = lambda z, counts, num_new, snap: jit_call(generate.concept_loop,
       mods["concept_model"], gen.params["concept_model"], z, counts,
       generate.end_concept(mods["encoder"], enc_params, l), jax.random.key(0), num_new=num_new,
       objective=gen.config.concepts.objective, steps=4, guidance=1.0, noise_scale=0.0,
@@ -146,32 +146,34 @@ def test_loop_gives_a_reading_head_the_memory_training_gives_it(concepts_gen):
   mods = generate.build_modules(gen)
   cm = concept_model.ConceptModel(dataclasses.replace(mods["concept_model"].cfg,
                                                  head_reads_context=True))
-  encode = lambda c: mods["encoder"].apply({"params": gen.params["encoder"]}, c, c != PAD_ID)
+  enc = {"params": gen.params["encoder"]}
+  encode = lambda c: jit_call(mods["encoder"].apply, enc, c, c != PAD_ID)
   chunks_BxNxL, counts_B = generate.prompt_chunks(gen, PROMPTS)
   chunks_BxNxL = np.pad(chunks_BxNxL, ((0, 0), (0, 2), (0, 0)), constant_values=PAD_ID)
   z_BxNxD = encode(chunks_BxNxL)
   seg_BxN = (np.arange(z_BxNxD.shape[1]) < counts_B[:, None]).astype(np.int32)
-  params = nn.unbox(cm.init(jax.random.key(0), z_BxNxD, seg_BxN, z_BxNxD, seg_BxN * 0.5))
+  params = nn.unbox(jax.jit(cm.init)(jax.random.key(0), z_BxNxD, seg_BxN, z_BxNxD,
+                                     seg_BxN * 0.5))
   read = params["params"]["diffusion_head"]["context_read"]
   read["out"]["kernel"] = jax.random.normal(jax.random.key(1), read["out"]["kernel"].shape)
   kw = dict(objective="flow", steps=4, guidance=1.0)
   # Noise scale 0: deterministic, so the loop's samples can be recomputed teacher-forced.
-  new_BxNxD, _, _ = generate.concept_loop(
+  new_BxNxD, _, _ = jit_call(generate.concept_loop,
       cm, params["params"], z_BxNxD, counts_B, jnp.zeros(z_BxNxD.shape[-1]), jax.random.key(2),
       num_new=2, noise_scale=0.0, end_cosine=2.0, **kw)
   rows = np.arange(len(PROMPTS))
   for i in range(2):
     full_BxNxD = z_BxNxD.at[rows, counts_B].set(new_BxNxD[:, 0])
     seg = (np.arange(z_BxNxD.shape[1]) < (counts_B + i)[:, None]).astype(np.int32)
-    h_BxNxE = cm.apply(params, full_BxNxD, seg, method=cm.context)
-    pred_BxNxD = concept_model.sample_from_context(
+    h_BxNxE = jit_call(cm.apply, params, full_BxNxD, seg, method=cm.context)
+    pred_BxNxD = jit_call(concept_model.sample_from_context,
         cm, params, h_BxNxE, jax.random.key(3), noise_scale=0.0,
-        memory=cm.apply(params, full_BxNxD, seg, method=cm.memory), **kw)
+        memory=jit_call(cm.apply, params, full_BxNxD, seg, method=cm.memory), **kw)
     np.testing.assert_allclose(pred_BxNxD[rows, counts_B + i - 1], new_BxNxD[:, i], atol=1e-4)
   # Without its memory (as a null context reads) the head samples otherwise: it reads.
-  h_BxNxE = cm.apply(params, z_BxNxD, seg_BxN, method=cm.context)
-  memory = cm.apply(params, z_BxNxD, seg_BxN, method=cm.memory)
-  blind_BxNxD = concept_model.sample_from_context(
+  h_BxNxE = jit_call(cm.apply, params, z_BxNxD, seg_BxN, method=cm.context)
+  memory = jit_call(cm.apply, params, z_BxNxD, seg_BxN, method=cm.memory)
+  blind_BxNxD = jit_call(concept_model.sample_from_context,
       cm, params, h_BxNxE, jax.random.key(3), noise_scale=0.0,
       memory=concept_model.null_memory(memory), **kw)
   assert float(jnp.abs(blind_BxNxD[rows, counts_B - 1] - new_BxNxD[:, 0]).max()) > 1e-3
@@ -200,10 +202,11 @@ def _prompt_context(gen):
   enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
   chunks_BxNxL, counts_B = generate.prompt_chunks(gen, PROMPTS)
   chunks_BxNxL = np.pad(chunks_BxNxL, ((0, 0), (0, 1), (0, 0)), constant_values=PAD_ID)
-  z_BxNxD = mods["encoder"].apply({"params": enc_params}, chunks_BxNxL, chunks_BxNxL != PAD_ID)
+  z_BxNxD = jit_call(mods["encoder"].apply, {"params": enc_params}, chunks_BxNxL,
+                     chunks_BxNxL != PAD_ID)
   seg_BxN = (np.arange(z_BxNxD.shape[1]) < counts_B[:, None]).astype(np.int32)
-  h_BxNxE = mods["concept_model"].apply({"params": cm_params}, z_BxNxD, seg_BxN,
-                                        method=mods["concept_model"].context)
+  h_BxNxE = jit_call(mods["concept_model"].apply, {"params": cm_params}, z_BxNxD, seg_BxN,
+                     method=mods["concept_model"].context)
   return mods, z_BxNxD, counts_B, h_BxNxE[np.arange(len(PROMPTS)), counts_B - 1][:, None]
 
 
@@ -212,13 +215,13 @@ def test_end_noise_reaches_the_sampler_and_defaults_to_the_config(concepts_gen):
   enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
   mods, z_BxNxD, counts_B, h_Bx1xE = _prompt_context(gen)
   key, kw = jax.random.key(3), dict(objective=gen.config.concepts.objective, steps=4)
-  first = lambda end_noise: generate.concept_loop(  # noqa: E731
+  first = lambda end_noise: jit_call(generate.concept_loop,  # noqa: E731
       mods["concept_model"], cm_params, z_BxNxD, counts_B,
       generate.end_concept(mods["encoder"], enc_params, l), key, num_new=1, guidance=1.0,
       noise_scale=1.0, end_cosine=2.0, end_noise=end_noise, **kw)[0][:, 0]
   # The loop's sample is the head's, stopped at end_noise: drawn here from the same context.
   k_sample, _ = jax.random.split(jax.random.fold_in(key, 0))
-  direct = lambda end_noise: concept_model.sample_from_context(  # noqa: E731
+  direct = lambda end_noise: jit_call(concept_model.sample_from_context,  # noqa: E731
       mods["concept_model"], {"params": cm_params}, h_Bx1xE, k_sample, end_noise=end_noise,
       **kw)[:, 0]
   np.testing.assert_allclose(first(1.5), direct(1.5), atol=1e-5)
@@ -253,14 +256,14 @@ def test_candidates_keep_the_consensus_of_samples_from_one_context(concepts_gen)
   enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
   mods, z_BxNxD, counts_B, h_Bx1xE = _prompt_context(gen)
   key, c = jax.random.key(3), 5
-  loop = lambda num_candidates: generate.concept_loop(
+  loop = lambda num_candidates: jit_call(generate.concept_loop,
       mods["concept_model"], cm_params, z_BxNxD, counts_B,
       generate.end_concept(mods["encoder"], enc_params, l), key, num_new=1,
       objective=gen.config.concepts.objective, steps=4, guidance=1.0, noise_scale=1.0,
       end_cosine=2.0, num_candidates=num_candidates)[0][:, 0]
   # The C candidates, drawn as the loop draws them: one context, C noises.
   k_sample, _ = jax.random.split(jax.random.fold_in(key, 0))
-  cand_BCx1xD = generate.concept_model.sample_from_context(
+  cand_BCx1xD = jit_call(concept_model.sample_from_context,
       mods["concept_model"], {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_sample,
       objective=gen.config.concepts.objective, steps=4)
   cand_BxCxD = cand_BCx1xD.reshape(2, c, -1)
@@ -271,7 +274,7 @@ def test_candidates_keep_the_consensus_of_samples_from_one_context(concepts_gen)
   unit = cand / np.linalg.norm(cand, axis=-1, keepdims=True)
   np.testing.assert_array_equal(best_B, np.argmax(np.einsum("bcd,bkd->bc", unit, unit), -1))
   # One candidate is the plain sampler: one noise per example, the same key.
-  plain_Bx1xD = generate.concept_model.sample_from_context(
+  plain_Bx1xD = jit_call(concept_model.sample_from_context,
       mods["concept_model"], {"params": cm_params}, h_Bx1xE, k_sample,
       objective=gen.config.concepts.objective, steps=4)
   np.testing.assert_allclose(loop(1), plain_Bx1xD[:, 0], atol=1e-5)
@@ -308,9 +311,9 @@ def test_end_temperature_decides_end_by_a_sample_of_its_own(concepts_gen):
   enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
   mods, z_BxNxD, counts_B, h_Bx1xE = _prompt_context(gen)
   cm, objective, key = mods["concept_model"], gen.config.concepts.objective, jax.random.key(3)
-  draw = lambda h, k, t, g: concept_model.sample_from_context(  # noqa: E731
+  draw = lambda h, k, t, g: jit_call(concept_model.sample_from_context,  # noqa: E731
       cm, {"params": cm_params}, h, k, objective=objective, steps=4, guidance=g, noise_scale=t)
-  loop = lambda z_end_D, c: generate.concept_loop(  # noqa: E731
+  loop = lambda z_end_D, c: jit_call(generate.concept_loop,  # noqa: E731
       cm, cm_params, z_BxNxD, counts_B, z_end_D, key, num_new=1, objective=objective,
       steps=4, guidance=2.0, noise_scale=0.5, end_cosine=0.999, num_candidates=c,
       end_temperature=1.0)[0][:, 0]
@@ -355,18 +358,18 @@ def test_roundtrip_rule_keeps_the_candidate_whose_chunk_encodes_back_nearest(con
   cm, objective, key, c = mods["concept_model"], gen.config.concepts.objective, jax.random.key(3), 4
   snap = generate.snap_fn(mods["encoder"], enc_params, mods["renderer"],
                           gen.render_params["renderer"], steps=8, temperature=0.0)
-  loop = lambda rule: generate.concept_loop(  # noqa: E731
+  loop = lambda rule: jit_call(generate.concept_loop,  # noqa: E731
       cm, cm_params, z_BxNxD, counts_B, generate.end_concept(mods["encoder"], enc_params, l),
       key, num_new=1, objective=objective, steps=4, guidance=1.0, noise_scale=1.0,
       end_cosine=2.0, snap=snap, num_candidates=c, candidate_rule=rule)
   # The candidates and their re-encoded chunks, drawn as the loop draws them.
   k_content, k_snap = jax.random.split(jax.random.fold_in(key, 0))
-  cand_BCx1xD = concept_model.sample_from_context(
+  cand_BCx1xD = jit_call(concept_model.sample_from_context,
       cm, {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_content,
       objective=objective, steps=4)
   prev_Bx1xD = z_BxNxD[np.arange(2), counts_B - 1][:, None]
-  back_BCx1xD, chunk_BCx1xL = snap(cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
-                                   jnp.zeros((2 * c, 0), jnp.int32), k_snap)
+  back_BCx1xD, chunk_BCx1xL = jit_call(snap, cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
+                                       jnp.zeros((2 * c, 0), jnp.int32), k_snap)
   cand_BxCxD, back_BxCxD = (x.reshape(2, c, -1) for x in (cand_BCx1xD, back_BCx1xD))
   cand, back = (np.asarray(x, np.float64) for x in (cand_BxCxD, back_BxCxD))
   # (A chunk rendered all PAD encodes to zeros: cosine 0, as generate.cosine's epsilon gives.)
@@ -398,10 +401,10 @@ def test_draft_steps_choose_by_the_drafts_and_keep_the_full_render(concepts_gen)
     key = jax.random.key(seed)
     # The candidates, drawn as the loop draws them, and their drafts rendered in one step.
     k_content, k_snap = jax.random.split(jax.random.fold_in(key, 0))
-    cand_BCx1xD = concept_model.sample_from_context(
+    cand_BCx1xD = jit_call(concept_model.sample_from_context,
         cm, {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_content,
         objective=objective, steps=4)
-    rendered = {s: snaps[s](cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
+    rendered = {s: jit_call(snaps[s], cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
                             jnp.zeros((2 * c, 0), jnp.int32), k_snap) for s in (1, 8)}
     cand_BxCxD = cand_BCx1xD.reshape(2, c, -1)
     best = {s: np.asarray(generate.roundtrip_index(cand_BxCxD, rendered[s][0].reshape(2, c, -1)))
@@ -409,7 +412,7 @@ def test_draft_steps_choose_by_the_drafts_and_keep_the_full_render(concepts_gen)
     if (best[1] != best[8]).any():
       break
   assert (best[1] != best[8]).any()
-  loop = lambda draft: generate.concept_loop(  # noqa: E731
+  loop = lambda draft: jit_call(generate.concept_loop,  # noqa: E731
       cm, cm_params, z_BxNxD, counts_B, z_end_D, key, num_new=1, objective=objective,
       steps=4, guidance=1.0, noise_scale=1.0, end_cosine=2.0, snap=snaps[8], num_candidates=c,
       candidate_rule="roundtrip", draft_snap=draft)
@@ -417,7 +420,7 @@ def test_draft_steps_choose_by_the_drafts_and_keep_the_full_render(concepts_gen)
   kept_Bx1xD = cand_BxCxD[np.arange(2), best[1]][:, None]
   np.testing.assert_allclose(new_BxNxD[:, 0], kept_Bx1xD[:, 0], atol=1e-5)
   # The kept one is rendered again in full (its own key): that chunk is the output.
-  _, full_Bx1xL = snaps[8](kept_Bx1xD, prev_Bx1xD, jnp.zeros((2, 0), jnp.int32),
+  _, full_Bx1xL = jit_call(snaps[8], kept_Bx1xD, prev_Bx1xD, jnp.zeros((2, 0), jnp.int32),
                            jax.random.fold_in(jax.random.fold_in(key, 0), 2))
   draft_Bx1xL = rendered[1][1].reshape(2, c, 1, -1)[np.arange(2), best[1]]
   assert (np.asarray(draft_Bx1xL) != np.asarray(full_Bx1xL)).any()
@@ -599,11 +602,11 @@ def test_roundtrip_rule_compares_the_prefix_the_renderer_reads(concepts_gen):
   for seed in range(3, 20):  # A key where the prefix and the whole concept disagree.
     key = jax.random.key(seed)
     k_content, k_snap = jax.random.split(jax.random.fold_in(key, 0))
-    cand_BCx1xD = concept_model.sample_from_context(
+    cand_BCx1xD = jit_call(concept_model.sample_from_context,
         cm, {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_content,
         objective=objective, steps=4)
-    back_BCx1xD, _ = snap(cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
-                          jnp.zeros((2 * c, 0), jnp.int32), k_snap)
+    back_BCx1xD, _ = jit_call(snap, cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
+                              jnp.zeros((2 * c, 0), jnp.int32), k_snap)
     cand, back = (np.asarray(x, np.float64).reshape(2, c, -1)
                   for x in (cand_BCx1xD, back_BCx1xD))
     whole_B = np.argmax(np.sum(unit(cand) * unit(back), -1), -1)
@@ -611,7 +614,7 @@ def test_roundtrip_rule_compares_the_prefix_the_renderer_reads(concepts_gen):
     if (whole_B != best_B).any():
       break
   assert (whole_B != best_B).any()
-  new_BxNxD, _, _ = generate.concept_loop(
+  new_BxNxD, _, _ = jit_call(generate.concept_loop,
       cm, cm_params, z_BxNxD, counts_B, generate.end_concept(mods["encoder"], enc_params, l),
       key, num_new=1, objective=objective, steps=4, guidance=1.0, noise_scale=1.0,
       end_cosine=2.0, snap=snap, num_candidates=c, candidate_rule="roundtrip",
