@@ -176,7 +176,7 @@ def _head_grads(loss_dims: int):
                                           loss_dims=loss_dims)
     return out[1][which]
 
-  # Jitted: eagerly each of the gradient's ops compiles alone (230 compiles, 20 s).
+  # Jitted: eagerly each of the gradient's ops compiles alone (230 compiles).
   grad = jax.jit(jax.grad(loss), static_argnums=1)
   return {w: grad(params, w) for w in ("diffusion_loss", "mean_loss")}
 
