@@ -108,9 +108,10 @@ def get_config(preset="tiny"):
     # --temperature=0.5 --guidance=4 --end_temperature=1: cooled and guided alone, the
     # sampler ends 2/3 of the continuations at once (gen-PPL ~100 on 7 tokens); with END
     # decided at temperature 1 it ends as the text does (42-48%) and scores 146-177 on
-    # 14-16 tokens. The concepts preset's eight round-trip candidates (drafted) stay on
-    # there: on 1,200-step runs of a later machine 229.8 against one candidate's 274.9
-    # (14.6 against 17.5 tokens; one seed, README "Results").
+    # 14-16 tokens. The concepts preset's eight round-trip candidates (drafted) may stay
+    # on: on 1,200-step runs of a later machine 253.7 against one candidate's 275.4 over
+    # two concept seeds (one 16% better, one level; 15 against 18 tokens), at ~1/3 the
+    # tokens/s (--num_candidates=1 for speed; README "Results").
     c.train.num_steps = 1200
     c.train.learning_rate = 3e-3
     c.train.warmup_steps = 100

@@ -890,8 +890,9 @@ TEXT = [v for v in FULL if v.name in (
                          # Today's runs sampled as the text recipe samples.
                          *TEXT_RECIPE,
                          # ... with today's filter: eight candidates kept by round trip
-                         # (drafted), cool and guided as the recipe (on text 229.8
-                         # against 274.9, seed 0), or at temperature 1 (324.4).
+                         # (drafted), cool and guided as the recipe (on text 229.8 /
+                         # 277.6 against 274.9 / 275.8, seeds 0 / 1), or at
+                         # temperature 1 (324.4, seed 0).
                          *TEXT_CANDIDATES,
                          guarded(Variant("temp1", "sampling", sample={"temperature": 1.0}),
                                  candidates=8, rule="roundtrip"),
