@@ -119,8 +119,8 @@ def test_reencode_feeds_the_encoders_concept_of_each_rendered_chunk(concepts_gen
   snap = generate.snap_fn(mods["encoder"], enc_params, mods["renderer"],
                           gen.render_params["renderer"], steps=8, temperature=0.0)
   # Noise scale 0 and argmax renders: deterministic, so two runs can be compared.
-  loop = lambda z, counts, num_new, snap: jit_call(generate.concept_loop,
-      mods["concept_model"], gen.params["concept_model"], z, counts,
+  loop = lambda z, counts, num_new, snap: jit_call(
+      generate.concept_loop, mods["concept_model"], gen.params["concept_model"], z, counts,
       generate.end_concept(mods["encoder"], enc_params, l), jax.random.key(0), num_new=num_new,
       objective=gen.config.concepts.objective, steps=4, guidance=1.0, noise_scale=0.0,
       end_cosine=2.0, snap=snap)
@@ -158,7 +158,8 @@ def test_loop_gives_a_reading_head_the_memory_training_gives_it(concepts_gen):
   read["out"]["kernel"] = jax.random.normal(jax.random.key(1), read["out"]["kernel"].shape)
   kw = dict(objective="flow", steps=4, guidance=1.0)
   # Noise scale 0: deterministic, so the loop's samples can be recomputed teacher-forced.
-  new_BxNxD, _, _ = jit_call(generate.concept_loop,
+  new_BxNxD, _, _ = jit_call(
+      generate.concept_loop,
       cm, params["params"], z_BxNxD, counts_B, jnp.zeros(z_BxNxD.shape[-1]), jax.random.key(2),
       num_new=2, noise_scale=0.0, end_cosine=2.0, **kw)
   rows = np.arange(len(PROMPTS))
@@ -166,15 +167,15 @@ def test_loop_gives_a_reading_head_the_memory_training_gives_it(concepts_gen):
     full_BxNxD = z_BxNxD.at[rows, counts_B].set(new_BxNxD[:, 0])
     seg = (np.arange(z_BxNxD.shape[1]) < (counts_B + i)[:, None]).astype(np.int32)
     h_BxNxE = jit_call(cm.apply, params, full_BxNxD, seg, method=cm.context)
-    pred_BxNxD = jit_call(concept_model.sample_from_context,
-        cm, params, h_BxNxE, jax.random.key(3), noise_scale=0.0,
+    pred_BxNxD = jit_call(
+        concept_model.sample_from_context, cm, params, h_BxNxE, jax.random.key(3), noise_scale=0.0,
         memory=jit_call(cm.apply, params, full_BxNxD, seg, method=cm.memory), **kw)
     np.testing.assert_allclose(pred_BxNxD[rows, counts_B + i - 1], new_BxNxD[:, i], atol=1e-4)
   # Without its memory (as a null context reads) the head samples otherwise: it reads.
   h_BxNxE = jit_call(cm.apply, params, z_BxNxD, seg_BxN, method=cm.context)
   memory = jit_call(cm.apply, params, z_BxNxD, seg_BxN, method=cm.memory)
-  blind_BxNxD = jit_call(concept_model.sample_from_context,
-      cm, params, h_BxNxE, jax.random.key(3), noise_scale=0.0,
+  blind_BxNxD = jit_call(
+      concept_model.sample_from_context, cm, params, h_BxNxE, jax.random.key(3), noise_scale=0.0,
       memory=concept_model.null_memory(memory), **kw)
   assert float(jnp.abs(blind_BxNxD[rows, counts_B - 1] - new_BxNxD[:, 0]).max()) > 1e-3
 
@@ -210,18 +211,32 @@ def _prompt_context(gen):
   return mods, z_BxNxD, counts_B, h_BxNxE[np.arange(len(PROMPTS)), counts_B - 1][:, None]
 
 
+def _loop_candidates(cm, cm_params, h_Bx1xE, prev_Bx1xD, key, c, objective, snaps=()):
+  """concept_loop's first C candidates, drawn from `key` as the loop draws them, and each
+  snap's (concept, chunk) of them -> cand_BCx1xD, [(back_BCx1xD, chunk_BCx1xL), ...]."""
+  k_content, k_snap = jax.random.split(jax.random.fold_in(key, 0))
+  cand_BCx1xD = jit_call(concept_model.sample_from_context, cm, {"params": cm_params},
+                         jnp.repeat(h_Bx1xE, c, axis=0), k_content, objective=objective,
+                         steps=4)
+  prev_BCx1xD = jnp.repeat(prev_Bx1xD, c, axis=0)
+  text_BCx0 = jnp.zeros((len(prev_BCx1xD), 0), jnp.int32)
+  return cand_BCx1xD, [jit_call(snap, cand_BCx1xD, prev_BCx1xD, text_BCx0, k_snap)
+                       for snap in snaps]
+
+
 def test_end_noise_reaches_the_sampler_and_defaults_to_the_config(concepts_gen):
   gen, l = concepts_gen, concepts_gen.chunk_config.data.concept_len
   enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
   mods, z_BxNxD, counts_B, h_Bx1xE = _prompt_context(gen)
   key, kw = jax.random.key(3), dict(objective=gen.config.concepts.objective, steps=4)
-  first = lambda end_noise: jit_call(generate.concept_loop,  # noqa: E731
-      mods["concept_model"], cm_params, z_BxNxD, counts_B,
+  first = lambda end_noise: jit_call(  # noqa: E731
+      generate.concept_loop, mods["concept_model"], cm_params, z_BxNxD, counts_B,
       generate.end_concept(mods["encoder"], enc_params, l), key, num_new=1, guidance=1.0,
       noise_scale=1.0, end_cosine=2.0, end_noise=end_noise, **kw)[0][:, 0]
   # The loop's sample is the head's, stopped at end_noise: drawn here from the same context.
   k_sample, _ = jax.random.split(jax.random.fold_in(key, 0))
-  direct = lambda end_noise: jit_call(concept_model.sample_from_context,  # noqa: E731
+  direct = lambda end_noise: jit_call(  # noqa: E731
+      concept_model.sample_from_context,
       mods["concept_model"], {"params": cm_params}, h_Bx1xE, k_sample, end_noise=end_noise,
       **kw)[:, 0]
   np.testing.assert_allclose(first(1.5), direct(1.5), atol=1e-5)
@@ -256,14 +271,15 @@ def test_candidates_keep_the_consensus_of_samples_from_one_context(concepts_gen)
   enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
   mods, z_BxNxD, counts_B, h_Bx1xE = _prompt_context(gen)
   key, c = jax.random.key(3), 5
-  loop = lambda num_candidates: jit_call(generate.concept_loop,
-      mods["concept_model"], cm_params, z_BxNxD, counts_B,
+  loop = lambda num_candidates: jit_call(
+      generate.concept_loop, mods["concept_model"], cm_params, z_BxNxD, counts_B,
       generate.end_concept(mods["encoder"], enc_params, l), key, num_new=1,
       objective=gen.config.concepts.objective, steps=4, guidance=1.0, noise_scale=1.0,
       end_cosine=2.0, num_candidates=num_candidates)[0][:, 0]
   # The C candidates, drawn as the loop draws them: one context, C noises.
   k_sample, _ = jax.random.split(jax.random.fold_in(key, 0))
-  cand_BCx1xD = jit_call(concept_model.sample_from_context,
+  cand_BCx1xD = jit_call(
+      concept_model.sample_from_context,
       mods["concept_model"], {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_sample,
       objective=gen.config.concepts.objective, steps=4)
   cand_BxCxD = cand_BCx1xD.reshape(2, c, -1)
@@ -274,7 +290,8 @@ def test_candidates_keep_the_consensus_of_samples_from_one_context(concepts_gen)
   unit = cand / np.linalg.norm(cand, axis=-1, keepdims=True)
   np.testing.assert_array_equal(best_B, np.argmax(np.einsum("bcd,bkd->bc", unit, unit), -1))
   # One candidate is the plain sampler: one noise per example, the same key.
-  plain_Bx1xD = jit_call(concept_model.sample_from_context,
+  plain_Bx1xD = jit_call(
+      concept_model.sample_from_context,
       mods["concept_model"], {"params": cm_params}, h_Bx1xE, k_sample,
       objective=gen.config.concepts.objective, steps=4)
   np.testing.assert_allclose(loop(1), plain_Bx1xD[:, 0], atol=1e-5)
@@ -311,9 +328,11 @@ def test_end_temperature_decides_end_by_a_sample_of_its_own(concepts_gen):
   enc_params, cm_params = gen.params["encoder"], gen.params["concept_model"]
   mods, z_BxNxD, counts_B, h_Bx1xE = _prompt_context(gen)
   cm, objective, key = mods["concept_model"], gen.config.concepts.objective, jax.random.key(3)
-  draw = lambda h, k, t, g: jit_call(concept_model.sample_from_context,  # noqa: E731
+  draw = lambda h, k, t, g: jit_call(  # noqa: E731
+      concept_model.sample_from_context,
       cm, {"params": cm_params}, h, k, objective=objective, steps=4, guidance=g, noise_scale=t)
-  loop = lambda z_end_D, c: jit_call(generate.concept_loop,  # noqa: E731
+  loop = lambda z_end_D, c: jit_call(  # noqa: E731
+      generate.concept_loop,
       cm, cm_params, z_BxNxD, counts_B, z_end_D, key, num_new=1, objective=objective,
       steps=4, guidance=2.0, noise_scale=0.5, end_cosine=0.999, num_candidates=c,
       end_temperature=1.0)[0][:, 0]
@@ -358,18 +377,15 @@ def test_roundtrip_rule_keeps_the_candidate_whose_chunk_encodes_back_nearest(con
   cm, objective, key, c = mods["concept_model"], gen.config.concepts.objective, jax.random.key(3), 4
   snap = generate.snap_fn(mods["encoder"], enc_params, mods["renderer"],
                           gen.render_params["renderer"], steps=8, temperature=0.0)
-  loop = lambda rule: jit_call(generate.concept_loop,  # noqa: E731
+  loop = lambda rule: jit_call(  # noqa: E731
+      generate.concept_loop,
       cm, cm_params, z_BxNxD, counts_B, generate.end_concept(mods["encoder"], enc_params, l),
       key, num_new=1, objective=objective, steps=4, guidance=1.0, noise_scale=1.0,
       end_cosine=2.0, snap=snap, num_candidates=c, candidate_rule=rule)
   # The candidates and their re-encoded chunks, drawn as the loop draws them.
-  k_content, k_snap = jax.random.split(jax.random.fold_in(key, 0))
-  cand_BCx1xD = jit_call(concept_model.sample_from_context,
-      cm, {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_content,
-      objective=objective, steps=4)
   prev_Bx1xD = z_BxNxD[np.arange(2), counts_B - 1][:, None]
-  back_BCx1xD, chunk_BCx1xL = jit_call(snap, cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
-                                       jnp.zeros((2 * c, 0), jnp.int32), k_snap)
+  cand_BCx1xD, [(back_BCx1xD, chunk_BCx1xL)] = _loop_candidates(
+      cm, cm_params, h_Bx1xE, prev_Bx1xD, key, c, objective, [snap])
   cand_BxCxD, back_BxCxD = (x.reshape(2, c, -1) for x in (cand_BCx1xD, back_BCx1xD))
   cand, back = (np.asarray(x, np.float64) for x in (cand_BxCxD, back_BxCxD))
   # (A chunk rendered all PAD encodes to zeros: cosine 0, as generate.cosine's epsilon gives.)
@@ -399,20 +415,18 @@ def test_draft_steps_choose_by_the_drafts_and_keep_the_full_render(concepts_gen)
   prev_Bx1xD = z_BxNxD[np.arange(2), counts_B - 1][:, None]
   for seed in range(3, 20):  # A key where drafts and full renders choose apart.
     key = jax.random.key(seed)
-    # The candidates, drawn as the loop draws them, and their drafts rendered in one step.
-    k_content, k_snap = jax.random.split(jax.random.fold_in(key, 0))
-    cand_BCx1xD = jit_call(concept_model.sample_from_context,
-        cm, {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_content,
-        objective=objective, steps=4)
-    rendered = {s: jit_call(snaps[s], cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
-                            jnp.zeros((2 * c, 0), jnp.int32), k_snap) for s in (1, 8)}
+    # The candidates, drawn as the loop draws them, rendered in one step and in eight.
+    cand_BCx1xD, both = _loop_candidates(cm, cm_params, h_Bx1xE, prev_Bx1xD, key, c,
+                                         objective, [snaps[1], snaps[8]])
+    rendered = dict(zip((1, 8), both))
     cand_BxCxD = cand_BCx1xD.reshape(2, c, -1)
     best = {s: np.asarray(generate.roundtrip_index(cand_BxCxD, rendered[s][0].reshape(2, c, -1)))
             for s in (1, 8)}
     if (best[1] != best[8]).any():
       break
   assert (best[1] != best[8]).any()
-  loop = lambda draft: jit_call(generate.concept_loop,  # noqa: E731
+  loop = lambda draft: jit_call(  # noqa: E731
+      generate.concept_loop,
       cm, cm_params, z_BxNxD, counts_B, z_end_D, key, num_new=1, objective=objective,
       steps=4, guidance=1.0, noise_scale=1.0, end_cosine=2.0, snap=snaps[8], num_candidates=c,
       candidate_rule="roundtrip", draft_snap=draft)
@@ -601,12 +615,8 @@ def test_roundtrip_rule_compares_the_prefix_the_renderer_reads(concepts_gen):
   unit = lambda x: x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
   for seed in range(3, 20):  # A key where the prefix and the whole concept disagree.
     key = jax.random.key(seed)
-    k_content, k_snap = jax.random.split(jax.random.fold_in(key, 0))
-    cand_BCx1xD = jit_call(concept_model.sample_from_context,
-        cm, {"params": cm_params}, jnp.repeat(h_Bx1xE, c, axis=0), k_content,
-        objective=objective, steps=4)
-    back_BCx1xD, _ = jit_call(snap, cand_BCx1xD, jnp.repeat(prev_Bx1xD, c, axis=0),
-                              jnp.zeros((2 * c, 0), jnp.int32), k_snap)
+    cand_BCx1xD, [(back_BCx1xD, _)] = _loop_candidates(cm, cm_params, h_Bx1xE, prev_Bx1xD,
+                                                       key, c, objective, [snap])
     cand, back = (np.asarray(x, np.float64).reshape(2, c, -1)
                   for x in (cand_BCx1xD, back_BCx1xD))
     whole_B = np.argmax(np.sum(unit(cand) * unit(back), -1), -1)
@@ -614,7 +624,8 @@ def test_roundtrip_rule_compares_the_prefix_the_renderer_reads(concepts_gen):
     if (whole_B != best_B).any():
       break
   assert (whole_B != best_B).any()
-  new_BxNxD, _, _ = jit_call(generate.concept_loop,
+  new_BxNxD, _, _ = jit_call(
+      generate.concept_loop,
       cm, cm_params, z_BxNxD, counts_B, generate.end_concept(mods["encoder"], enc_params, l),
       key, num_new=1, objective=objective, steps=4, guidance=1.0, noise_scale=1.0,
       end_cosine=2.0, snap=snap, num_candidates=c, candidate_rule="roundtrip",
