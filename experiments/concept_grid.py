@@ -876,9 +876,9 @@ V10_TEXT = (
       for s in ("", "_seed1", "_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
 )
 # The text recipe (configs/render.py) with one candidate, and over today's candidates.
-TEXT_RECIPE = [guarded(dataclasses.replace(T05_CFG4, sample={**ONE_CANDIDATE,
-                                                              **T05_CFG4.sample}))]
-TEXT_CANDIDATES = [guarded(T05_CFG4, candidates=8, rule="roundtrip")]
+TEXT_RECIPE = guarded(dataclasses.replace(T05_CFG4, sample={**ONE_CANDIDATE,
+                                                             **T05_CFG4.sample}))
+TEXT_CANDIDATES = guarded(T05_CFG4, candidates=8, rule="roundtrip")
 TEXT = [v for v in FULL if v.name in (
     "default", "v15", "v12",
     *("v10" if n == "default" else f"v10_{n}" for n in V10_TEXT),
@@ -888,16 +888,16 @@ TEXT = [v for v in FULL if v.name in (
     "v7", "v7_seed1", "v7_z_noise1", "v7_z_noise2", "v2", "v1", "v1_temp1.0",
     "v1_z_noise0.1")] + [SHORT_CLEAN, SHORT_CLEAN_LONG, *TEXT_RENDER,
                          # Today's runs sampled as the text recipe samples.
-                         *TEXT_RECIPE,
+                         TEXT_RECIPE,
                          # ... with today's filter: eight candidates kept by round trip
                          # (drafted), cool and guided as the recipe (on text 229.8 /
                          # 277.6 against 274.9 / 275.8, seeds 0 / 1), or at
                          # temperature 1 (324.4, seed 0).
-                         *TEXT_CANDIDATES,
+                         TEXT_CANDIDATES,
                          guarded(Variant("temp1", "sampling", sample={"temperature": 1.0}),
                                  candidates=8, rule="roundtrip"),
                          # Each from concept seed 1 too.
-                         *(seeded(v)[0] for v in (*TEXT_RECIPE, *TEXT_CANDIDATES))]
+                         *(seeded(v)[0] for v in (TEXT_RECIPE, TEXT_CANDIDATES))]
 GRIDS = {"full": FULL, "text": TEXT}
 
 
