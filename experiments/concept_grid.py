@@ -301,8 +301,9 @@ NESTED = Variant("nested_eqflops", "nested concepts",
 # Today's default is NESTED rendered from 64 dimensions (concepts.render_dims): v10's rows
 # nested_eqflops_dims64(_seedS, _render_seedR) were measured runs of today's default
 # (seedS, render_seedR); v10's nested_eqflops_dimsK(_render_seedR), K = 32 / 128, of
-# today's render_dimsK(_render_seedR) (README "Results"). Rendered from a prefix of 32, or from all 128 (sampling only). Measured: 0.792 / 0.790
-# consistent against 0.795 from 64 (three render seeds).
+# today's render_dimsK(_render_seedR) (README "Results"). Rendered from a prefix of 32, or
+# from all 128 (sampling only). Measured: 0.792 / 0.790 consistent against 0.795 from 64
+# (three render seeds).
 RENDER_DIMS = [Variant(f"render_dims{k}", "sampling", sample={"render_dims": k})
                for k in (32, 128)]
 # Fewer render steps: the built-in corpus's bound holds at 1,200 steps (0.97), and its
@@ -924,8 +925,9 @@ def define_flags() -> None:
   flags.DEFINE_enum("grid", "full", ["full", "text"], "Which rows (see GRIDS).")
   flags.DEFINE_list("only", [], "Only these rows (names), after `default`.")
   flags.DEFINE_integer("num_prompts", 256, "Held-out prompts per row.")
-  flags.DEFINE_enum("prompts", "eval", list(evaluation.PROMPT_SPLITS), "Prompts from the eval split (the "
-                    "tables) or the dev split (to choose sampling settings on; data.sources).")
+  flags.DEFINE_enum("prompts", "eval", list(evaluation.PROMPT_SPLITS),
+                    "Prompts from the eval split (the tables) or the dev split (to choose "
+                    "sampling settings on; data.sources).")
   flags.DEFINE_list("baselines", ["ar", "mdm"], "Flat baselines to train and show.")
   flags.DEFINE_bool("judge", True, "Train the judge ar run and score gen-PPL.")
   flags.DEFINE_list("ar_seeds", [], "The ar baseline also trained from these seeds (rows "
