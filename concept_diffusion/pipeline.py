@@ -26,12 +26,18 @@ _CONCEPTS = config_flags.DEFINE_config_file("concepts_config", "configs/concepts
                                             "Config of the concepts stage.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Holds render/ and concepts/.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 3, "Held-out prompts to continue.")
+_MAX_BATCHES = flags.DEFINE_integer("max_batches", 8, "Held-out batches (of 32 examples) the "
+                                    "render stage's round trip is measured on.")
 
 
-def run(render_config, concepts_config, workdir: str, num_prompts: int = 3) -> dict:
+def run(render_config, concepts_config, workdir: str, num_prompts: int = 3,
+        max_batches: int = 8) -> dict:
   """Trains both stages (resuming), evaluates, samples; returns the headline figures."""
   from concept_diffusion import evaluation, generate  # After flags: keep --help fast.
   from concept_diffusion import train as train_lib
+  if max_batches < 1:  # Before any training: the round trip needs a batch to measure.
+    raise ConfigError(f"--max_batches={max_batches}: the round trip needs at least one "
+                      "held-out batch")
   render_dir = os.path.join(workdir, "render")
   concepts_dir = os.path.join(workdir, "concepts")
   concepts_config.concepts.render_workdir = render_dir
@@ -39,7 +45,7 @@ def run(render_config, concepts_config, workdir: str, num_prompts: int = 3) -> d
   start = time.time()
   print(f"== stage 1/2: render (encoder + renderer) -> {render_dir}", flush=True)
   train_lib.train(render_config, render_dir)
-  render_eval = evaluation.evaluate(render_dir, num_prompts=0)
+  render_eval = evaluation.evaluate(render_dir, num_prompts=0, max_batches=max_batches)
   print(f"render: held-out round-trip token accuracy "
         f"{render_eval['roundtrip_token_accuracy']:.4f}, exact match "
         f"{render_eval['roundtrip_exact_match']:.4f}", flush=True)
@@ -66,7 +72,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from concept_diffusion.data.errors import DataError
   try:
-    run(_RENDER.value, _CONCEPTS.value, _WORKDIR.value, _NUM_PROMPTS.value)
+    run(_RENDER.value, _CONCEPTS.value, _WORKDIR.value, _NUM_PROMPTS.value, _MAX_BATCHES.value)
   except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
