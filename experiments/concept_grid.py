@@ -891,6 +891,11 @@ R1800_CANDIDATES = guarded(R1800_T05_CFG4, candidates=8, rule="roundtrip")
 TEXT_LAYERS4 = dataclasses.replace(TEXT_RECIPE, name=f"{LAYERS4.name}_{TEXT_RECIPE.name}",
                                    axis=f"{LAYERS4.axis}, sampling", concepts=LAYERS4.concepts,
                                    equal_flops=True)
+# ... or twice as wide (256, 8 heads), the other way to give it capacity.
+TEXT_WIDTH256 = dataclasses.replace(
+    TEXT_RECIPE, name=f"width256_eqflops_{TEXT_RECIPE.name}", axis="concept model, sampling",
+    concepts={"model.embed_dim": 256, "model.mlp_dim": 1024, "model.num_heads": 8,
+              "model.num_kv_heads": 8}, equal_flops=True)
 TEXT = [v for v in FULL if v.name in (
     "default", "v15", "v12",
     *("v10" if n == "default" else f"v10_{n}" for n in V10_TEXT),
@@ -914,7 +919,7 @@ TEXT = [v for v in FULL if v.name in (
                          # Rendered from all 128 dimensions (the default renders the first
                          # 64, chosen on the built-in corpus; its text bound is 178.5).
                          cut(TEXT_RECIPE, 128), cut(TEXT_CANDIDATES, 128),
-                         TEXT_LAYERS4]
+                         TEXT_LAYERS4, TEXT_WIDTH256]
 GRIDS = {"full": FULL, "text": TEXT}
 
 
