@@ -28,9 +28,10 @@ def unbox(tree):
 
 
 def _boxed_init_fn(init_params: Callable, tx: optax.GradientTransformation, use_ema: bool):
-  """key -> TrainState whose params (and their optimizer moments) keep logical boxes."""
-  def init(key):
-    params = init_params(key)
+  """(key, given) -> TrainState whose params (and their optimizer moments) keep logical
+  boxes; the param subtrees in `given` (name -> arrays) replace the initialised ones."""
+  def init(key, given=None):
+    params = {**init_params(key), **(given or {})}
     ema = jax.tree.map(jnp.copy, params) if use_ema else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), ema_params=ema)
@@ -48,10 +49,22 @@ def abstract_state(init_params: Callable, tx: optax.GradientTransformation, use_
 
 
 def init_state(init_params: Callable, tx: optax.GradientTransformation, use_ema: bool,
-               mesh: jax.sharding.Mesh, key: jax.Array):
-  """Initialises the state inside one jit whose out_shardings place every leaf."""
+               mesh: jax.sharding.Mesh, key: jax.Array, given: dict | None = None):
+  """Initialises the state inside one jit whose out_shardings place every leaf.
+
+  given: param subtrees already loaded (a warm start), placed as the state's. They are
+  the state's params, the EMA gets copies, and their own initialisation is never
+  computed: the program drops it (a frozen encoder's random init cost as much to
+  compile as the rest, and as much memory as the loaded copy beside it).
+  """
+  return init_program(init_params, tx, use_ema, mesh, key)(key, given or {})
+
+
+def init_program(init_params: Callable, tx: optax.GradientTransformation, use_ema: bool,
+                 mesh: jax.sharding.Mesh, key: jax.Array):
+  """The jitted (key, given) -> TrainState that init_state runs."""
   _, shardings = abstract_state(init_params, tx, use_ema, mesh, key)
   init = _boxed_init_fn(init_params, tx, use_ema)
   # No mesh context here: out_shardings place the leaves, and Flax's DenseGeneral
   # cannot apply a multi-axis kernel's constraint to its flat init.
-  return jax.jit(lambda k: unbox(init(k)), out_shardings=shardings)(key)
+  return jax.jit(lambda k, g: unbox(init(k, g)), out_shardings=shardings)

@@ -309,14 +309,8 @@ def _init_or_restore(config, stage, tx, mesh, mngr, data_iter, make_iter):
     if multihost.is_main():
       print(f"resumed from checkpoint at step {step}", flush=True)
     return state, step, (data_iter if data_restored else make_iter()), shardings
-  state = state_lib.init_state(stage.init_params, tx, use_ema, mesh, init_key)
-  if stage.warm_start is not None:
-    loaded = stage.warm_start(abstract.params)
-    params = {**state.params, **loaded}
-    # The EMA gets copies: the step donates params and EMA, so no buffer may be in both.
-    ema = None if state.ema_params is None else {**state.ema_params,
-                                                 **jax.tree.map(jnp.copy, loaded)}
-    state = state.replace(params=params, ema_params=ema)
+  loaded = stage.warm_start(abstract.params) if stage.warm_start is not None else None
+  state = state_lib.init_state(stage.init_params, tx, use_ema, mesh, init_key, given=loaded)
   return state, 0, data_iter, shardings
 
 
