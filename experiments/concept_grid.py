@@ -920,7 +920,7 @@ TEXT = [v for v in FULL if v.name in (
                          # 64, chosen on the built-in corpus; its text bound is 178.5).
                          cut(TEXT_RECIPE, 128), cut(TEXT_CANDIDATES, 128),
                          seeded(cut(TEXT_RECIPE, 128))[0],
-                         TEXT_LAYERS4, TEXT_WIDTH256]
+                         TEXT_LAYERS4, seeded(TEXT_LAYERS4)[0], TEXT_WIDTH256]
 GRIDS = {"full": FULL, "text": TEXT}
 
 
