@@ -876,29 +876,37 @@ V10_TEXT = (
     *(f"{r}{s}" for r in ("context1_eqflops", "context1_render830_eqflops")
       for s in ("", "_seed1", "_temp0.5_cfg4", "_temp0.5_cfg4_seed1")),
 )
+def one_candidate(v: Variant) -> Variant:
+  """The row `v` sampled with one candidate per concept, END by its own sample at 1."""
+  return guarded(dataclasses.replace(v, sample={**ONE_CANDIDATE, **v.sample}))
+
+
+def as_text_recipe(v: Variant) -> Variant:
+  """The runs of row `v` sampled as TEXT_RECIPE: v.name_<TEXT_RECIPE's name>."""
+  return dataclasses.replace(TEXT_RECIPE, name=f"{v.name}_{TEXT_RECIPE.name}",
+                             axis=f"{v.axis}, sampling", render=v.render,
+                             concepts=v.concepts, equal_flops=v.equal_flops)
+
+
 # The text recipe (configs/render.py) with one candidate, and over today's candidates.
-TEXT_RECIPE = guarded(dataclasses.replace(T05_CFG4, sample={**ONE_CANDIDATE,
-                                                             **T05_CFG4.sample}))
+TEXT_RECIPE = one_candidate(T05_CFG4)
 TEXT_CANDIDATES = guarded(T05_CFG4, candidates=8, rule="roundtrip")
 # The same two over a render run of 1,800 steps (the concepts run pays: 1,194 steps), the
 # best text rows on the machine before (v10_render1800_temp0.5_cfg4_endtemp1: 177.4).
 # Measured: 227.6 / 239.4 (seed 0) against 274.9 / 229.8 at 1,200, through a bound of
 # 105.3 against 178.5.
-R1800_RECIPE = guarded(dataclasses.replace(R1800_T05_CFG4, sample={**ONE_CANDIDATE,
-                                                                   **R1800_T05_CFG4.sample}))
+R1800_RECIPE = one_candidate(R1800_T05_CFG4)
 R1800_CANDIDATES = guarded(R1800_T05_CFG4, candidates=8, rule="roundtrip")
 # A concept model of 4 layers instead of 2 at equal FLOPs, sampled as the recipe: on text
 # the concepts run's loss is flat from step ~1,250 of 2,209 (0.59 -> 0.60), so it looked
 # short of capacity more than of steps. Measured: 238.2 / 220.9 against 274.9 / 275.8
 # (seeds 0 / 1) on a fifth fewer tokens, its loss and next-concept cosine level.
-TEXT_LAYERS4 = dataclasses.replace(TEXT_RECIPE, name=f"{LAYERS4.name}_{TEXT_RECIPE.name}",
-                                   axis=f"{LAYERS4.axis}, sampling", concepts=LAYERS4.concepts,
-                                   equal_flops=True)
+TEXT_LAYERS4 = as_text_recipe(LAYERS4)
 # ... or twice as wide (256, 8 heads), the other way to give it capacity.
-TEXT_WIDTH256 = dataclasses.replace(
-    TEXT_RECIPE, name=f"width256_eqflops_{TEXT_RECIPE.name}", axis="concept model, sampling",
+TEXT_WIDTH256 = as_text_recipe(Variant(
+    "width256_eqflops", "concept model", equal_flops=True,
     concepts={"model.embed_dim": 256, "model.mlp_dim": 1024, "model.num_heads": 8,
-              "model.num_kv_heads": 8}, equal_flops=True)
+              "model.num_kv_heads": 8}))
 TEXT = [v for v in FULL if v.name in (
     "default", "v15", "v12",
     *("v10" if n == "default" else f"v10_{n}" for n in V10_TEXT),
