@@ -907,6 +907,13 @@ TEXT_WIDTH256 = as_text_recipe(Variant(
     "width256_eqflops", "concept model", equal_flops=True,
     concepts={"model.embed_dim": 256, "model.mlp_dim": 1024, "model.num_heads": 8,
               "model.num_kv_heads": 8}))
+# The three text changes together: a render run of 1,800 steps, a 4-layer concept model
+# (equal FLOPs: the concepts run pays for both), rendered from all 128 dimensions.
+R1800_LAYERS4 = Variant("render1800_layers4_eqflops", "render steps, concept model",
+                        render=RENDER1800.render, concepts=LAYERS4.concepts,
+                        equal_flops=True)
+TEXT_R1800_LAYERS4 = as_text_recipe(R1800_LAYERS4)
+TEXT_ALL3 = cut(TEXT_R1800_LAYERS4, 128)
 TEXT = [v for v in FULL if v.name in (
     "default", "v15", "v12",
     *("v10" if n == "default" else f"v10_{n}" for n in V10_TEXT),
@@ -932,7 +939,9 @@ TEXT = [v for v in FULL if v.name in (
                          # Measured: 258.4 / 270.8 against 274.9 / 275.8 (seeds 0 / 1).
                          cut(TEXT_RECIPE, 128), cut(TEXT_CANDIDATES, 128),
                          seeded(cut(TEXT_RECIPE, 128))[0],
-                         TEXT_LAYERS4, seeded(TEXT_LAYERS4)[0], TEXT_WIDTH256]
+                         TEXT_LAYERS4, seeded(TEXT_LAYERS4)[0], TEXT_WIDTH256,
+                         TEXT_ALL3, seeded(TEXT_ALL3)[0], TEXT_R1800_LAYERS4,
+                         cut(R1800_RECIPE, 128)]
 GRIDS = {"full": FULL, "text": TEXT}
 
 
