@@ -907,13 +907,12 @@ TEXT_WIDTH256 = as_text_recipe(Variant(
     "width256_eqflops", "concept model", equal_flops=True,
     concepts={"model.embed_dim": 256, "model.mlp_dim": 1024, "model.num_heads": 8,
               "model.num_kv_heads": 8}))
-# The three text changes together: a render run of 1,800 steps, a 4-layer concept model
-# (equal FLOPs: the concepts run pays for both), rendered from all 128 dimensions.
-R1800_LAYERS4 = Variant("render1800_layers4_eqflops", "render steps, concept model",
-                        render=RENDER1800.render, concepts=LAYERS4.concepts,
-                        equal_flops=True)
-TEXT_R1800_LAYERS4 = as_text_recipe(R1800_LAYERS4)
-TEXT_ALL3 = cut(TEXT_R1800_LAYERS4, 128)
+# The text recipe as configs/render.py states it (whole concepts, a render run of 1,800
+# steps, the concepts run at 3e-3 paying for them: the v10 row) with a 4-layer concept
+# model: the two best changes on text together.
+V10_R1800_LAYERS4 = from_v10(as_text_recipe(Variant(
+    "render1800_layers4_eqflops", "render steps, concept model", render=RENDER1800.render,
+    concepts=LAYERS4.concepts, equal_flops=True)))
 TEXT = [v for v in FULL if v.name in (
     "default", "v15", "v12",
     *("v10" if n == "default" else f"v10_{n}" for n in V10_TEXT),
@@ -940,8 +939,7 @@ TEXT = [v for v in FULL if v.name in (
                          cut(TEXT_RECIPE, 128), cut(TEXT_CANDIDATES, 128),
                          seeded(cut(TEXT_RECIPE, 128))[0],
                          TEXT_LAYERS4, seeded(TEXT_LAYERS4)[0], TEXT_WIDTH256,
-                         TEXT_ALL3, seeded(TEXT_ALL3)[0], TEXT_R1800_LAYERS4,
-                         cut(R1800_RECIPE, 128)]
+                         V10_R1800_LAYERS4, seeded(V10_R1800_LAYERS4)[0]]
 GRIDS = {"full": FULL, "text": TEXT}
 
 
