@@ -940,6 +940,9 @@ TEXT = [v for v in FULL if v.name in (
                          seeded(cut(TEXT_RECIPE, 128))[0],
                          TEXT_LAYERS4, seeded(TEXT_LAYERS4)[0], TEXT_WIDTH256,
                          V10_R1800_LAYERS4, seeded(V10_R1800_LAYERS4)[0]]
+# What configs/render.py:tiny_text and configs/concepts.py:tiny_text train and sample (at
+# equal FLOPs; tests/test_experiment.py checks it): the best text row measured.
+TEXT_PRESET = next(v for v in TEXT if v.name == "v10_render1800_temp0.5_cfg4_endtemp1")
 GRIDS = {"full": FULL, "text": TEXT}
 
 

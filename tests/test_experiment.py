@@ -528,14 +528,48 @@ def _measured_under(name: str) -> float:
   return int(tag[1:]) if tag[0] == "v" and tag[1:].isdigit() else math.inf
 
 
-def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
-  """experiments/concept_grid.py: unique rows, valid overrides, earlier defaults intact."""
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _shipped_grid():
+  """experiments/concept_grid.py, imported (it defines no flags on import)."""
   import importlib.util
-  import pathlib
-  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "concept_grid.py"
+  path = os.path.join(ROOT, "experiments", "concept_grid.py")
   spec = importlib.util.spec_from_file_location("concept_grid", path)
   grid = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(grid)
+  return grid
+
+
+def test_the_text_presets_are_the_measured_text_row_at_equal_flops(tmp_path):
+  """configs/*.py:tiny_text train and sample exactly the grid's TEXT_PRESET row."""
+  grid, workdir = _shipped_grid(), str(tmp_path)
+  settings = Settings(source="text:docs/*.txt")
+  vocab = experiment.config_lib.load_config(settings.render_preset).data.vocab_size
+  budget = experiment._variant_flops(
+      experiment.plan_variant(Variant("default"), workdir, settings), vocab)
+  row = experiment.match_flops(grid.TEXT_PRESET, workdir, settings, vocab, budget)
+  measured = experiment.plan_variant(row, workdir, settings)
+  text = dataclasses.replace(settings, render_preset="configs/render.py:tiny_text",
+                             concepts_preset="configs/concepts.py:tiny_text")
+  preset = experiment.plan_variant(Variant("default"), workdir, text)
+  assert preset.render[1].to_dict() == measured.render[1].to_dict()
+  # The row samples by options, the preset by its config's defaults.
+  sampled = ml_collections.ConfigDict(measured.concepts[1].to_dict())
+  by_arg = {arg: field for field, arg in experiment.SAMPLING_FIELDS.items()}
+  experiment.apply_overrides(sampled, {by_arg[k]: x for k, x in row.sample.items()})
+  want, got = sampled.to_dict(), preset.concepts[1].to_dict()
+  want["concepts"].pop("render_workdir"), got["concepts"].pop("render_workdir")
+  assert got == want
+  off = experiment.NEWER_SAMPLING_OFF  # Left out of a row's options, or set off: the same.
+  assert ({**off, **experiment.sampling(Variant("default"), preset)}
+          == {**off, **experiment.sampling(grid.TEXT_PRESET, measured)})
+  assert experiment._variant_flops(preset, vocab) == pytest.approx(budget, rel=1e-3)
+
+
+def test_the_shipped_grids_plan_and_keep_their_history(tmp_path):
+  """experiments/concept_grid.py: unique rows, valid overrides, earlier defaults intact."""
+  grid = _shipped_grid()
   for rows in grid.GRIDS.values():
     names = [v.name for v in rows]
     assert names[0] == "default" and len(set(names)) == len(names)
