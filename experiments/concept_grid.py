@@ -913,6 +913,13 @@ TEXT_WIDTH256 = as_text_recipe(Variant(
 V10_R1800_LAYERS4 = from_v10(as_text_recipe(Variant(
     "render1800_layers4_eqflops", "render steps, concept model", render=RENDER1800.render,
     concepts=LAYERS4.concepts, equal_flops=True)))
+# ... with chunks of at most 8 tokens instead of 16 (the concepts run reading 32 of them,
+# the same text as 16 of 16): each concept holds half the text, so the render stage,
+# which limits text first, has half the work per concept; the concept model twice.
+V10_R1800_CAP8 = from_v10(as_text_recipe(Variant(
+    "render1800_cap8_context32_eqflops", "render steps, granularity",
+    render={**RENDER1800.render, "data.concept_len": 8},
+    concepts={"data.num_concepts": 32}, equal_flops=True)))
 TEXT = [v for v in FULL if v.name in (
     "default", "v15", "v12",
     *("v10" if n == "default" else f"v10_{n}" for n in V10_TEXT),
@@ -939,7 +946,7 @@ TEXT = [v for v in FULL if v.name in (
                          cut(TEXT_RECIPE, 128), cut(TEXT_CANDIDATES, 128),
                          seeded(cut(TEXT_RECIPE, 128))[0],
                          TEXT_LAYERS4, seeded(TEXT_LAYERS4)[0], TEXT_WIDTH256,
-                         V10_R1800_LAYERS4, seeded(V10_R1800_LAYERS4)[0]]
+                         V10_R1800_LAYERS4, seeded(V10_R1800_LAYERS4)[0], V10_R1800_CAP8]
 # What configs/render.py:tiny_text and configs/concepts.py:tiny_text train and sample (at
 # equal FLOPs; tests/test_experiment.py checks it): the best text row measured.
 TEXT_PRESET = next(v for v in TEXT if v.name == "v10_render1800_temp0.5_cfg4_endtemp1")
