@@ -12,7 +12,7 @@ import pytest
 from concept_diffusion import evaluation, experiment, generate
 from concept_diffusion.experiment import Settings, Variant
 
-from conftest import TINY
+from conftest import ROOT, TINY
 
 # Seconds-long runs: the conftest sizes, a few steps each.
 COMMON = {k: v for k, v in TINY.items() if k != "train.num_steps"}
@@ -526,9 +526,6 @@ def _measured_under(name: str) -> float:
   """The earlier default a grid row is one change from (vN_... rows: N), inf for today's."""
   tag = name.split("_")[0]
   return int(tag[1:]) if tag[0] == "v" and tag[1:].isdigit() else math.inf
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _shipped_grid():
