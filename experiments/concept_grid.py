@@ -922,6 +922,10 @@ V10_R1800_CAP8 = from_v10(as_text_recipe(Variant(
     "render1800_cap8_context32_eqflops", "render steps, granularity",
     render={**RENDER1800.render, "data.concept_len": 8},
     concepts={"data.num_concepts": 32}, equal_flops=True)))
+# ... over a render run of 1,200 steps (the tiny preset's), the concepts run paying less.
+V10_CAP8 = from_v10(as_text_recipe(Variant(
+    "cap8_context32_eqflops", "granularity", render={"data.concept_len": 8},
+    concepts={"data.num_concepts": 32}, equal_flops=True)))
 # ... with the concepts run at the tiny preset's 5e-3 (chosen on the built-in corpus; the
 # text figures were all measured at 3e-3).
 V10_R1800_LR5 = from_v10(as_text_recipe(Variant(
@@ -954,7 +958,7 @@ TEXT = [v for v in FULL if v.name in (
                          seeded(cut(TEXT_RECIPE, 128))[0],
                          TEXT_LAYERS4, seeded(TEXT_LAYERS4)[0], TEXT_WIDTH256,
                          V10_R1800_LAYERS4, seeded(V10_R1800_LAYERS4)[0], V10_R1800_CAP8,
-                         V10_R1800_LR5]
+                         V10_R1800_LR5, seeded(V10_R1800_CAP8)[0], V10_CAP8]
 # What configs/render.py:tiny_text and configs/concepts.py:tiny_text train and sample (at
 # equal FLOPs; tests/test_experiment.py checks it): the best text row measured, 168.9 /
 # 161.0 gen-PPL from concept seeds 0 / 1 (5.4x AR; 177.4 / 145.7 on the machine before).
