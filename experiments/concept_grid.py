@@ -958,7 +958,7 @@ TEXT = [v for v in FULL if v.name in (
                          seeded(cut(TEXT_RECIPE, 128))[0],
                          TEXT_LAYERS4, seeded(TEXT_LAYERS4)[0], TEXT_WIDTH256,
                          V10_R1800_LAYERS4, seeded(V10_R1800_LAYERS4)[0], V10_R1800_CAP8,
-                         V10_R1800_LR5, seeded(V10_R1800_CAP8)[0], V10_CAP8]
+                         V10_R1800_LR5, *seeded(V10_R1800_CAP8), V10_CAP8]
 # What configs/render.py:tiny_text and configs/concepts.py:tiny_text train and sample (at
 # equal FLOPs; tests/test_experiment.py checks it): the best text row measured, 168.9 /
 # 161.0 gen-PPL from concept seeds 0 / 1 (5.4x AR; 177.4 / 145.7 on the machine before).
