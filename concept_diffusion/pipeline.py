@@ -8,7 +8,7 @@ WORKDIR/concepts, then continues a held-out prompt of the built-in corpus and
 scores it with the corpus's coherence checker. Re-running resumes every stage.
 Any field of either stage is overridable: `--render_config.train.num_steps=500`.
 
-On real text, the presets measured best there (~35 min on 2 CPU cores; held-out
+On real text, the presets measured best there (~25 min on 2 CPU cores; held-out
 prompts of the source are continued, with no checker to score them: gen-PPL is the
 grid's, experiments/concept_grid.py):
 

@@ -10,8 +10,9 @@ render preset of the same name (plan.py does, to size the frozen encoder).
 Presets (examples x N concepts per step; tokens = concepts x the render run's L):
   tiny   ~2.9M params   32 x 16  =    512 concepts,     8,192 tokens / step; 2 CPU cores
          (12,800 examples encoded once into a concept cache, then 2,209 steps).
-  tiny_text  tiny as measured best on real text (whole concepts, 1,800 render steps and
-         1,194 concept steps, sampled cool and guided), the pair in the main job:
+  tiny_text  tiny as measured best on real text (whole concepts of at most 8 tokens,
+         1,800 render steps and 1,360 concept steps, sampled cool and guided), the pair
+         in the main job:
     python -m concept_diffusion.pipeline --workdir=runs/text \
         --render_config=configs/render.py:tiny_text \
         --concepts_config=configs/concepts.py:tiny_text \
@@ -37,11 +38,13 @@ from concept_diffusion import config as base
 
 def text(c):
   """The tiny preset as measured best on real text, over configs/render.py:tiny_text."""
-  # The render run's 1,800 steps leave this run 1,194 of the ar baseline's FLOPs
-  # (tests/test_experiment.py checks that the pair is the measured row, at equal FLOPs).
-  # The 2 layers stay: 4 at equal FLOPs (1,009 steps) gave 178.5 against 168.9 gen-PPL
-  # (seed 0), though over the tiny presets' runs (1,867 steps) they had helped.
-  c.train.num_steps = 1194
+  # 32 chunks of at most 8 tokens (configs/render.py:tiny_text) in context, the text of
+  # tiny's 16 of 16. The render run's 1,800 steps leave this run 1,360 of the ar
+  # baseline's FLOPs (tests/test_experiment.py checks that the pair is the measured row,
+  # at equal FLOPs). The 2 layers stay: over 16-token chunks, 4 at equal FLOPs (1,009
+  # steps) gave 178.5 against 168.9 gen-PPL (seed 0).
+  c.data.num_concepts = 32
+  c.train.num_steps = 1360
   c.train.learning_rate = 3e-3  # As measured (5e-3 was chosen on the built-in corpus).
   c.concepts.render_dims = 0  # Whole concepts (configs/render.py:tiny_text): render all.
   # Measured on text: the tiny preset's eight hot candidates kept by round trip write
