@@ -918,7 +918,7 @@ V10_R1800_LAYERS4 = from_v10(as_text_recipe(Variant(
 # ... with chunks of at most 8 tokens instead of 16 (the concepts run reading 32 of them,
 # the same text as 16 of 16): each concept holds half the text, so the render stage,
 # which limits text first, has half the work per concept; the concept model twice.
-# Measured: 94.7 / 168.9 (seeds 0 / 1) against 168.9 / 161.0, through a bound of 33.9
+# Measured: 94.7 / 168.9 / 133.5 (seeds 0 / 1 / 2) against 168.9 / 161.0, bound 33.9
 # against 88.8 (AR 30.6), on 21.3 tokens against 13.6: the tiny_text presets since.
 V10_R1800_CAP8 = from_v10(as_text_recipe(Variant(
     "render1800_cap8_context32_eqflops", "render steps, granularity",
