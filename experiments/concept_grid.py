@@ -965,7 +965,7 @@ TEXT = [v for v in FULL if v.name in (
 # equal FLOPs; tests/test_experiment.py checks it): the best text row measured, 94.7 /
 # 168.9 gen-PPL from concept seeds 0 / 1 (4.3x AR). Before it the presets were the v10
 # row over 1,800 render steps, 16-token chunks (168.9 / 161.0; 5.4x).
-TEXT_PRESET = next(v for v in TEXT if v.name == V10_R1800_CAP8.name)
+TEXT_PRESET = V10_R1800_CAP8
 GRIDS = {"full": FULL, "text": TEXT}
 
 

@@ -541,6 +541,7 @@ def _shipped_grid():
 def test_the_text_presets_are_the_measured_text_row_at_equal_flops(tmp_path):
   """configs/*.py:tiny_text train and sample exactly the grid's TEXT_PRESET row."""
   grid, workdir = _shipped_grid(), str(tmp_path)
+  assert grid.TEXT_PRESET in grid.TEXT  # A row of the text grid, measured there.
   settings = Settings(source="text:docs/*.txt")
   vocab = experiment.config_lib.load_config(settings.render_preset).data.vocab_size
   budget = experiment._variant_flops(
